@@ -1,0 +1,134 @@
+"""Where everything lives on one machine: ports, folders and the five services.
+
+Two profiles share this one table. ``dev`` is what ``make up`` runs (the edge on :8080);
+``test`` is what the test suite starts, on ports shifted by ``TEST_OFFSET`` and in its own
+folder, so ``make test`` never touches (or is touched by) a running ``make up``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"  # downloads: Kafka jars, buf from npm
+GEN = ROOT / "gen"  # build output of `make gen`
+DESCRIPTOR_SET = GEN / "descriptor.binpb"
+TEST_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str  # identity, catalog, ...
+    grpc_port: int
+    metrics_port: int
+    proto_service: str  # fully qualified gRPC service name
+    needs_postgres: bool
+    needs_redis: bool
+
+    @property
+    def module(self) -> str:
+        return f"svc_{self.name}"
+
+    @property
+    def database(self) -> str:
+        return f"tp_{self.name}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    profile: str
+    run_dir: Path
+    edge_port: int
+    edge_inner_port: int  # loopback listener behind the public one (transcoder hop)
+    envoy_admin_port: int
+    redis_port: int
+    postgres_port: int
+    kafka_port: int
+    kafka_controller_port: int
+    services: tuple[Service, ...]
+
+    @property
+    def postgres_user(self) -> str:
+        return "ticketping"
+
+    def postgres_dsn(self, database: str) -> str:
+        return f"postgresql://{self.postgres_user}@127.0.0.1:{self.postgres_port}/{database}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://127.0.0.1:{self.edge_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def pids_dir(self) -> Path:
+        return self.run_dir / "pids"
+
+    @property
+    def envoy_base_id(self) -> int:
+        """Envoy's shared-memory id: unique per profile so dev and test Envoys coexist."""
+        return self.edge_port  # 8080 (dev) or 9080 (test)
+
+    @property
+    def databases(self) -> tuple[str, ...]:
+        """Every database devstack creates: one per service that needs PostgreSQL, plus tp_test."""
+        return (*(s.database for s in self.services if s.needs_postgres), "tp_test")
+
+    def service(self, name: str) -> Service:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+_SERVICES = (
+    # name, grpc, metrics, proto service, postgres, redis
+    ("identity", 50061, 9161, "ticketping.identity.v1.IdentityService", True, True),
+    ("catalog", 50062, 9162, "ticketping.catalog.v1.CatalogService", True, False),
+    ("queue", 50063, 9163, "ticketping.queue.v1.QueueService", False, True),
+    ("booking", 50064, 9164, "ticketping.booking.v1.BookingService", True, True),
+    ("payment", 50065, 9165, "ticketping.payment.v1.PaymentService", True, False),
+)
+
+
+# Kafka topics: each main topic has 6 partitions and a one-partition dead-letter twin "<topic>.dlq".
+KAFKA_TOPICS = tuple(
+    f"ticketping.{t}.v1" for t in ("catalog", "queue", "booking", "payment", "test")
+)
+KAFKA_PARTITIONS = 6
+KAFKA_DLQ_PARTITIONS = 1
+# devstack's readiness probe writes here (key b"devstack-probe", header devstack-probe=1)
+KAFKA_PROBE_TOPIC = "ticketping.test.v1"
+
+
+def layout(profile: str | None = None) -> Layout:
+    profile = profile or os.environ.get("TP_PROFILE", "dev")
+    if profile not in ("dev", "test"):
+        raise ValueError(f"unknown profile {profile!r}: use dev or test")
+    off = TEST_OFFSET if profile == "test" else 0
+    return Layout(
+        profile=profile,
+        run_dir=ROOT / ".run" / profile,
+        edge_port=8080 + off,
+        edge_inner_port=8081 + off,
+        envoy_admin_port=9901 + off,
+        redis_port=6390 + off,
+        postgres_port=5440 + off,
+        kafka_port=9192 + off,
+        kafka_controller_port=9193 + off,
+        services=tuple(
+            Service(n, g + off, m + off, p, pg, rd) for n, g, m, p, pg, rd in _SERVICES
+        ),
+    )
