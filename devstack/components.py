@@ -1,0 +1,390 @@
+"""What runs, per layout: Redis, PostgreSQL, Kafka, the five services and Envoy.
+
+Building a Component has no side effect. ``prepare`` runs before a (re)start (configs, initdb,
+Kafka storage format), ``probe`` answers "ready?" once, ``setup`` runs after every successful
+ensure (databases, topics, the Kafka round trip) and must be idempotent.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pwd
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from devstack import probes
+from devstack.install import KAFKA_LIBS, ensure_installed, kafka_installed, postgres_bin_dir
+from devstack.layout import (
+    KAFKA_DLQ_PARTITIONS,
+    KAFKA_PARTITIONS,
+    KAFKA_PROBE_TOPIC,
+    KAFKA_TOPICS,
+    ROOT,
+    Layout,
+    Service,
+)
+from devstack.proc import DevstackError, ProcSpec, log_path, run_checked, running_pid
+
+VENV = ROOT / ".venv"
+_VENV_PY = VENV / "bin" / "python"
+VENV_PYTHON = _VENV_PY if _VENV_PY.exists() else Path(sys.executable)
+ENVOY = VENV / "bin" / "envoy"
+KAFKA_HEAP = ("-Xms256m", "-Xmx512m")
+INFRA = ("redis", "postgres", "kafka")
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Component:
+    spec: ProcSpec
+    ports: tuple[int, ...]  # must be free before it starts
+    probe: Callable[[], object]
+    timeout: float  # seconds to become ready
+    prepare: Callable[[], None] = _nothing
+    setup: Callable[[], None] = _nothing
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+def _redis_conf(layout: Layout) -> str:
+    return "\n".join([
+        f"port {layout.redis_port}",
+        "bind 127.0.0.1",
+        "protected-mode yes",
+        "daemonize no",
+        'logfile ""',  # stdout, i.e. logs/redis.log
+        "set-proc-title no",  # keep /proc/<pid>/environ readable (devstack's ownership marker)
+        f"dir {layout.run_dir / 'redis'}",
+        "appendonly yes",  # acknowledged writes survive a restart (AOF, fsync every second)
+        "appendfsync everysec",
+        'save ""',  # the AOF is the persistence; no RDB snapshots on top
+        "",
+    ])
+
+
+def redis(layout: Layout) -> Component:
+    conf = layout.run_dir / "redis" / "redis.conf"
+    return Component(
+        spec=ProcSpec("redis", ("redis-server", str(conf)), cwd=layout.run_dir / "redis"),
+        ports=(layout.redis_port,),
+        probe=partial(probes.redis_ping, layout.redis_port),
+        timeout=20,
+        prepare=lambda: _write(conf, _redis_conf(layout)),
+    )
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+def _postgres_user() -> str | None:
+    """PostgreSQL refuses to run as root: as root, run it as 'postgres' (or 'nobody')."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise DevstackError("running as root with no 'postgres' or 'nobody' user for PostgreSQL")
+
+
+def _pg_bin(tool: str) -> str:
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        raise DevstackError("PostgreSQL is not installed: run `python -m devstack install`")
+    return str(bin_dir / tool)
+
+
+def _chown(path: Path, user: str | None) -> None:
+    if user is not None:
+        shutil.chown(path, user, user)
+
+
+def _prepare_postgres(layout: Layout) -> None:
+    data, sock, user = layout.run_dir / "postgres", layout.run_dir / "pgsock", _postgres_user()
+    layout.run_dir.chmod(0o755)  # PostgreSQL's own user must reach its folders
+    sock.mkdir(parents=True, exist_ok=True)
+    _chown(sock, user)
+    if not (data / "PG_VERSION").exists():
+        _initdb(layout, data, user)
+    (data / "pg_hba.conf").write_text(
+        "# devstack: local stack only, loopback with trust\n"
+        "local all all trust\n"
+        "host  all all 127.0.0.1/32 trust\n")
+    _chown(data / "pg_hba.conf", user)
+
+
+def _initdb(layout: Layout, data: Path, user: str | None) -> None:
+    """initdb into a scratch folder, renamed into place only when complete."""
+    tmp = data.with_name("postgres.initdb")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
+    tmp.mkdir(mode=0o700, parents=True)
+    _chown(tmp, user)
+    run_checked([_pg_bin("initdb"), "-D", str(tmp), "-U", layout.postgres_user, "--auth=trust",
+                 "-E", "UTF8", "--no-locale"], "initdb", log=log_path(layout.run_dir, "postgres"),
+                cwd=tmp, user=user, group=user, extra_groups=[] if user else None)
+    tmp.replace(data)
+
+
+def _create_databases(layout: Layout) -> None:
+    import psycopg
+    from psycopg import errors, sql
+
+    with psycopg.connect(layout.postgres_dsn("postgres"), autocommit=True, connect_timeout=5) as c:
+        have = {row[0] for row in c.execute("SELECT datname FROM pg_database")}
+        for name in layout.databases:
+            if name not in have:
+                try:
+                    c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                except errors.DuplicateDatabase:
+                    pass
+
+
+def postgres(layout: Layout) -> Component:
+    argv = (
+        _pg_bin("postgres") if postgres_bin_dir() else "postgres",
+        "-D", str(layout.run_dir / "postgres"),
+        "-p", str(layout.postgres_port),
+        "-h", "127.0.0.1",
+        "-k", str(layout.run_dir / "pgsock"),
+        "-c", "fsync=on",
+        "-c", "max_connections=200",
+        "-c", "logging_collector=off",
+    )
+    return Component(
+        # SIGINT = fast shutdown, to the postmaster only (SIGTERM would wait for clients).
+        spec=ProcSpec("postgres", argv, cwd=layout.run_dir / "postgres", user=_postgres_user(),
+                      stop_signal=signal.SIGINT, signal_group=False, stop_timeout=30),
+        ports=(layout.postgres_port,),
+        probe=partial(probes.postgres_select1, layout.postgres_dsn("postgres")),
+        timeout=60,
+        prepare=partial(_prepare_postgres, layout),
+        setup=partial(_create_databases, layout),
+    )
+
+
+# --- Kafka (KRaft, one combined broker+controller node) ---------------------------------------
+
+def _kafka_properties(layout: Layout) -> str:
+    ctrl = f"127.0.0.1:{layout.kafka_controller_port}"
+    eight_mib = 8 * 1024 * 1024
+    return "\n".join([
+        "process.roles=broker,controller",
+        "node.id=1",
+        f"controller.quorum.voters=1@{ctrl}",
+        f"listeners=PLAINTEXT://{layout.kafka_bootstrap},CONTROLLER://{ctrl}",
+        f"advertised.listeners=PLAINTEXT://{layout.kafka_bootstrap}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=PLAINTEXT",
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        f"log.dirs={layout.run_dir / 'kafka' / 'data'}",
+        "num.partitions=1",
+        "default.replication.factor=1",
+        "min.insync.replicas=1",
+        "offsets.topic.replication.factor=1",
+        "offsets.topic.num.partitions=10",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "transaction.state.log.num.partitions=10",
+        "auto.create.topics.enable=false",
+        f"message.max.bytes={eight_mib}",
+        f"replica.fetch.max.bytes={eight_mib}",
+        "group.initial.rebalance.delay.ms=0",
+        "",
+    ])
+
+
+def _kafka_log4j(layout: Layout) -> str:
+    return "\n".join([
+        "log4j.rootLogger=INFO, file",
+        "log4j.appender.file=org.apache.log4j.FileAppender",
+        f"log4j.appender.file.File={log_path(layout.run_dir, 'kafka')}",
+        "log4j.appender.file.Append=true",
+        "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
+        "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+        "log4j.logger.kafka.request.logger=WARN",
+        "log4j.logger.state.change.logger=WARN",
+        "log4j.logger.kafka.authorizer.logger=WARN",
+        "log4j.logger.org.apache.kafka.clients=WARN",
+        "",
+    ])
+
+
+def _java(layout: Layout, main: str, *args: str) -> tuple[str, ...]:
+    log4j = layout.run_dir / "kafka" / "log4j.properties"
+    return ("java", *KAFKA_HEAP, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{log4j}", "-cp", f"{KAFKA_LIBS}/*", main, *args)
+
+
+def _prepare_kafka(layout: Layout) -> None:
+    if not kafka_installed():
+        ensure_installed()
+    home = layout.run_dir / "kafka"
+    props, data = home / "server.properties", home / "data"
+    _write(props, _kafka_properties(layout))
+    _write(home / "log4j.properties", _kafka_log4j(layout))
+    (home / "probe-ok").unlink(missing_ok=True)
+    if not (data / "meta.properties").exists():
+        shutil.rmtree(data, ignore_errors=True)  # never formatted, or a format cut short
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        run_checked(_java(layout, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                          "-c", str(props)), "Kafka storage format",
+                    log=log_path(layout.run_dir, "kafka"), cwd=home)
+
+
+def _kafka_topics(layout: Layout) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+    wanted = {t: KAFKA_PARTITIONS for t in KAFKA_TOPICS}
+    wanted |= {f"{t}.dlq": KAFKA_DLQ_PARTITIONS for t in KAFKA_TOPICS}
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=layout.kafka_bootstrap,
+                                    request_timeout_ms=30000)
+        await admin.start()
+        try:
+            missing = sorted(set(wanted) - set(await admin.list_topics()))
+            if not missing:
+                return
+            reply = await admin.create_topics([NewTopic(t, wanted[t], 1) for t in missing])
+            for topic, code, *rest in reply.topic_errors:
+                if code and for_code(code) is not TopicAlreadyExistsError:
+                    raise DevstackError(f"creating Kafka topic {topic}: "
+                                        f"{for_code(code).__name__} {rest}")
+        finally:
+            await admin.close()
+
+    probes.run_async(create)
+
+
+def _setup_kafka(layout: Layout, pid: Callable[[], int | None]) -> None:
+    """Topics, then (once per broker process) an idempotent produce + consume round trip."""
+    _kafka_topics(layout)
+    marker, current = layout.run_dir / "kafka" / "probe-ok", str(pid())
+    if marker.exists() and marker.read_text().strip() == current:
+        return
+    try:
+        probes.kafka_roundtrip(layout.kafka_bootstrap, KAFKA_PROBE_TOPIC)
+    except Exception as exc:
+        raise DevstackError(
+            f"Kafka answers metadata but the idempotent produce/consume round trip on "
+            f"{KAFKA_PROBE_TOPIC} failed: {type(exc).__name__}: {exc}; read "
+            f"{log_path(layout.run_dir, 'kafka')}") from exc
+    marker.write_text(current + "\n")
+
+
+def kafka(layout: Layout) -> Component:
+    props = layout.run_dir / "kafka" / "server.properties"
+    return Component(
+        spec=ProcSpec("kafka", _java(layout, "kafka.Kafka", str(props)),
+                      cwd=layout.run_dir / "kafka", stop_timeout=30),
+        ports=(layout.kafka_port, layout.kafka_controller_port),
+        probe=partial(probes.kafka_metadata, layout.kafka_bootstrap),
+        timeout=120,
+        prepare=partial(_prepare_kafka, layout),
+        setup=partial(_setup_kafka, layout, partial(running_pid, layout.run_dir, "kafka")),
+    )
+
+
+def infra(layout: Layout) -> list[Component]:
+    return [redis(layout), postgres(layout), kafka(layout)]
+
+
+# --- the five services -----------------------------------------------------------------------
+
+def service_env(layout: Layout, svc: Service) -> dict[str, str]:
+    env = {
+        "TP_SERVICE_NAME": svc.name,
+        "TP_GRPC_PORT": str(svc.grpc_port),
+        "TP_METRICS_PORT": str(svc.metrics_port),
+        "TP_KAFKA_BOOTSTRAP": layout.kafka_bootstrap,
+        "TP_LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if svc.needs_postgres:
+        env["TP_POSTGRES_DSN"] = layout.postgres_dsn(svc.database)
+    if svc.needs_redis:
+        env["TP_REDIS_URL"] = layout.redis_url
+    return env
+
+
+def service(layout: Layout, svc: Service) -> Component:
+    return Component(
+        spec=ProcSpec(svc.module, (str(VENV_PYTHON), "-m", svc.module), cwd=ROOT,
+                      env=service_env(layout, svc), stop_timeout=15),
+        ports=(svc.grpc_port, svc.metrics_port),
+        probe=partial(probes.grpc_serving, svc.grpc_port, svc.proto_service),
+        timeout=60,
+    )
+
+
+def services(layout: Layout, names: list[str] | None = None) -> list[Component]:
+    chosen = [layout.service(n) for n in names] if names else list(layout.services)
+    return [service(layout, s) for s in chosen]
+
+
+# --- Envoy -----------------------------------------------------------------------------------
+
+def envoy_config_path(layout: Layout) -> Path:
+    return layout.run_dir / "envoy.yaml"
+
+
+def render_envoy_config(layout: Layout, path: Path) -> None:
+    """edge.config.write_config(layout, path), imported lazily: the lead writes edge/config.py."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        from edge.config import write_config  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise DevstackError(
+            f"cannot start the edge: edge.config.write_config is not importable ({exc}); "
+            f"edge/config.py (write_config(layout, path)) must exist first") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_config(layout, path)
+    if not path.is_file():
+        raise DevstackError(f"edge.config.write_config(layout, {path}) wrote no file")
+
+
+def envoy(layout: Layout) -> Component:
+    # Envoy 1.40 calls prctl(PR_SET_PDEATHSIG, SIGTERM): it dies with its parent, so a plain
+    # spawn would die when `python -m devstack up` (or pytest) exits. A shell that waits for it
+    # stays its parent for as long as it runs; the shell leads the process group we signal.
+    argv = ("/bin/sh", "-c", '"$@"; exit $?', "envoy-keeper",
+            str(ENVOY), "-c", str(envoy_config_path(layout)),
+            "--base-id", str(layout.envoy_base_id),
+            "--log-path", str(log_path(layout.run_dir, "envoy")))
+    return Component(
+        spec=ProcSpec("envoy", argv, cwd=layout.run_dir, stop_timeout=10),
+        ports=(layout.edge_port, layout.edge_inner_port, layout.envoy_admin_port),
+        probe=partial(probes.envoy_ready, layout.envoy_admin_port,
+                      [s.grpc_port for s in layout.services]),
+        timeout=60,
+        prepare=partial(render_envoy_config, layout, envoy_config_path(layout)),
+    )
+
+
+def everything(layout: Layout) -> list[Component]:
+    """All components in start order (stop in reverse)."""
+    return [*infra(layout), *services(layout), envoy(layout)]
