@@ -1,0 +1,308 @@
+"""Generate Envoy's configuration for one layout (``python -m edge.config [--profile] [-o file]``).
+
+One public listener serves REST/JSON (``grpc_json_transcoder`` over the descriptor set built from
+``protos/``) and native gRPC on the same port. The filter chain, in order:
+
+  health_check (``/healthz`` and ``/healthz/<service>``, answered from Envoy's own view of the
+  upstream health checks) → header_mutation (client-sent ``x-user-*`` / ``x-admission-*`` are
+  dropped, on every route) → grpc_json_transcoder → router.
+
+Each service is a cluster with gRPC health checks, circuit breakers with a retry budget and
+outlier detection. The admin interface listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from devstack.layout import DESCRIPTOR_SET, Layout, Service, layout
+
+# Headers only the edge may set (from verified tokens); any client-sent copy is removed.
+TRUSTED_HEADER_PREFIXES = ("x-user-", "x-admission-")
+# gRPC health of one service through the edge: `grpc.health.v1.Health/Check` with this header.
+SERVICE_HEADER = "x-tp-service"
+
+_TYPES = "type.googleapis.com/envoy.extensions.filters"
+
+
+# Envoy's own answers (no route, an upstream down, a body too large, later a bad token) get the
+# same JSON error shape as the services' transcoded errors: {code, message, details[ErrorInfo]}.
+# HTTP status -> (google.rpc.Code, ErrorInfo reason).
+LOCAL_REPLIES = {
+    400: (3, "BAD_REQUEST"),
+    401: (16, "UNAUTHENTICATED"),
+    403: (7, "PERMISSION_DENIED"),
+    404: (5, "ROUTE_NOT_FOUND"),
+    413: (3, "BODY_TOO_LARGE"),
+    429: (8, "RATE_LIMITED"),
+    503: (14, "UPSTREAM_UNAVAILABLE"),
+    504: (4, "UPSTREAM_TIMEOUT"),
+}
+
+
+def _error_format(code: int, reason: str) -> dict[str, Any]:
+    return {
+        "json_format": {
+            "code": code,
+            "message": "%LOCAL_REPLY_BODY%",
+            "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                         "reason": reason, "domain": "ticketping.dev"}],
+        },
+        "content_type": "application/json",
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    return {
+        "mappers": [
+            {
+                "filter": {"status_code_filter": {"comparison": {
+                    "op": "EQ", "value": {"default_value": status, "runtime_key": f"lr_{status}"}}}},
+                "body_format_override": _error_format(code, reason),
+            }
+            for status, (code, reason) in LOCAL_REPLIES.items()
+        ],
+        "body_format": _error_format(2, "EDGE_ERROR"),
+    }
+
+
+def _not_found(message: str = "no such route") -> dict[str, Any]:
+    return {"status": 404, "body": {"inline_string": message}}
+
+
+def _health_filter(path: str, services: list[Service]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": f"{_TYPES}.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": path}}],
+            "cluster_min_healthy_percentages": {
+                s.name: {"value": 100.0} for s in services
+            },
+        },
+    }
+
+
+def _header_sanitizer() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": f"{_TYPES}.http.header_mutation.v3.HeaderMutation",
+            "mutations": {
+                "request_mutations": [
+                    {"remove_on_match": {"key_matcher": {"prefix": p}}}
+                    for p in TRUSTED_HEADER_PREFIXES
+                ]
+            },
+        },
+    }
+
+
+def _transcoder(lay: Layout, descriptor: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": f"{_TYPES}.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": str(descriptor),
+            "services": [s.proto_service for s in lay.services],
+            "convert_grpc_status": True,
+            "print_options": {
+                "add_whitespace": False,
+                "always_print_primitive_fields": True,
+                "always_print_enums_as_ints": False,
+                "preserve_proto_field_names": False,
+            },
+            # Unknown REST paths fall through to the router's JSON 404 (the transcoder's own
+            # rejection would answer plain text).
+            "request_validation_options": {"reject_unknown_method": False},
+            "ignore_unknown_query_parameters": True,
+        },
+    }
+
+
+def internal_methods(descriptor: Path = DESCRIPTOR_SET) -> list[str]:
+    """gRPC paths of the methods meant for other services only (their REST path is /v1/internal/).
+
+    The edge answers them 404, for REST (transcoded first, so matched by gRPC path) and native gRPC
+    alike; services reach each other directly, not through the edge.
+    """
+    from google.api import annotations_pb2
+    from google.protobuf import descriptor_pb2
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
+    found = []
+    for f in fds.file:
+        if not f.package.startswith("ticketping."):
+            continue
+        for svc in f.service:
+            for m in svc.method:
+                rule = m.options.Extensions[annotations_pb2.http]
+                path = getattr(rule, rule.WhichOneof("pattern") or "get", "")
+                if isinstance(path, str) and path.startswith("/v1/internal/"):
+                    found.append(f"/{f.package}.{svc.name}/{m.name}")
+    return sorted(found)
+
+
+def _routes(lay: Layout, descriptor: Path) -> list[dict[str, Any]]:
+    retry = {
+        "retry_on": "connect-failure,refused-stream,unavailable",
+        "num_retries": 2,
+        "per_try_timeout": "5s",
+        "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+    }
+    routes: list[dict[str, Any]] = [
+        {"match": {"path": path},
+         "direct_response": _not_found()}
+        for path in internal_methods(descriptor)
+    ]
+    for s in lay.services:
+        # Health of one service, e.g. for internal teams: Health/Check with x-tp-service: catalog.
+        routes.append({
+            "match": {
+                "prefix": "/grpc.health.v1.Health/",
+                "headers": [{"name": SERVICE_HEADER, "string_match": {"exact": s.name}}],
+            },
+            "route": {"cluster": s.name, "timeout": "2s"},
+        })
+    for s in lay.services:
+        # REST calls are transcoded first, so they match here by their gRPC path too.
+        routes.append({
+            "match": {"prefix": f"/{s.proto_service}/"},
+            "route": {"cluster": s.name, "timeout": "15s", "retry_policy": retry},
+        })
+    routes.append({
+        "match": {"prefix": "/"},
+        "direct_response": _not_found(),
+    })
+    return routes
+
+
+def _cluster(s: Service) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": s.name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": s.grpc_port}
+            }}}]}],
+        },
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "2s",
+            "no_traffic_interval": "2s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": s.proto_service},
+        }],
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": 1024,
+            "max_pending_requests": 4096,
+            "max_requests": 4096,
+            "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3},
+        }]},
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 5,
+            "interval": "5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+    }
+
+
+def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1") -> dict[str, Any]:
+    logs = lay.run_dir / "logs"
+    http_filters = [
+        _health_filter("/healthz", list(lay.services)),
+        *(_health_filter(f"/healthz/{s.name}", [s]) for s in lay.services),
+        _header_sanitizer(),
+        _transcoder(lay, descriptor),
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": f"{_TYPES}.http.router.v3.Router"},
+        },
+    ]
+    hcm = {
+        "@type": f"{_TYPES}.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "edge",
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        "max_request_headers_kb": 32,
+        "common_http_protocol_options": {"idle_timeout": "60s"},
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "access_log": [{
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(logs / "edge-access.log"),
+                "log_format": {"json_format": {
+                    "ts": "%START_TIME%", "method": "%REQ(:METHOD)%",
+                    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "status": "%RESPONSE_CODE%",
+                    "grpc_status": "%GRPC_STATUS%", "upstream": "%UPSTREAM_CLUSTER%",
+                    "ms": "%DURATION%", "request_id": "%REQ(X-REQUEST-ID)%",
+                    "flags": "%RESPONSE_FLAGS%",
+                }},
+            },
+        }],
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "edge",
+            "virtual_hosts": [{"name": "ticketping", "domains": ["*"], "routes": _routes(lay, descriptor)}],
+        },
+        "http_filters": http_filters,
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": lay.envoy_admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "edge",
+                "address": {"socket_address": {"address": host, "port_value": lay.edge_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": [_cluster(s) for s in lay.services],
+        },
+    }
+
+
+def write_config(lay: Layout, path: Path, descriptor: Path = DESCRIPTOR_SET) -> Path:
+    if not descriptor.exists():
+        raise FileNotFoundError(f"{descriptor} is missing: run `make gen` first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (lay.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(build(lay, descriptor), sort_keys=False))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("-o", "--output", type=Path, default=None)
+    args = ap.parse_args(argv)
+    lay = layout(args.profile)
+    out = args.output or lay.run_dir / "envoy.yaml"
+    write_config(lay, out)
+    print(out, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
