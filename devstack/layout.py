@@ -16,6 +16,11 @@ CACHE = ROOT / ".cache"  # downloads: Kafka jars, buf from npm
 GEN = ROOT / "gen"  # build output of `make gen`
 DESCRIPTOR_SET = GEN / "descriptor.binpb"
 TEST_OFFSET = 1000
+# The Redis Cluster (three masters, only started by devstack.stack.ensure_redis_cluster) listens
+# on redis_port + 10, + 11, + 12; each node's cluster bus is its port + 10000 (Redis' rule).
+REDIS_CLUSTER_SHIFT = 10
+REDIS_CLUSTER_NODES = 3
+REDIS_CLUSTER_BUS_SHIFT = 10000
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,17 @@ class Layout:
     @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def redis_cluster_ports(self) -> tuple[int, ...]:
+        """The client ports of the Redis Cluster's masters (dev 6400-6402, test 7400-7402)."""
+        first = self.redis_port + REDIS_CLUSTER_SHIFT
+        return tuple(range(first, first + REDIS_CLUSTER_NODES))
+
+    @property
+    def redis_cluster_url(self) -> str:
+        """A seed node's URL for RedisCluster.from_url (the client discovers the other nodes)."""
+        return f"redis://127.0.0.1:{self.redis_cluster_ports[0]}/0"
 
     @property
     def kafka_bootstrap(self) -> str:

@@ -6,6 +6,8 @@ Public API (used by `python -m devstack` and the test suite's fixtures):
   stop_service(layout, name)           SIGTERM its process group, then SIGKILL
   kill_service(layout, name, sig)      just send sig to its process group (chaos tests)
   start_edge(layout)                   Envoy, LIVE with every service cluster healthy
+  ensure_redis_cluster(layout)         three-master Redis Cluster, cluster_state:ok; its URL
+                                       (on demand only: not part of up; down stops it)
   up(layout) / down(layout) / status(layout)
 Every call is idempotent: what already runs and answers is kept.
 """
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from devstack import components as comp
+from devstack import redis_cluster
 from devstack.components import Component
 from devstack.install import ensure_installed
 from devstack.layout import Layout
@@ -128,6 +131,30 @@ def start_edge(layout: Layout) -> None:
         _ensure(layout, [c])
 
 
+def ensure_redis_cluster(layout: Layout) -> str:
+    """The Redis Cluster of this profile (three masters on layout.redis_cluster_ports, no
+    replicas) running, formed and cluster_state:ok on every node; return a seed URL for
+    RedisCluster.from_url. Nodes that run and answer are kept; the cluster is created only when
+    it is not formed yet (a half-formed one is reset first). Not started by `up`."""
+    with run_dir_lock(layout.run_dir):
+        nodes = redis_cluster.components(layout)
+        _ensure(layout, nodes)
+        state = redis_cluster.formation(layout)
+        if state != "formed":
+            t0 = time.monotonic()
+            if state == "broken":
+                _say(layout, "redis-cluster is half formed, resetting it (its data is dropped)")
+                redis_cluster.reset(layout)
+            redis_cluster.create(layout)
+            _say(layout, f"redis-cluster created on ports "
+                         f"{', '.join(map(str, layout.redis_cluster_ports))} in "
+                         f"{time.monotonic() - t0:.1f}s")
+        wait_until("redis-cluster (cluster_state:ok on every node)",
+                   lambda: redis_cluster.is_ok(layout), timeout=60,
+                   log=redis_cluster.create_log(layout))
+        return layout.redis_cluster_url
+
+
 def _differs(a: Path, b: Path) -> bool:
     return not b.exists() or a.read_bytes() != b.read_bytes()
 
@@ -154,9 +181,11 @@ def down(layout: Layout) -> list[str]:
         return []
     with run_dir_lock(layout.run_dir):
         known = comp.everything(layout)
+        cluster = redis_cluster.components(layout)  # only there if a test asked for it
         stopped = stop_all([c.spec for c in known if c.name not in comp.INFRA], layout.run_dir)
-        stopped += stop_all([c.spec for c in known if c.name in comp.INFRA], layout.run_dir)
-        stopped += _stop_orphan_pidfiles(layout, {c.name for c in known})
+        stopped += stop_all([*(c.spec for c in known if c.name in comp.INFRA),
+                             *(c.spec for c in cluster)], layout.run_dir)
+        stopped += _stop_orphan_pidfiles(layout, {c.name for c in [*known, *cluster]})
         leftovers = kill_strays(layout.run_dir)
         if leftovers:
             _say(layout, f"killed {len(leftovers)} stray process(es): {leftovers}")

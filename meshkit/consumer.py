@@ -1,0 +1,460 @@
+"""The Kafka consumer loop: exactly-once effects on top of at-least-once delivery.
+
+For every record the loop opens one PostgreSQL transaction, inserts ``(consumer_group, event_id)``
+into ``processed_events`` and runs the handler on the same connection. If the row already exists the
+event was handled before (a redelivery) and is skipped. The effect and the de-duplication mark
+commit together, and the Kafka offset is committed only after that: a crash in between re-delivers
+records whose effect is already there, and the mark turns them into no-ops.
+
+A handler that raises is retried ``max_retries`` times with exponential backoff (each attempt in a
+new transaction), then the original record (value, key, headers, plus ``error`` and provenance
+headers) is produced to ``<topic><dlq_suffix>`` and the loop goes on. A value that is not a valid
+``EventEnvelope`` goes to the DLQ at once. Errors that say the database itself is unreachable
+(lost connection, pool exhausted, server shutting down) are not the record's fault: those are
+retried until they pass or the consumer is stopped, and never park a record.
+
+Records of one partition are handled in order, one at a time; offsets are committed after each
+fetched batch, on a rebalance (for revoked partitions) and on :meth:`EventConsumer.stop`.
+Cancelling the task running :meth:`EventConsumer.run` is a hard stop: it commits nothing (the
+processed records are redelivered and skipped), like a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+from opentelemetry import propagate, trace
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from meshkit import events
+from meshkit.events import EventEnvelope
+from meshkit.outbox import MAX_REQUEST_SIZE, compression_type
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+Handler = Callable[[EventEnvelope, psycopg.AsyncConnection[Any]], Awaitable[None]]
+# Test hook: called after a record's transaction committed, before its offset is committed.
+AfterCommitHook = Callable[[ConsumerRecord[Any, Any], EventEnvelope], Awaitable[None]]
+
+_MARK_PROCESSED = """
+INSERT INTO processed_events (consumer_group, event_id, topic, "partition", "offset")
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (consumer_group, event_id) DO NOTHING
+"""
+
+# SQLSTATE classes meaning "the database is unavailable", not "this record is bad":
+# 08 connection exception, 53 insufficient resources, 57 operator intervention, 58 system error.
+_INFRA_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "58"})
+_NOT_INFRA_SQLSTATES = frozenset({"57014"})  # query_canceled (statement_timeout): may be the record
+
+ERROR_HEADER = "error"
+MAX_ERROR_LEN = 2000
+MAX_INFRA_BACKOFF = 5.0
+REVOKE_WAIT = 10.0  # how long a rebalance waits for the record in hand
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True if ``exc`` says PostgreSQL is unreachable or refusing work (not the record's fault)."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        sqlstate = exc.sqlstate
+        if sqlstate is None:  # raised by the client: connection refused, lost, closed
+            return True
+        return sqlstate[:2] in _INFRA_SQLSTATE_CLASSES and sqlstate not in _NOT_INFRA_SQLSTATES
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text[:MAX_ERROR_LEN]
+
+
+class _Abandon(Exception):
+    """Stop was requested while a record could not be finished: leave it uncommitted."""
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: EventConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.owner._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        log.info(
+            "partitions assigned",
+            extra={
+                "consumer_group": self.owner.group_id,
+                "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+            },
+        )
+
+
+class EventConsumer:
+    """Consume ``topics`` as ``group_id``; run ``handler(envelope, conn)`` once per event."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        bootstrap_servers: str,
+        group_id: str,
+        topics: Iterable[str],
+        handler: Handler,
+        *,
+        max_retries: int = 3,
+        retry_backoff: float = 0.2,
+        dlq_suffix: str = ".dlq",
+        max_batch: int = 100,
+        client_id: str | None = None,
+        is_transient: Callable[[BaseException], bool] = is_database_unavailable,
+        after_commit: AfterCommitHook | None = None,
+        consumer_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._bootstrap = bootstrap_servers
+        self.group_id = group_id
+        self.topics = tuple(topics)
+        if not self.topics:
+            raise ValueError("at least one topic is needed")
+        self._handler = handler
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self.dlq_suffix = dlq_suffix
+        self.max_batch = max_batch
+        self._client_id = client_id or f"meshkit-{group_id}"
+        self._is_transient = is_transient
+        self._after_commit = after_commit
+        self._consumer_config = dict(consumer_config or {})
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._stopping = False
+        self._finished = asyncio.Event()
+        self._run_task: asyncio.Task[Any] | None = None
+        self._commit_lock = asyncio.Lock()
+        self._record_lock = asyncio.Lock()  # held while one record is handled
+        self._generation = 0  # bumped at every revocation
+        self._done: dict[TopicPartition, int] = {}  # next offset after the last handled record
+        self._committed: dict[TopicPartition, int] = {}
+        # Counters for metrics.
+        self.processed_total = 0
+        self.duplicates_total = 0
+        self.retries_total = 0
+        self.dlq_total = 0
+        self.commit_failures_total = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the group (subscribe) and start the DLQ producer. :meth:`run` calls it if needed."""
+        if self._stopping:
+            raise RuntimeError("consumer was stopped: make a new one")
+        if self._consumer is not None:
+            return
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            **{
+                "client_id": self._client_id,
+                "auto_offset_reset": "earliest",
+                "isolation_level": "read_committed",
+                **self._consumer_config,
+                # Not overridable: the loop's guarantees rest on these.
+                "group_id": self.group_id,
+                "enable_auto_commit": False,
+            },
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=f"{self._client_id}-dlq",
+            enable_idempotence=True,
+            acks="all",
+            compression_type=compression_type(),
+            max_request_size=MAX_REQUEST_SIZE,
+        )
+        consumer.subscribe(list(self.topics), listener=_Rebalance(self))
+        try:
+            await consumer.start()
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        self._consumer, self._producer = consumer, producer
+        log.info(
+            "consumer started",
+            extra={"consumer_group": self.group_id, "topics": list(self.topics)},
+        )
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Graceful stop: finish the record in hand, commit the offsets handled, leave the group."""
+        self._stopping = True
+        task = self._run_task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._finished.wait()), grace)
+            except TimeoutError:
+                log.warning("consumer did not stop in time; cancelling", extra={"grace_s": grace})
+                task.cancel()
+                await asyncio.wait([task])
+        else:
+            await self._close()
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop` (returns) or cancellation (hard stop, nothing committed).
+
+        A stopped consumer stays stopped: make a new one to consume again.
+        """
+        if self._stopping:
+            return
+        self._run_task = asyncio.current_task()
+        self._finished.clear()
+        graceful = False
+        try:
+            await self.start()
+            consumer = self._consumer
+            assert consumer is not None
+            while not self._stopping:
+                try:
+                    batch = await consumer.getmany(timeout_ms=500, max_records=self.max_batch)
+                except KafkaError as exc:
+                    log.warning(
+                        "fetch failed; retrying",
+                        extra={"consumer_group": self.group_id, "error": describe(exc)},
+                    )
+                    await asyncio.sleep(1.0)
+                    continue
+                try:
+                    await self._handle_batch(batch)
+                except _Abandon:
+                    break
+                await self._commit()
+            graceful = True
+        finally:
+            try:
+                if graceful:
+                    await self._commit()
+            finally:
+                await self._close()
+                self._finished.set()
+                self._run_task = None
+            if graceful:
+                log.info(
+                    "consumer stopped",
+                    extra={
+                        "consumer_group": self.group_id,
+                        "processed_total": self.processed_total,
+                        "duplicates_total": self.duplicates_total,
+                        "dlq_total": self.dlq_total,
+                    },
+                )
+
+    async def _close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()  # manual commit: stop() commits nothing
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+        self._done.clear()
+        self._committed.clear()
+
+    # -- records -----------------------------------------------------------------------------
+
+    async def _handle_batch(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        generation = self._generation
+        for records in batch.values():
+            for rec in records:
+                async with self._record_lock:
+                    if self._stopping:
+                        return
+                    if self._generation != generation:
+                        # A rebalance happened: drop the rest of this batch. Whoever owns each
+                        # partition now (maybe us) fetches again from the offset committed then.
+                        return
+                    await self._handle_record(rec)
+                    self._done[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Rebalance: let the record in hand finish, commit what was handled, drop the rest."""
+        acquired = False
+        try:
+            await asyncio.wait_for(self._record_lock.acquire(), REVOKE_WAIT)
+            acquired = True
+        except TimeoutError:
+            log.warning(
+                "record still in hand at rebalance; its redelivery will be skipped if it commits",
+                extra={"consumer_group": self.group_id},
+            )
+        try:
+            self._generation += 1
+            await self._commit(only=revoked)
+            for tp in revoked:
+                self._done.pop(tp, None)
+                self._committed.pop(tp, None)
+        finally:
+            if acquired:
+                self._record_lock.release()
+
+    def _fields(self, rec: ConsumerRecord[Any, Any], **more: Any) -> dict[str, Any]:
+        fields = {
+            "consumer_group": self.group_id,
+            "topic": rec.topic,
+            "partition": rec.partition,
+            "offset": rec.offset,
+        }
+        fields.update(more)
+        return fields
+
+    async def _handle_record(self, rec: ConsumerRecord[Any, Any]) -> None:
+        try:
+            env = events.parse(rec.value)
+        except events.EnvelopeError as exc:
+            log.error("invalid record; sent to the DLQ", extra=self._fields(rec, error=str(exc)))
+            await self._to_dlq(rec, f"invalid envelope: {exc}", attempts=0)
+            return
+
+        fields = self._fields(rec, event_id=env.event_id, event_type=events.event_type(env))
+        attempt = 0
+        infra_backoff = self.retry_backoff or 0.1
+        while True:
+            attempt += 1
+            try:
+                duplicate = await self._process_once(rec, env)
+            except Exception as exc:
+                if self._is_transient(exc):
+                    # Not the record's fault: wait for the database, do not spend the retries.
+                    attempt -= 1
+                    if self._stopping:
+                        raise _Abandon from exc
+                    log.warning(
+                        "database unavailable; will retry the record",
+                        extra={**fields, "error": describe(exc), "retry_in_s": infra_backoff},
+                    )
+                    await asyncio.sleep(infra_backoff)
+                    infra_backoff = min(infra_backoff * 2, MAX_INFRA_BACKOFF)
+                    continue
+                if attempt > self.max_retries:
+                    log.error(
+                        "handler failed; record sent to the DLQ",
+                        exc_info=True,
+                        extra={**fields, "attempt": attempt},
+                    )
+                    await self._to_dlq(rec, describe(exc), attempts=attempt)
+                    return
+                self.retries_total += 1
+                delay = self.retry_backoff * (2 ** (attempt - 1))
+                log.warning(
+                    "handler failed; retrying",
+                    extra={
+                        **fields,
+                        "attempt": attempt,
+                        "error": describe(exc),
+                        "retry_in_s": delay,
+                    },
+                )
+                await asyncio.sleep(delay)
+                continue
+            if duplicate:
+                self.duplicates_total += 1
+                log.info("duplicate event skipped", extra=fields)
+            else:
+                self.processed_total += 1
+                log.debug("event processed", extra={**fields, "attempt": attempt})
+                if self._after_commit is not None:
+                    await self._after_commit(rec, env)
+            return
+
+    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> bool:
+        """One attempt in one transaction; True if the event had been processed before."""
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                _MARK_PROCESSED,
+                (self.group_id, uuid.UUID(env.event_id), rec.topic, rec.partition, rec.offset),
+            )
+            if cur.rowcount == 0:
+                return True
+            ctx = propagate.extract({"traceparent": env.traceparent}) if env.traceparent else None
+            with _tracer.start_as_current_span(
+                f"{rec.topic} process",
+                context=ctx,
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": rec.topic,
+                    "messaging.consumer.group.name": self.group_id,
+                    "messaging.message.id": env.event_id,
+                },
+            ):
+                await self._handler(env, conn)
+        return False
+
+    async def _to_dlq(self, rec: ConsumerRecord[Any, Any], error: str, attempts: int) -> None:
+        """Produce the original record to the DLQ and wait for the ack (retrying until it lands)."""
+        topic = rec.topic + self.dlq_suffix
+        headers = list(rec.headers or ()) + [
+            (ERROR_HEADER, error[:MAX_ERROR_LEN].encode()),
+            ("original_topic", rec.topic.encode()),
+            ("original_partition", str(rec.partition).encode()),
+            ("original_offset", str(rec.offset).encode()),
+            ("consumer_group", self.group_id.encode()),
+            ("attempts", str(attempts).encode()),
+        ]
+        backoff = 0.5
+        while True:
+            producer = self._producer
+            assert producer is not None
+            try:
+                fut = await producer.send(topic, value=rec.value, key=rec.key, headers=headers)
+                await fut
+                break
+            except KafkaError as exc:
+                if self._stopping:
+                    raise _Abandon from exc
+                log.warning(
+                    "DLQ produce failed; retrying",
+                    extra=self._fields(rec, dlq_topic=topic, error=describe(exc)),
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_INFRA_BACKOFF)
+        self.dlq_total += 1
+        log.warning("record parked on the DLQ", extra=self._fields(rec, dlq_topic=topic))
+
+    # -- offsets -----------------------------------------------------------------------------
+
+    async def _commit(self, only: set[TopicPartition] | None = None) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        async with self._commit_lock:
+            offsets = {
+                tp: off
+                for tp, off in self._done.items()
+                if (only is None or tp in only) and off > self._committed.get(tp, -1)
+            }
+            if not offsets:
+                return
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:
+                # The records stay handled (and marked): a redelivery is skipped as a duplicate.
+                self.commit_failures_total += 1
+                log.warning(
+                    "offset commit failed; records will be redelivered and skipped",
+                    extra={"consumer_group": self.group_id, "error": describe(exc)},
+                )
+                return
+            self._committed.update(offsets)

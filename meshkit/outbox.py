@@ -1,0 +1,368 @@
+"""Transactional outbox: write events with the change, publish them to Kafka afterwards.
+
+A service calls :func:`enqueue` on the connection of the transaction that makes the change, so the
+event exists if and only if the change committed. An :class:`OutboxRelay` (one per replica) then
+publishes unpublished rows in id order with one idempotent producer (acks=all), waits for every
+acknowledgement, and only then stamps ``published_at`` in the same transaction that claimed the
+rows. Delivery is at-least-once (a crash between the acks and the commit re-sends the batch);
+consumers de-duplicate on ``event_id`` (see :mod:`meshkit.consumer`).
+
+Several relays can run at once: rows are claimed with ``FOR UPDATE SKIP LOCKED``, so in the normal
+case each row is published by one relay. Order per key is kept across relays too: a relay leaves
+for later any claimed row whose key has an earlier unpublished row that another relay holds.
+
+Wake-up: :func:`enqueue` notifies the channel ``outbox`` in the same transaction (delivered on
+commit); the relay LISTENs on a dedicated connection and also polls every ``poll_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from aiokafka.codec import has_zstd
+from psycopg import pq
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from meshkit import events
+from meshkit.events import EventEnvelope
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "outbox"
+MAX_REQUEST_SIZE = 8 * 1024 * 1024  # the brokers' message.max.bytes must be at least this
+# Largest envelope enqueue() accepts: it must fit in one request with its key and headers, or the
+# relay could never publish it and every later row would wait behind it.
+MAX_ENVELOPE_BYTES = MAX_REQUEST_SIZE - 64 * 1024
+DEFERRED_RETRY = 0.01  # seconds before claiming again rows held back for per-key order
+
+_INSERT = """
+WITH row AS (
+    INSERT INTO outbox (event_id, topic, key, payload, headers)
+    VALUES (%s, %s, %s, %s, %s)
+    RETURNING id
+)
+SELECT pg_notify('outbox', '') FROM row
+"""
+
+# Claim the first unpublished rows nobody else holds, in id order, and flag those that must wait:
+# an earlier unpublished row of the same topic and key exists that this batch did not claim (so
+# another relay holds it and is publishing it right now). Claim and check share one snapshot.
+_CLAIM = """
+WITH claimed AS (
+    SELECT id, topic, key, payload, headers
+    FROM outbox
+    WHERE published_at IS NULL
+    ORDER BY id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT c.id, c.topic, c.key, c.payload, c.headers,
+       EXISTS (
+           SELECT 1 FROM outbox o
+           WHERE o.topic = c.topic AND o.key = c.key AND o.published_at IS NULL
+             AND o.id < c.id AND o.id NOT IN (SELECT id FROM claimed)
+       ) AS blocked
+FROM claimed c
+ORDER BY c.id
+"""
+
+_MARK = "UPDATE outbox SET published_at = now() WHERE id = ANY(%s)"
+
+_PURGE = """
+DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox
+    WHERE published_at < now() - %s
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+class OutboxError(RuntimeError):
+    pass
+
+
+async def enqueue(conn: psycopg.AsyncConnection[Any], topic: str, envelope: EventEnvelope) -> None:
+    """Add ``envelope`` to the outbox, to be published on ``topic`` once the transaction commits.
+
+    Runs in the caller's transaction (one round trip); nothing is published if it rolls back.
+    The record key is ``envelope.aggregate_id``.
+    """
+    event_id = events.validate(envelope)
+    if not events.event_type(envelope):
+        raise events.EnvelopeError(f"envelope {envelope.event_id} has no payload")
+    if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        raise OutboxError(
+            "enqueue() must run inside the transaction that makes the change "
+            "(use `async with conn.transaction():`)"
+        )
+    value = envelope.SerializeToString()
+    if len(value) > MAX_ENVELOPE_BYTES:
+        raise events.EnvelopeError(
+            f"envelope {envelope.event_id} is {len(value)} bytes; the limit is "
+            f"{MAX_ENVELOPE_BYTES} (Kafka max request size less room for key and headers)"
+        )
+    await conn.execute(
+        _INSERT,
+        (event_id, topic, envelope.aggregate_id, value, Jsonb(events.headers_for(envelope))),
+    )
+
+
+def compression_type() -> str:
+    """zstd when its codec is installed (cramjam), else gzip (always available)."""
+    return "zstd" if has_zstd() else "gzip"
+
+
+class OutboxRelay:
+    """Publishes the outbox to Kafka. Start it in the service bootstrap, stop it at exit."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        bootstrap_servers: str,
+        *,
+        batch_size: int = 200,
+        poll_interval: float = 0.2,
+        retention: timedelta = timedelta(days=1),
+        purge_interval: float = 300.0,
+        client_id: str = "meshkit-outbox-relay",
+        producer_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self._pool = pool
+        self._bootstrap = bootstrap_servers
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.retention = retention
+        self.purge_interval = purge_interval
+        self._client_id = client_id
+        self._producer_config = dict(producer_config or {})
+        self._producer: AIOKafkaProducer | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pass_lock = asyncio.Lock()
+        self._last_deferred = 0
+        # Counters for metrics (read them from a Prometheus collector).
+        self.published_total = 0
+        self.failed_passes_total = 0
+        self.deferred_total = 0  # rows left for later to keep per-key order
+        self.purged_total = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the producer, the LISTEN connection and the publishing loop."""
+        if self._tasks:
+            raise RuntimeError("relay already started")
+        self._stopping = False
+        await self._start_producer()
+        self._tasks = [
+            asyncio.create_task(self._listen_loop(), name="outbox-listen"),
+            asyncio.create_task(self._publish_loop(), name="outbox-publish"),
+        ]
+        log.info(
+            "outbox relay started",
+            extra={
+                "bootstrap": self._bootstrap,
+                "compression": compression_type(),
+                "batch_size": self.batch_size,
+            },
+        )
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish the pass in progress (its rows are published and marked), then stop."""
+        self._stopping = True
+        self._wake.set()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            if task.get_name() == "outbox-listen":
+                task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_producer()
+        log.info("outbox relay stopped", extra={"published_total": self.published_total})
+
+    async def _start_producer(self) -> None:
+        config: dict[str, Any] = {
+            "client_id": self._client_id,
+            "compression_type": compression_type(),
+            "max_request_size": MAX_REQUEST_SIZE,
+            "linger_ms": 2,
+            **self._producer_config,
+            # Not overridable: no loss, no duplicates from producer retries, order per partition.
+            "enable_idempotence": True,
+            "acks": "all",
+        }
+        producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, **config)
+        await producer.start()
+        self._producer = producer
+
+    async def _stop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of unpublished rows; return how many were published.
+
+        Raises if a send fails; then no row of the batch is marked (all are sent again later).
+        """
+        async with self._pass_lock:
+            if self._producer is None:
+                await self._start_producer()
+            producer = self._producer
+            assert producer is not None
+            self._last_deferred = 0
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(_CLAIM, (self.batch_size,))
+                rows = await cur.fetchall()
+                if not rows:
+                    return 0
+                ready = [r for r in rows if not r[5]]
+                self._last_deferred = len(rows) - len(ready)
+                self.deferred_total += self._last_deferred
+                if not ready:
+                    return 0
+                futures: list[asyncio.Future[Any]] = []
+                send_error: Exception | None = None
+                for _id, topic, key, payload, headers, _blocked in ready:
+                    try:
+                        futures.append(
+                            await producer.send(
+                                topic,
+                                value=bytes(payload),
+                                key=key.encode(),
+                                headers=[(k, str(v).encode()) for k, v in headers.items()],
+                            )
+                        )
+                    except Exception as exc:  # e.g. unknown topic after request_timeout_ms
+                        send_error = exc
+                        break
+                # Wait for every acknowledgement, even after a failure, so no send of this batch
+                # is still in flight when the rows are released.
+                results = await asyncio.gather(*futures, return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if send_error is not None:
+                    errors.insert(0, send_error)
+                if errors:
+                    raise OutboxError(
+                        f"publishing {len(ready)} outbox rows failed ({errors[0]!r}); "
+                        "none marked published, they will be sent again"
+                    ) from errors[0]
+                await conn.execute(_MARK, ([r[0] for r in ready],))
+            self.published_total += len(ready)
+            return len(ready)
+
+    async def purge_published(self, older_than: timedelta | None = None, chunk: int = 5000) -> int:
+        """Delete rows published more than ``older_than`` (default: the retention) ago."""
+        older_than = self.retention if older_than is None else older_than
+        total = 0
+        while True:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(_PURGE, (older_than, chunk))
+                n = cur.rowcount
+            total += n
+            if n < chunk:
+                break
+        self.purged_total += total
+        return total
+
+    # -- loops -------------------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        backoff = 0.0
+        next_purge = time.monotonic() + min(self.purge_interval, 10.0)
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                n = await self.publish_pending()
+                backoff = 0.0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failed_passes_total += 1
+                backoff = min(max(backoff * 2, 0.5), 10.0)
+                log.warning("outbox publish failed; retrying", exc_info=True, extra={"retry_in_s": backoff})
+                # A failed idempotent producer may be wedged (sequence errors): start a new one.
+                await self._stop_producer()
+                await self._sleep(backoff)
+                continue
+            if n:
+                log.debug("outbox published", extra={"count": n})
+            if n >= self.batch_size:
+                continue  # likely more waiting: no sleep
+            if self._last_deferred:
+                # Rows wait behind another relay's batch, which commits within milliseconds.
+                await self._sleep(min(self.poll_interval, DEFERRED_RETRY))
+                continue
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + self.purge_interval
+                try:
+                    purged = await self.purge_published()
+                    if purged:
+                        log.info("outbox purged", extra={"count": purged})
+                except Exception:
+                    log.warning("outbox purge failed", exc_info=True)
+            await self._sleep(self.poll_interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking early on a notification or stop()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _listen_loop(self) -> None:
+        """Set the wake event on every NOTIFY outbox; reconnect after a lost connection."""
+        backoff = 0.5
+        while not self._stopping:
+            try:
+                conninfo, kwargs = await _connection_params(self._pool)
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, **{**kwargs, "autocommit": True}
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    backoff = 0.5
+                    self._wake.set()  # catch up on anything committed while not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "outbox LISTEN connection lost; polling meanwhile",
+                    extra={"error": str(exc), "retry_in_s": backoff},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+async def _connection_params(pool: AsyncConnectionPool) -> tuple[str, dict[str, Any]]:
+    """The pool's conninfo and connect kwargs (psycopg_pool allows callables for both)."""
+    conninfo: Any = pool.conninfo
+    kwargs: Any = pool.kwargs
+    if callable(conninfo):
+        conninfo = conninfo()
+        if inspect.isawaitable(conninfo):
+            conninfo = await conninfo
+    if callable(kwargs):
+        kwargs = kwargs()
+        if inspect.isawaitable(kwargs):
+            kwargs = await kwargs
+    return str(conninfo), dict(kwargs or {})

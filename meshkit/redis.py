@@ -1,0 +1,36 @@
+"""One Redis client factory for a single node and a Redis Cluster.
+
+Scripts touch one hash tag per call (``{q:<event>}``, ``{inv:<event>}``), so the same Lua works
+on both; the cluster client routes each call to the slot of its keys.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+AnyRedis: TypeAlias = Redis | RedisCluster
+
+
+# redis-py's cluster client keeps at most 100 connections per node and raises
+# MaxConnectionsError past that instead of waiting: a burst of requests would fail. A service
+# bounds its own concurrency (gRPC), so the pool may grow to what that burst needs.
+CLUSTER_MAX_CONNECTIONS_PER_NODE = 4096
+
+
+async def connect(url: str, *, cluster: bool = False) -> AnyRedis:
+    """Connect and PING once, so a wrong URL fails at start, not on the first request."""
+    client: AnyRedis
+    if cluster:
+        client = RedisCluster.from_url(
+            url, decode_responses=False, max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE)
+    else:
+        client = Redis.from_url(url, decode_responses=False)
+    await client.ping()  # type: ignore[misc]
+    return client
+
+
+async def close(client: AnyRedis) -> None:
+    await client.aclose()

@@ -1,0 +1,190 @@
+"""grpc.aio server bootstrap, the same for every service.
+
+A service's ``bootstrap.create_server(settings)`` opens what it needs (pools, clients, background
+tasks, all registered on an ``AsyncExitStack``) and calls :func:`build_server`, which adds the
+health and reflection services, the interceptors (errors, metrics, tracing) and binds the port.
+``python -m svc_x`` calls :func:`main`: uvloop, SIGTERM → health NOT_SERVING → ``stop(grace)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import metrics
+from .config import ServiceSettings, load
+from .errors import DomainError, Unimplemented, status_of, to_status
+from .logging import setup_logging
+from .tracing import setup_tracing, shutdown_tracing
+
+log = logging.getLogger(__name__)
+S = TypeVar("S", bound=ServiceSettings)
+
+
+@dataclass
+class Registration:
+    """One gRPC service to serve: the generated ``add_XServicer_to_server`` and its servicer."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str  # e.g. "ticketping.catalog.v1.CatalogService"
+
+
+@dataclass
+class App:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new work (health NOT_SERVING), let calls in flight finish, then close resources."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.resources.aclose()
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Turns DomainError into a status with ErrorInfo, hides unexpected errors, records metrics."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method
+        inner = handler.unary_unary
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metrics.started(method)
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except DomainError as err:
+                code = err.code.name
+                await context.abort_with_status(status_of(err))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                if _aborted(context):  # context.abort() raises an exception of grpc's own
+                    code = context.code().name  # type: ignore[union-attr]
+                    raise
+                code = "INTERNAL"
+                log.exception("unhandled error in %s", method)
+                await context.abort_with_status(
+                    to_status(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+                )
+                raise AssertionError("unreachable") from exc
+            finally:
+                metrics.observe(method, code, time.perf_counter() - t0)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _aborted(context: grpc.aio.ServicerContext) -> bool:
+    code = context.code()
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def mark_unimplemented(servicer: Any, base: type, note: str) -> None:
+    """Make every RPC the servicer does not define answer UNIMPLEMENTED with a reason.
+
+    The generated base class answers "Method not implemented!"; this says which issue builds it,
+    so a caller (and the REST edge, as HTTP 501) gets an honest answer, not a silent stub.
+    """
+    own = type(servicer)
+    for name, attr in vars(base).items():
+        if name.startswith("_") or not callable(attr) or getattr(own, name) is not attr:
+            continue
+
+        async def unbuilt(request: Any, context: grpc.aio.ServicerContext, _n: str = name) -> Any:
+            raise Unimplemented(
+                "NOT_IMPLEMENTED",
+                f"{base.__name__.removesuffix('Servicer')}.{_n} is not built yet: {note}",
+                metadata={"method": _n},
+            )
+
+        setattr(servicer, name, unbuilt)
+
+
+async def build_server(
+    settings: ServiceSettings,
+    registrations: Iterable[Registration],
+    resources: contextlib.AsyncExitStack | None = None,
+) -> App:
+    regs = list(registrations)
+    interceptors: list[grpc.aio.ServerInterceptor] = [*setup_tracing(settings), _Interceptor()]
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for reg in regs:
+        reg.add_to_server(reg.servicer, server)
+    names = [reg.full_name for reg in regs]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise SystemExit(f"cannot bind {settings.grpc_host}:{settings.grpc_port}")
+    app = App(server, port, health_servicer, names, resources or contextlib.AsyncExitStack())
+    return app
+
+
+async def start(app: App) -> None:
+    await app.server.start()
+    for name in ("", *app.service_names):
+        await app.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def main(settings_cls: type[S], create_server: Callable[[S], Awaitable[App]]) -> None:
+    """Entry point of ``python -m svc_x``."""
+    settings = load(settings_cls)
+    setup_logging(settings.service_name, settings.log_level, settings.log_json)
+    uvloop.run(_serve(settings, create_server))
+
+
+async def _serve(settings: S, create_server: Callable[[S], Awaitable[App]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if settings.metrics_port is not None:
+        metrics.serve_metrics(settings.metrics_port)
+    app = await create_server(settings)
+    await start(app)
+    log.info(
+        "serving",
+        extra={"grpc_port": app.port, "metrics_port": settings.metrics_port,
+               "services": app.service_names},
+    )
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await app.stop(settings.shutdown_grace_seconds)
+    shutdown_tracing()
+    log.info("stopped")

@@ -1,0 +1,121 @@
+"""Envelopes and error classification of the event plumbing: no sockets."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from google.protobuf.message import Message
+from google.protobuf.symbol_database import Default as default_symbol_db
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from psycopg_pool import PoolTimeout
+from ticketping.events.v1 import events_pb2
+from ticketping.events.v1.events_pb2 import EventEnvelope, PaymentSucceeded, Ping
+
+from meshkit import events
+from meshkit.consumer import describe, is_database_unavailable
+from meshkit.events import EnvelopeError, new_envelope, payload_of
+
+
+def _payload_classes() -> list[type[Message]]:
+    oneof = EventEnvelope.DESCRIPTOR.oneofs_by_name["payload"]
+    db = default_symbol_db()
+    return [db.GetSymbol(f.message_type.full_name) for f in oneof.fields]
+
+
+@pytest.mark.parametrize("cls", _payload_classes(), ids=lambda c: c.DESCRIPTOR.name)
+def test_every_payload_type_lands_in_its_own_oneof_field(cls: type[Message]) -> None:
+    env = new_envelope("svc", "agg-1", cls())  # even an all-default payload selects its field
+    field = env.WhichOneof("payload")
+    assert field is not None
+    assert EventEnvelope.DESCRIPTOR.fields_by_name[field].message_type is cls.DESCRIPTOR
+    assert isinstance(payload_of(env), cls)
+    assert events.event_type(env) == field
+
+
+def test_new_envelope_fills_id_time_source_and_payload() -> None:
+    before = datetime.now(UTC)
+    env = new_envelope("payment", "payments/p1", PaymentSucceeded(payment="payments/p1"))
+    assert uuid.UUID(env.event_id).version == 4
+    assert env.aggregate_id == "payments/p1" and env.source == "payment"
+    occurred = env.occurred_at.ToDatetime(tzinfo=UTC)
+    assert before - timedelta(seconds=1) <= occurred <= datetime.now(UTC) + timedelta(seconds=1)
+    assert env.payment_succeeded.payment == "payments/p1"
+    assert env.traceparent == ""  # no trace in the context
+    assert new_envelope("payment", "x", Ping()).event_id != env.event_id
+
+
+def test_new_envelope_takes_the_traceparent_of_the_current_context() -> None:
+    ctx = trace.SpanContext(trace_id=1, span_id=2, is_remote=False, trace_flags=trace.TraceFlags(1))
+    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(ctx)))
+    try:
+        env = new_envelope("svc", "a", Ping())
+    finally:
+        otel_context.detach(token)
+    assert env.traceparent == f"00-{1:032x}-{2:016x}-01"
+    assert events.headers_for(env)["traceparent"] == env.traceparent
+
+
+def test_not_a_payload_type_is_refused() -> None:
+    with pytest.raises(EnvelopeError, match="not a payload"):
+        new_envelope("svc", "a", events_pb2.PriceTier(name="vip"))
+    with pytest.raises(EnvelopeError, match="aggregate_id"):
+        new_envelope("svc", "", Ping())
+
+
+def test_payload_of_an_envelope_without_payload_is_an_error() -> None:
+    env = EventEnvelope(event_id=str(uuid.uuid4()), aggregate_id="a")
+    assert events.event_type(env) == ""
+    with pytest.raises(EnvelopeError, match="no \\(known\\) payload"):
+        payload_of(env)
+
+
+def test_headers_carry_id_type_source_and_skip_empty_values() -> None:
+    env = new_envelope("booking", "orders/o1", events_pb2.OrderCreated(order="orders/o1"))
+    assert events.headers_for(env) == {
+        "event_id": env.event_id,
+        "event_type": "order_created",
+        "source": "booking",
+    }
+
+
+def test_parse_round_trips_and_rejects_what_cannot_be_deduplicated() -> None:
+    env = new_envelope("svc", "a", Ping(sequence=7))
+    assert events.parse(env.SerializeToString()) == env
+    for bad in (None, b"", b"\xff\xfe not protobuf"):
+        with pytest.raises(EnvelopeError):
+            events.parse(bad)
+    no_uuid = EventEnvelope(event_id="42", aggregate_id="a", ping=Ping())
+    with pytest.raises(EnvelopeError, match="not a UUID"):
+        events.parse(no_uuid.SerializeToString())
+    no_key = EventEnvelope(event_id=str(uuid.uuid4()), ping=Ping())
+    with pytest.raises(EnvelopeError, match="aggregate_id"):
+        events.parse(no_key.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("exc", "unavailable"),
+    [
+        (PoolTimeout("no connection in 30s"), True),
+        # raised by the client (no SQLSTATE): connection refused, lost, closed
+        (psycopg.OperationalError("connection refused"), True),
+        (psycopg.errors.ConnectionFailure("lost"), True),  # 08006
+        (psycopg.errors.AdminShutdown("bye"), True),  # 57P01
+        (psycopg.errors.TooManyConnections("full"), True),  # 53300
+        # statement_timeout (57014) may be caused by the record itself: counted, then DLQ
+        (psycopg.errors.QueryCanceled("timeout"), False),
+        (psycopg.errors.SerializationFailure("retry"), False),  # 40001: counted retries
+        (psycopg.errors.UniqueViolation("dup"), False),
+        (ValueError("bad payload"), False),
+    ],
+)
+def test_database_unavailable_is_told_apart_from_a_bad_record(exc: BaseException, unavailable: bool) -> None:
+    assert is_database_unavailable(exc) is unavailable
+
+
+def test_describe_is_bounded() -> None:
+    text = describe(ValueError("x" * 10_000))
+    assert text.startswith("ValueError: x") and len(text) <= 2000

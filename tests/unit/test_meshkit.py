@@ -1,0 +1,95 @@
+"""meshkit pieces that need no sockets: settings, errors, JSON logs, the unbuilt-method guard."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from meshkit.config import ServiceSettings, SettingsError, load
+from meshkit.errors import NotFound, status_of, to_status
+from meshkit.logging import JsonFormatter
+from meshkit.server import mark_unimplemented
+
+
+class _Settings(ServiceSettings):
+    postgres_dsn: str
+
+
+def test_settings_fail_fast_naming_the_variable(monkeypatch, capsys):
+    monkeypatch.delenv("TP_POSTGRES_DSN", raising=False)
+    monkeypatch.setenv("TP_GRPC_PORT", "not-a-port")
+    with pytest.raises(SettingsError):
+        load(_Settings, service_name="x")
+    err = capsys.readouterr().err
+    assert "TP_POSTGRES_DSN" in err and "TP_GRPC_PORT" in err
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("TP_POSTGRES_DSN", "postgresql://u@h/db")
+    monkeypatch.setenv("TP_GRPC_PORT", "5000")
+    s = load(_Settings, service_name="x")
+    assert (s.postgres_dsn, s.grpc_port, s.otel_exporter) == ("postgresql://u@h/db", 5000, "none")
+
+
+def _error_info(st: grpc.Status) -> error_details_pb2.ErrorInfo:
+    (key, value), = [(k, v) for k, v in st.trailing_metadata if k == "grpc-status-details-bin"]
+    proto = status_pb2.Status.FromString(value)
+    info = error_details_pb2.ErrorInfo()
+    assert proto.details[0].Unpack(info)
+    return info
+
+
+def test_status_carries_error_info():
+    st = to_status(grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND", "no such event", {"event": "e1"})
+    assert st.code == grpc.StatusCode.NOT_FOUND
+    info = _error_info(st)
+    assert (info.reason, info.domain, dict(info.metadata)) == (
+        "EVENT_NOT_FOUND", "ticketping.dev", {"event": "e1"})
+
+
+def test_domain_error_maps_to_its_code():
+    st = status_of(NotFound("ORDER_NOT_FOUND", "no such order"))
+    assert st.code == grpc.StatusCode.NOT_FOUND and st.details == "no such order"
+
+
+def test_json_log_carries_trace_id():
+    provider = TracerProvider()
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "hello %s", ("fan",), None)
+    record.event = "events/1"
+    with provider.get_tracer("t").start_as_current_span("op") as span:
+        line = json.loads(JsonFormatter("catalog").format(record))
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    assert line["msg"] == "hello fan" and line["service"] == "catalog"
+    assert line["trace_id"] == trace_id and line["event"] == "events/1"
+    assert "trace_id" not in json.loads(JsonFormatter("catalog").format(record))
+    assert trace.get_current_span().get_span_context().is_valid is False
+
+
+class _Base:
+    async def Built(self, request, context):  # noqa: N802 - gRPC method names
+        raise NotImplementedError
+
+    async def Unbuilt(self, request, context):  # noqa: N802
+        raise NotImplementedError
+
+
+class _Servicer(_Base):
+    async def Built(self, request, context):  # noqa: N802
+        return "built"
+
+
+async def test_unbuilt_methods_answer_unimplemented_with_a_reason():
+    from meshkit.errors import Unimplemented
+
+    s = _Servicer()
+    mark_unimplemented(s, _Base, "issue #9")
+    assert await s.Built(None, None) == "built"
+    with pytest.raises(Unimplemented) as exc:
+        await s.Unbuilt(None, None)
+    assert exc.value.reason == "NOT_IMPLEMENTED" and "issue #9" in exc.value.message
