@@ -1,0 +1,1 @@
+"""svc_booking: seat inventory, holds and orders."""

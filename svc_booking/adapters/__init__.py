@@ -1,0 +1,1 @@
+"""Booking's I/O: storage and messaging."""

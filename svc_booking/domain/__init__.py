@@ -1,0 +1,1 @@
+"""The rules of booking, without I/O."""

@@ -1,0 +1,1 @@
+"""svc_payment: payments, the provider adapter and its webhook."""

@@ -1,0 +1,1 @@
+"""Payment's I/O: storage and messaging."""

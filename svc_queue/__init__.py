@@ -1,0 +1,1 @@
+"""svc_queue: one waiting room per event: arrivals, admission, sessions."""

@@ -1,0 +1,1 @@
+"""Queue's I/O: storage and messaging."""

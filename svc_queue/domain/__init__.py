@@ -1,0 +1,1 @@
+"""The rules of queue, without I/O."""

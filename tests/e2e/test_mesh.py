@@ -1,0 +1,97 @@
+"""The skeleton mesh through the edge, as the mobile app (REST/JSON) and internal teams (gRPC) see it."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devstack.layout import Layout
+from meshkit.errors import error_info
+
+pytestmark = pytest.mark.e2e
+
+# One REST route per service, each answered by a method whose issue has not landed yet.
+ROUTES = {
+    "identity": ("POST", "/v1/users", {"email": "fan@example.com", "password": "0123456789",
+                                       "displayName": "Fan"}),
+    "catalog": ("GET", "/v1/events", None),
+    "queue": ("GET", "/v1/events/e1/queue", None),
+    "booking": ("GET", "/v1/events/e1/seats", None),
+    "payment": ("GET", "/v1/payments/p1", None),
+}
+
+
+@pytest.fixture(scope="module")
+def http(edge_url: str):
+    with httpx.Client(base_url=edge_url, timeout=10) as client:
+        yield client
+
+
+def test_whole_mesh_healthy_through_the_edge(http: httpx.Client, mesh: Layout):
+    assert http.get("/healthz").status_code == 200
+    for s in mesh.services:
+        assert http.get(f"/healthz/{s.name}").status_code == 200, s.name
+
+
+async def test_each_service_answers_grpc_health_through_the_edge(mesh: Layout):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.edge_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for s in mesh.services:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=s.proto_service),
+                metadata=[("x-tp-service", s.name)], timeout=5,
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, s.name
+
+
+@pytest.mark.parametrize("service", sorted(ROUTES))
+def test_rest_reaches_each_service_transcoded(http: httpx.Client, service: str):
+    method, path, body = ROUTES[service]
+    resp = http.request(method, path, json=body)
+    assert resp.status_code == 501, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()
+    assert err["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    assert "is not built yet" in err["message"]
+    (info,) = err["details"]
+    assert info["reason"] == "NOT_IMPLEMENTED" and info["domain"] == "ticketping.dev"
+
+
+async def test_native_grpc_through_the_same_port(mesh: Layout):
+    from ticketping.catalog.v1 import catalog_service_pb2 as pb
+    from ticketping.catalog.v1 import catalog_service_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.edge_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await pb_grpc.CatalogServiceStub(channel).ListEvents(pb.ListEventsRequest(), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    info = error_info(exc.value)
+    assert info is not None and info.reason == "NOT_IMPLEMENTED"
+
+
+def test_unknown_route_is_a_json_404(http: httpx.Client):
+    resp = http.get("/v1/nothing-here")
+    assert resp.status_code == 404
+    assert resp.json()["details"][0]["reason"] == "ROUTE_NOT_FOUND"
+
+
+def test_internal_methods_are_not_reachable_through_the_edge(http: httpx.Client):
+    resp = http.post("/v1/internal/events/e1/queue:markSoldOut", json={})
+    assert resp.status_code == 404
+    assert resp.json()["details"][0]["reason"] == "ROUTE_NOT_FOUND"
+
+
+async def test_internal_methods_are_not_reachable_over_grpc_either(mesh: Layout):
+    from ticketping.queue.v1 import queue_service_pb2 as pb
+    from ticketping.queue.v1 import queue_service_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.edge_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await pb_grpc.QueueServiceStub(channel).MarkSoldOut(
+                pb.MarkSoldOutRequest(event="events/e1"), timeout=5)
+    # Envoy's own 404 (no service reached): no ErrorInfo of a service in the answer.
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    info = error_info(exc.value)
+    assert info is None or info.reason != "NOT_IMPLEMENTED"
