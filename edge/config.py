@@ -4,8 +4,17 @@ One public listener serves REST/JSON (``grpc_json_transcoder`` over the descript
 ``protos/``) and native gRPC on the same port. The filter chain, in order:
 
   health_check (``/healthz`` and ``/healthz/<service>``, answered from Envoy's own view of the
-  upstream health checks) → header_mutation (client-sent ``x-user-*`` / ``x-admission-*`` are
-  dropped, on every route) → grpc_json_transcoder → router.
+  upstream health checks) → buffer (request bodies over MAX_REQUEST_BYTES: 413) →
+  header_mutation (client-sent ``x-user-*`` / ``x-admission-*`` are dropped, on every route) →
+  grpc_json_transcoder → jwt_authn → rbac → router.
+
+jwt_authn and rbac sit after the transcoder, so they see every call, REST or native gRPC, by its
+gRPC path (``/pkg.Service/Method``): their rules come straight from each RPC's access level in
+the contracts (``(ticketping.access.v1.access)``), with no REST path patterns to keep in step.
+Their 401/403 answers pass back through the transcoder, which renders them as the JSON error.
+
+A second listener on loopback only (``edge_inner_port``) transcodes the internal key routes that
+jwt_authn fetches its JWKS from: user tokens are checked against identity's keys only.
 
 Each service is a cluster with gRPC health checks, circuit breakers with a retry budget and
 outlier detection. The admin interface listens on loopback only.
@@ -19,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from google.protobuf import descriptor_pb2
 
 from devstack.layout import DESCRIPTOR_SET, Layout, Service, layout
+from meshkit import access
 
 # Headers only the edge may set (from verified tokens); any client-sent copy is removed.
 TRUSTED_HEADER_PREFIXES = ("x-user-", "x-admission-")
@@ -28,6 +39,12 @@ TRUSTED_HEADER_PREFIXES = ("x-user-", "x-admission-")
 SERVICE_HEADER = "x-tp-service"
 
 _TYPES = "type.googleapis.com/envoy.extensions.filters"
+# Request bodies larger than this are refused at the edge (413) before any service sees them.
+MAX_REQUEST_BYTES = 256 * 1024
+# The loopback listener that serves identity's keys to jwt_authn, and its cluster.
+INNER_CLUSTER = "edge_internal"
+USER_JWKS_PATH = "/v1/internal/identity/jwks"
+USER_JWKS_METHOD = "/ticketping.identity.v1.IdentityService/GetSigningKeys"
 
 
 # Envoy's own answers (no route, an upstream down, a body too large, later a bad token) get the
@@ -58,14 +75,29 @@ def _error_format(code: int, reason: str) -> dict[str, Any]:
 
 
 def _local_reply_config() -> dict[str, Any]:
+    # jwt_authn answers 403 for a token that verifies but names another audience; to the app
+    # every unusable token means "sign in again": 401.
+    jwt_denied = {
+        "filter": {"extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3."
+                         "ExpressionFilter",
+                "expression": "response.code == 403 && "
+                              "response.code_details.startsWith('jwt_authn_access_denied')",
+            },
+        }},
+        "status_code": 401,
+        "body_format_override": _error_format(16, "UNAUTHENTICATED"),
+    }
     return {
         "mappers": [
-            {
+            jwt_denied,
+            *({
                 "filter": {"status_code_filter": {"comparison": {
                     "op": "EQ", "value": {"default_value": status, "runtime_key": f"lr_{status}"}}}},
                 "body_format_override": _error_format(code, reason),
-            }
-            for status, (code, reason) in LOCAL_REPLIES.items()
+            } for status, (code, reason) in LOCAL_REPLIES.items()),
         ],
         "body_format": _error_format(2, "EDGE_ERROR"),
     }
@@ -96,21 +128,27 @@ def _header_sanitizer() -> dict[str, Any]:
             "@type": f"{_TYPES}.http.header_mutation.v3.HeaderMutation",
             "mutations": {
                 "request_mutations": [
-                    {"remove_on_match": {"key_matcher": {"prefix": p}}}
-                    for p in TRUSTED_HEADER_PREFIXES
+                    *({"remove_on_match": {"key_matcher": {"prefix": p}}}
+                      for p in TRUSTED_HEADER_PREFIXES),
+                    # The client's address as Envoy saw it, never what the client claims (the
+                    # login throttle counts per client). Behind a trusted load balancer this
+                    # becomes xff_num_trusted_hops.
+                    {"append": {"header": {"key": "x-forwarded-for",
+                                           "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
                 ]
             },
         },
     }
 
 
-def _transcoder(lay: Layout, descriptor: Path) -> dict[str, Any]:
+def _transcoder(services: list[Service], descriptor: Path) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
             "@type": f"{_TYPES}.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             "proto_descriptor": str(descriptor),
-            "services": [s.proto_service for s in lay.services],
+            "services": [s.proto_service for s in services],
             "convert_grpc_status": True,
             "print_options": {
                 "add_whitespace": False,
@@ -126,27 +164,88 @@ def _transcoder(lay: Layout, descriptor: Path) -> dict[str, Any]:
     }
 
 
-def internal_methods(descriptor: Path = DESCRIPTOR_SET) -> list[str]:
-    """gRPC paths of the methods meant for other services only (their REST path is /v1/internal/).
-
-    The edge answers them 404, for REST (transcoded first, so matched by gRPC path) and native gRPC
-    alike; services reach each other directly, not through the edge.
-    """
-    from google.api import annotations_pb2
-    from google.protobuf import descriptor_pb2
-
+def access_levels(descriptor: Path = DESCRIPTOR_SET) -> dict[str, int]:
+    """'/pkg.Service/Method' -> access level, read from the descriptor set."""
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
-    found = []
-    for f in fds.file:
-        if not f.package.startswith("ticketping."):
-            continue
-        for svc in f.service:
-            for m in svc.method:
-                rule = m.options.Extensions[annotations_pb2.http]
-                path = getattr(rule, rule.WhichOneof("pattern") or "get", "")
-                if isinstance(path, str) and path.startswith("/v1/internal/"):
-                    found.append(f"/{f.package}.{svc.name}/{m.name}")
-    return sorted(found)
+    return access.levels_of(fds.file)
+
+
+def internal_methods(descriptor: Path = DESCRIPTOR_SET) -> list[str]:
+    """Methods for other services only: the public edge answers them 404, REST and gRPC alike."""
+    return sorted(m for m, lvl in access_levels(descriptor).items() if lvl == access.INTERNAL)
+
+
+def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
+    user = {"provider_name": "user"}
+    requires = {
+        access.PUBLIC: {"requires_any": {"requirements": [user, {"allow_missing": {}}]}},
+        access.USER: user,
+        access.ADMIN: user,
+        # The admission-token provider joins here with the waiting-room issue.
+        access.ADMITTED: user,
+    }
+    rules = [
+        {"match": {"path": method}, "requires": requires[level]}
+        for method, level in sorted(access_levels(descriptor).items())
+        if level in requires
+    ]
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": f"{_TYPES}.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {
+                "user": {
+                    "issuer": access.USER_TOKEN_ISSUER,
+                    "audiences": [access.USER_TOKEN_AUDIENCE],
+                    "remote_jwks": {
+                        "http_uri": {
+                            "uri": f"http://127.0.0.1:{lay.edge_inner_port}{USER_JWKS_PATH}",
+                            "cluster": INNER_CLUSTER,
+                            "timeout": "2s",
+                        },
+                        # Identity publishes a key well before it signs with it (longer than
+                        # this), so a cached JWKS always knows the signing key.
+                        "cache_duration": "30s",
+                        "async_fetch": {"failed_refetch_duration": "1s"},
+                        "retry_policy": {"num_retries": 3, "retry_back_off": {
+                            "base_interval": "0.2s", "max_interval": "2s"}},
+                    },
+                    "forward": False,
+                    "clock_skew_seconds": 30,
+                    "claim_to_headers": [
+                        {"header_name": access.USER_ID_HEADER, "claim_name": "sub"},
+                        {"header_name": access.USER_ROLE_HEADER, "claim_name": "role"},
+                    ],
+                },
+            },
+            "rules": rules,
+        },
+    }
+
+
+def _rbac(descriptor: Path) -> dict[str, Any]:
+    admin_only = sorted(m for m, lvl in access_levels(descriptor).items() if lvl == access.ADMIN)
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": f"{_TYPES}.http.rbac.v3.RBAC",
+            "rules": {"action": "DENY", "policies": {"admin-methods-need-admin-role": {
+                "permissions": [{"or_rules": {"rules": [
+                    {"url_path": {"path": {"exact": m}}} for m in admin_only]}}],
+                "principals": [{"not_id": {"header": {
+                    "name": access.USER_ROLE_HEADER,
+                    "string_match": {"exact": access.ROLE_ADMIN}}}}],
+            }}},
+        },
+    }
+
+
+def _buffer() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": f"{_TYPES}.http.buffer.v3.Buffer",
+                         "max_request_bytes": MAX_REQUEST_BYTES},
+    }
 
 
 def _routes(lay: Layout, descriptor: Path) -> list[dict[str, Any]]:
@@ -226,21 +325,16 @@ def _cluster(s: Service) -> dict[str, Any]:
     }
 
 
-def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1") -> dict[str, Any]:
-    logs = lay.run_dir / "logs"
-    http_filters = [
-        _health_filter("/healthz", list(lay.services)),
-        *(_health_filter(f"/healthz/{s.name}", [s]) for s in lay.services),
-        _header_sanitizer(),
-        _transcoder(lay, descriptor),
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": f"{_TYPES}.http.router.v3.Router"},
-        },
-    ]
-    hcm = {
+def _router() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.router",
+            "typed_config": {"@type": f"{_TYPES}.http.router.v3.Router"}}
+
+
+def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]],
+         logs: Path) -> dict[str, Any]:
+    return {
         "@type": f"{_TYPES}.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "edge",
+        "stat_prefix": stat_prefix,
         "codec_type": "AUTO",
         "generate_request_id": True,
         "max_request_headers_kb": 32,
@@ -250,36 +344,80 @@ def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1
             "name": "envoy.access_loggers.file",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(logs / "edge-access.log"),
+                "path": str(logs / f"{stat_prefix}-access.log"),
                 "log_format": {"json_format": {
                     "ts": "%START_TIME%", "method": "%REQ(:METHOD)%",
                     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "status": "%RESPONSE_CODE%",
                     "grpc_status": "%GRPC_STATUS%", "upstream": "%UPSTREAM_CLUSTER%",
                     "ms": "%DURATION%", "request_id": "%REQ(X-REQUEST-ID)%",
-                    "flags": "%RESPONSE_FLAGS%",
+                    "flags": "%RESPONSE_FLAGS%", "details": "%RESPONSE_CODE_DETAILS%",
                 }},
             },
         }],
         "local_reply_config": _local_reply_config(),
         "route_config": {
-            "name": "edge",
-            "virtual_hosts": [{"name": "ticketping", "domains": ["*"], "routes": _routes(lay, descriptor)}],
+            "name": stat_prefix,
+            "virtual_hosts": [{"name": stat_prefix, "domains": ["*"], "routes": routes}],
         },
-        "http_filters": http_filters,
+        "http_filters": filters,
     }
+
+
+def _listener(name: str, host: str, port: int, hcm: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
+def _inner_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
+    """Loopback only: the key routes jwt_authn fetches (nothing else is routed here)."""
+    identity = lay.service("identity")
+    routes = [
+        {"match": {"path": USER_JWKS_METHOD}, "route": {"cluster": identity.name, "timeout": "2s"}},
+        {"match": {"prefix": "/"}, "direct_response": _not_found()},
+    ]
+    filters = [_transcoder([identity], descriptor), _router()]
+    return _listener("edge_inner", "127.0.0.1", lay.edge_inner_port,
+                     _hcm("edge_inner", routes, filters, lay.run_dir / "logs"))
+
+
+def _inner_cluster(lay: Layout) -> dict[str, Any]:
+    return {
+        "name": INNER_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": INNER_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": lay.edge_inner_port}
+            }}}]}],
+        },
+    }
+
+
+def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1") -> dict[str, Any]:
+    services = list(lay.services)
+    filters = [
+        _health_filter("/healthz", services),
+        *(_health_filter(f"/healthz/{s.name}", [s]) for s in services),
+        _buffer(),
+        _header_sanitizer(),
+        _transcoder(services, descriptor),
+        _jwt_authn(lay, descriptor),
+        _rbac(descriptor),
+        _router(),
+    ]
+    edge = _hcm("edge", _routes(lay, descriptor), filters, lay.run_dir / "logs")
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": lay.envoy_admin_port}}},
         "static_resources": {
-            "listeners": [{
-                "name": "edge",
-                "address": {"socket_address": {"address": host, "port_value": lay.edge_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
-            "clusters": [_cluster(s) for s in lay.services],
+            "listeners": [_listener("edge", host, lay.edge_port, edge),
+                          _inner_listener(lay, descriptor)],
+            "clusters": [*(_cluster(s) for s in services), _inner_cluster(lay)],
         },
     }
 

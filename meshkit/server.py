@@ -22,7 +22,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import metrics
+from . import access, metrics
 from .config import ServiceSettings, load
 from .errors import DomainError, Unimplemented, status_of, to_status
 from .logging import setup_logging
@@ -57,7 +57,8 @@ class App:
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
-    """Turns DomainError into a status with ErrorInfo, hides unexpected errors, records metrics."""
+    """Checks the method's access level, turns DomainError into a status with ErrorInfo, hides
+    unexpected errors, records metrics."""
 
     async def intercept_service(
         self,
@@ -69,12 +70,14 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         inner = handler.unary_unary
+        level = access.level_of(method)
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metrics.started(method)
             t0 = time.perf_counter()
             code = "OK"
             try:
+                access.check(level, access.caller_of(context.invocation_metadata()))
                 return await inner(request, context)
             except DomainError as err:
                 code = err.code.name

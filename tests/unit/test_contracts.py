@@ -18,6 +18,7 @@ import pytest
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from grpc_tools import protoc
+from ticketping.access.v1 import access_pb2  # registers the (access) option before parsing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -398,13 +399,31 @@ def test_http_rules_are_well_formed(rules, messages) -> None:
         assert top.response_body == "", f"{where}: response_body is not supported by the edge"
 
 
+# Public routes beyond rest-api.md ("more routes may exist").
+EXTRA_ROUTES: list[tuple[str, str]] = [
+    ("PATCH", "/v1/events/{event}"),  # CatalogService.UpdateEvent, admin, drafts only
+]
+
+
 def test_internal_rpcs_live_under_v1_internal(rules) -> None:
     for r in rules:
-        if any(r.verb == m and _matches(r.path, p) for m, p in ROUTES):
+        if any(r.verb == m and _matches(r.path, p) for m, p in ROUTES + EXTRA_ROUTES):
             continue
         assert r.path.startswith("/v1/internal/"), (
             f"{r.service}.{r.method.name} ({r.verb} {r.path}) is neither documented nor internal"
         )
+
+
+def test_every_rpc_declares_who_may_call_it(our_files) -> None:
+    """The edge's JWT rules and RBAC, and the services' own checks, come from this option."""
+    for f in our_files:
+        for svc in f.service:
+            for m in svc.method:
+                level = m.options.Extensions[access_pb2.access]
+                assert level != access_pb2.ACCESS_UNSPECIFIED, f"{svc.name}.{m.name}: no access level"
+                path = _verb_path(m.options.Extensions[annotations_pb2.http])[1]
+                internal = level == access_pb2.ACCESS_INTERNAL
+                assert internal == path.startswith("/v1/internal/"), f"{svc.name}.{m.name}: {path}"
 
 
 def test_every_enum_zero_value_is_unspecified(our_files) -> None:

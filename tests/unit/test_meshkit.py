@@ -93,3 +93,34 @@ async def test_unbuilt_methods_answer_unimplemented_with_a_reason():
     with pytest.raises(Unimplemented) as exc:
         await s.Unbuilt(None, None)
     assert exc.value.reason == "NOT_IMPLEMENTED" and "issue #9" in exc.value.message
+
+
+def test_caller_from_the_edges_metadata():
+    from meshkit.access import caller_of
+
+    assert caller_of([("x-user-id", "u1"), ("x-user-role", "ADMIN")]).is_admin
+    assert not caller_of([("x-user-id", "u1"), ("x-user-role", "USER")]).is_admin
+    assert not caller_of([("x-user-role", "ADMIN")]).is_admin  # no verified user
+    assert not caller_of([("x-user-id", "u1"), ("x-user-role", "admin")]).is_admin
+    # a repeated header is never trusted
+    assert not caller_of([("x-user-id", "u1"), ("x-user-role", "USER"),
+                          ("x-user-role", "ADMIN")]).is_admin
+    assert caller_of([("x-user-id", "u1"), ("x-user-id", "u2")]).user_id is None
+
+
+def test_access_levels_come_from_the_contract():
+    import ticketping.catalog.v1.catalog_service_pb2  # noqa: F401 - registers the descriptors
+
+    from meshkit import access
+    from meshkit.errors import PermissionDenied, Unauthenticated
+
+    level = access.level_of("/ticketping.catalog.v1.CatalogService/PublishEvent")
+    assert level == access.ADMIN
+    assert access.level_of("/ticketping.catalog.v1.CatalogService/ListEvents") == access.PUBLIC
+    assert access.level_of("/grpc.health.v1.Health/Check") is None
+    access.check(access.PUBLIC, access.Caller(None, None))
+    with pytest.raises(Unauthenticated):
+        access.check(level, access.Caller(None, None))
+    with pytest.raises(PermissionDenied):
+        access.check(level, access.Caller("u1", "USER"))
+    access.check(level, access.Caller("u1", "ADMIN"))
