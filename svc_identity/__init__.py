@@ -1,0 +1,1 @@
+"""svc_identity: users, credentials, sessions and the signing keys of user tokens."""

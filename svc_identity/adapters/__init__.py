@@ -1,0 +1,1 @@
+"""Identity's I/O: storage and messaging."""

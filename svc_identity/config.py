@@ -1,0 +1,105 @@
+"""svc_identity's settings: the environment (TP_*) read once at start; a bad value stops it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from argon2 import profiles
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from meshkit import access
+from meshkit.config import ServiceSettings
+
+from .domain.tokens import MAX_ACCESS_TTL_SECONDS
+
+_ARGON2 = profiles.RFC_9106_LOW_MEMORY  # argon2id, t=3, m=64 MiB, p=4
+
+
+class Settings(ServiceSettings):
+    service_name: str = "identity"
+    postgres_dsn: str = Field(min_length=1)
+    redis_url: str = Field(min_length=1)
+    redis_cluster: bool = False
+    # Prefix of every Redis key identity writes (login throttling); tests give each server its own.
+    redis_key_prefix: str = Field(default="tp:identity", min_length=1, pattern=r"^[A-Za-z0-9:_.-]+$")
+
+    # --- user tokens (ES256 JWTs) ---
+    jwt_issuer: str = Field(default=access.USER_TOKEN_ISSUER, min_length=1)  # "ticketping-identity"
+    jwt_audience: str = Field(default=access.USER_TOKEN_AUDIENCE, min_length=1)  # "ticketping"
+    access_token_ttl_seconds: int = Field(default=MAX_ACCESS_TTL_SECONDS, ge=30, le=MAX_ACCESS_TTL_SECONDS)
+    refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    # Verifiers' clock skew allowance: a retired key stays published this much past its last token.
+    jwt_clock_skew_seconds: int = Field(default=60, ge=0, le=600)
+
+    # --- signing keys ---
+    # 32 bytes, base64 or base64url (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`).
+    # Encrypts the private keys stored in PostgreSQL (AES-256-GCM). Unset: stored unencrypted.
+    key_encryption_key: SecretStr | None = None
+    # A `next` key is promoted to `current` only after it has been published this long (Envoy
+    # caches the JWKS for up to ~60 s and does not refetch on an unknown kid).
+    key_publish_ahead_seconds: int = Field(default=120, ge=0)
+    # Rotate automatically once the current key has signed this long (None: only `rotate-keys`).
+    key_rotation_interval_seconds: int | None = Field(default=None, gt=0)
+    # How long a replica trusts its in-memory copy of the key table before reading it again (so a
+    # rotation by another replica or by `rotate-keys` is seen within this time).
+    key_cache_seconds: float = Field(default=10.0, ge=0, le=60)
+
+    # --- QueueService, for the admission-token keys merged into /.well-known/jwks.json ---
+    queue_addr: str | None = None  # host:port; unset: the public JWKS holds identity's keys only
+    queue_timeout_seconds: float = Field(default=0.5, gt=0, le=10)
+    queue_keys_cache_seconds: float = Field(default=5.0, ge=0, le=60)
+
+    # --- passwords (argon2id); the defaults are RFC 9106's low-memory profile ---
+    argon2_time_cost: int = Field(default=_ARGON2.time_cost, ge=1)
+    argon2_memory_cost_kib: int = Field(default=_ARGON2.memory_cost, ge=8)
+    argon2_parallelism: int = Field(default=_ARGON2.parallelism, ge=1)
+    # Threads hashing at once (each holds argon2_memory_cost_kib of memory while it runs).
+    password_hash_workers: int = Field(default=4, ge=1, le=64)
+    password_max_length: int = Field(default=1024, ge=16)
+
+    # --- failed-login throttling (Redis) ---
+    login_max_failures_per_account: int = Field(default=5, ge=1)
+    login_max_failures_per_client: int = Field(default=20, ge=1)
+    # Failures are forgotten this long after the last one (or after the block it caused ends).
+    login_failure_window_seconds: int = Field(default=900, ge=1)
+    # Past the threshold each failure blocks for base * 2^(failures - threshold), at most max.
+    login_backoff_base_seconds: float = Field(default=30.0, gt=0)
+    login_backoff_max_seconds: float = Field(default=900.0, gt=0)
+    # A Redis call of the throttle slower than this is skipped (logins keep working, logged).
+    throttle_timeout_seconds: float = Field(default=0.5, gt=0)
+
+    @field_validator("key_encryption_key")
+    @classmethod
+    def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() != "":
+            decode_kek(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.argon2_memory_cost_kib < 8 * self.argon2_parallelism:
+            raise ValueError("argon2_memory_cost_kib must be at least 8 * argon2_parallelism")
+        if self.login_backoff_max_seconds < self.login_backoff_base_seconds:
+            raise ValueError("login_backoff_max_seconds must be >= login_backoff_base_seconds")
+        return self
+
+    @property
+    def kek(self) -> bytes | None:
+        """The key-encryption key as 32 raw bytes, or None when none is configured."""
+        if self.key_encryption_key is None or self.key_encryption_key.get_secret_value() == "":
+            return None
+        return decode_kek(self.key_encryption_key.get_secret_value())
+
+
+def decode_kek(text: str) -> bytes:
+    """32 bytes from base64 or base64url text (padding optional); ValueError otherwise."""
+    raw = text.strip()
+    padded = raw + "=" * (-len(raw) % 4)
+    try:
+        key = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64 or base64url text of 32 random bytes") from None
+    if len(key) != 32:
+        raise ValueError(f"must decode to 32 bytes (AES-256), got {len(key)}")
+    return key

@@ -1,0 +1,1 @@
+"""The rules of identity, without I/O."""
