@@ -1,0 +1,1 @@
+"""svc_catalog: events, venues, seat maps and publishing."""

@@ -1,0 +1,1 @@
+"""Catalog's I/O: storage and messaging."""

@@ -1,0 +1,1 @@
+"""The rules of catalog, without I/O."""
