@@ -327,7 +327,32 @@ def service_env(layout: Layout, svc: Service) -> dict[str, str]:
         env["TP_POSTGRES_DSN"] = layout.postgres_dsn(svc.database)
     if svc.needs_redis:
         env["TP_REDIS_URL"] = layout.redis_url
+    if svc.name == "identity":
+        env["TP_KEY_ENCRYPTION_KEY"] = local_key(layout, "identity-key-encryption-key")
+        env["TP_QUEUE_ADDR"] = f"127.0.0.1:{layout.service('queue').grpc_port}"
+        if layout.profile == "test":  # cheap hashing so tests that sign up many fans stay quick
+            env.update(TP_ARGON2_TIME_COST="1", TP_ARGON2_MEMORY_COST_KIB="8192",
+                       TP_ARGON2_PARALLELISM="1",
+                       # longer than the edge's JWKS cache (30 s), short enough for a rotation test
+                       TP_KEY_PUBLISH_AHEAD_SECONDS="35")
     return env
+
+
+def local_key(layout: Layout, name: str) -> str:
+    """A secret for this machine's local stack only, generated once into run_dir/secrets/.
+
+    Never committed (.run/ is ignored); a real deployment passes its own from a secret store.
+    """
+    import secrets
+
+    path = layout.run_dir / "secrets" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_urlsafe(32))
+        tmp.chmod(0o600)
+        tmp.rename(path)
+    return path.read_text().strip()
 
 
 def service(layout: Layout, svc: Service) -> Component:

@@ -170,6 +170,10 @@ def up(layout: Layout, *, infra_only: bool = False) -> None:
             start_services(layout)
             start_edge(layout)
     print(table(layout, infra_only=infra_only))
+    if not infra_only and layout.profile == "dev":
+        from .demo import seed
+
+        print(seed(layout))
     _say(layout, f"up in {time.monotonic() - t0:.1f}s")
 
 
