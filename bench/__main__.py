@@ -2,25 +2,82 @@
 
 Every figure stands beside a baseline measured in the same run on the same machine, because
 machines here are noisy: the ratio is what to compare between runs, not the raw figure.
-Scenarios so far (later issues add theirs):
-  edge_direct       GET /healthz, answered by Envoy itself from its health-check state (baseline)
-  edge_to_service   GET /v1/events, transcoded to gRPC and answered by svc_catalog
+
+  edge_direct          GET /healthz, answered by Envoy itself (the edge's own ceiling)
+  events_no_token      GET /v1/events, transcoded to svc_catalog, no token
+  events_with_token    the same route with a user token: the cost of the JWT check at the edge
+                       (ratio with_token / no_token)
+  event_get            GET /v1/events/{event} through the edge (catalog's cache answers)
+  event_direct         the same body answered by a second Envoy's direct_response
+                       (ratio event_get / event_direct)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
 
 from devstack import stack
-from devstack.layout import ROOT, layout
+from devstack.layout import ROOT, Layout, layout
 
 from . import wrk
+from .baseline import direct_envoy
 
 REPORTS = ROOT / "bench" / "reports"
+
+
+def _fixtures(lay: Layout) -> tuple[str, str]:
+    """An admin's token and a published event, made through the edge as the apps would."""
+    from datetime import UTC, datetime
+
+    from google.protobuf import json_format
+
+    from devstack.demo import DemoAccount, ensure_account
+    from svc_catalog.demo import demo_event
+
+    admin = DemoAccount("ADMIN", "bench-admin@example.com", "bench admin password")
+    ensure_account(lay, admin)
+    with httpx.Client(base_url=lay.edge_url, timeout=15) as http:
+        session = http.post("/v1/sessions", json={"email": admin.email, "password": admin.password})
+        session.raise_for_status()
+        token = session.json()["accessToken"]
+        auth = {"authorization": f"Bearer {token}"}
+        body = json_format.MessageToDict(demo_event(datetime.now(UTC)))
+        body["title"] = f"Bench Night {time.strftime('%H%M%S')}"
+        created = http.post("/v1/events", json=body, headers=auth)
+        created.raise_for_status()
+        name = created.json()["name"]
+        http.post(f"/v1/{name}:publish", json={}, headers=auth).raise_for_status()
+    return token, name
+
+
+def measure(lay: Layout, seconds: int, connections: int) -> list[tuple[wrk.Result, wrk.Result | None]]:
+    run: dict[str, Any] = {"seconds": seconds, "connections": connections}
+    token, event = _fixtures(lay)
+    edge = lay.edge_url
+    body = httpx.get(f"{edge}/v1/{event}", timeout=10)
+    body.raise_for_status()
+    rows: list[tuple[wrk.Result, wrk.Result | None]] = []
+    direct = wrk.run("edge_direct (Envoy answers)", f"{edge}/healthz", **run)
+    rows.append((direct, None))
+    no_token = wrk.run("events_no_token", f"{edge}/v1/events", **run)
+    rows.append((no_token, direct))
+    with_token = wrk.run("events_with_token (JWT checked)", f"{edge}/v1/events",
+                         headers={"authorization": f"Bearer {token}"}, **run)
+    rows.append((with_token, no_token))
+    with direct_envoy(lay, {"/event": ("application/json", body.text)}) as base:
+        same_size = wrk.run(f"event_direct ({len(body.content)} B)", f"{base}/event", **run)
+        rows.append((same_size, None))
+        rows.append((wrk.run("event_get (through the edge)", f"{edge}/v1/{event}", **run), same_size))
+    return rows
 
 
 def main() -> None:
@@ -34,22 +91,21 @@ def main() -> None:
     stack.start_services(lay)
     stack.start_edge(lay)
     try:
-        run = dict(seconds=args.seconds, connections=args.connections)
-        base = wrk.run("edge_direct (Envoy answers)", f"{lay.edge_url}/healthz", **run)
-        results = [base, wrk.run("edge_to_service (REST->gRPC)", f"{lay.edge_url}/v1/events", **run)]
+        rows = measure(lay, args.seconds, args.connections)
     finally:
         if not args.keep:
             stack.down(lay)
     print(f"\n{'scenario':<34} {'throughput':>16}  latency                      vs baseline")
-    for r in results:
-        print(r.row(None if r is base else base))
+    for result, baseline in rows:
+        print(result.row(baseline))
     REPORTS.mkdir(parents=True, exist_ok=True)
-    out = REPORTS / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out: Path = REPORTS / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps({
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "settings": run, "baseline": base.name,
-        "results": [{**asdict(r), "ratio_to_baseline": r.requests_per_second / base.requests_per_second}
-                    for r in results],
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "settings": {"seconds": args.seconds, "connections": args.connections},
+        "results": [{**asdict(r), "baseline": b.name if b else None,
+                     "ratio_to_baseline": r.requests_per_second / b.requests_per_second if b else None}
+                    for r, b in rows],
     }, indent=2))
     print(f"\nreport: {out.relative_to(ROOT)}")
 

@@ -1,0 +1,133 @@
+"""The catalog through the edge, with the JSON of rest-api.md: admins set up a sale, fans browse."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from .conftest import Fan, sign_up
+
+pytestmark = pytest.mark.e2e
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def event_json(title: str | None = None, *, start_in: timedelta = timedelta(days=30), **override) -> dict:
+    now = datetime.now(UTC)
+    body = {
+        "title": title or f"Winter Tour - Seoul {uuid.uuid4().hex[:6]}",
+        "artist": "The Edge Cases",
+        "venue": {"name": "KSPO Dome", "address": "Seoul"},
+        "startTime": _iso(now + start_in),
+        "queueOpenTime": _iso(now + timedelta(minutes=5)),
+        "saleOpenTime": _iso(now + timedelta(minutes=10)),
+        "seatLimitPerFan": 4,
+        "priceTiers": [{"name": "VIP", "price": {"currencyCode": "KRW", "units": "165000"}},
+                       {"name": "R", "price": {"currencyCode": "KRW", "units": "132000"}}],
+        "seatMap": {"sections": [{"name": "A", "rows": 10, "seatsPerRow": 20, "tier": "VIP"},
+                                 {"name": "B", "rows": 30, "seatsPerRow": 40, "tier": "R"}]},
+    }
+    body.update(override)
+    return body
+
+
+def create(http: httpx.Client, admin: Fan, body: dict) -> httpx.Response:
+    return http.post("/v1/events", json=body, headers=admin.auth)
+
+
+def create_and_publish(http: httpx.Client, admin: Fan, body: dict) -> dict:
+    created = create(http, admin, body)
+    assert created.status_code == 200, created.text
+    published = http.post(f"/v1/{created.json()['name']}:publish", json={}, headers=admin.auth)
+    assert published.status_code == 200, published.text
+    return published.json()
+
+
+@pytest.fixture(scope="module")
+def fan(http: httpx.Client, mesh) -> Fan:
+    return sign_up(http)
+
+
+def test_admin_sets_up_a_sale_and_fans_browse_it(http: httpx.Client, admin: Fan, fan: Fan):
+    created = create(http, admin, event_json())
+    assert created.status_code == 200, created.text
+    draft = created.json()
+    assert draft["state"] == "EVENT_STATE_DRAFT" and draft["name"].startswith("events/")
+    # A draft is the admin's business only.
+    assert http.get(f"/v1/{draft['name']}").status_code == 404
+    assert http.get(f"/v1/{draft['name']}", headers=admin.auth).status_code == 200
+
+    published = http.post(f"/v1/{draft['name']}:publish", json={}, headers=admin.auth)
+    assert published.status_code == 200, published.text
+    assert published.json()["state"] == "EVENT_STATE_PUBLISHED"
+
+    one = http.get(f"/v1/{draft['name']}", headers=fan.auth)
+    assert one.status_code == 200
+    body = one.json()
+    assert body["title"] == draft["title"] and body["seatLimitPerFan"] == 4
+    assert body["priceTiers"][0]["price"] == {"currencyCode": "KRW", "units": "165000", "nanos": 0}
+    assert "public" in one.headers["cache-control"]
+    names = [e["name"] for e in list_all(http)]
+    assert names.count(draft["name"]) == 1
+
+
+@pytest.mark.parametrize(("reason", "override"), [
+    ("INVALID_TIMES", {"saleOpenTime": _iso(datetime.now(UTC) + timedelta(days=60))}),
+    ("EMPTY_SEAT_MAP", {"seatMap": {"sections": []}}),
+    ("NEGATIVE_PRICE", {"priceTiers": [{"name": "VIP", "price": {"currencyCode": "KRW", "units": "-1"}},
+                                       {"name": "R", "price": {"currencyCode": "KRW", "units": "1"}}]}),
+    ("UNKNOWN_TIER", {"seatMap": {"sections": [{"name": "A", "rows": 1, "seatsPerRow": 1,
+                                                "tier": "GOLD"}]}}),
+    ("SEAT_MAP_TOO_LARGE", {"seatMap": {"sections": [{"name": "A", "rows": 300, "seatsPerRow": 200,
+                                                      "tier": "VIP"}]}}),
+])
+def test_bad_events_are_400_with_a_reason(http: httpx.Client, admin: Fan, reason: str, override: dict):
+    title = f"bad {uuid.uuid4().hex[:8]}"
+    resp = create(http, admin, event_json(title, **override))
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["details"][0]["reason"] == reason
+
+
+def test_unknown_event_is_404(http: httpx.Client):
+    resp = http.get(f"/v1/events/{uuid.uuid4()}")
+    assert resp.status_code == 404
+    assert resp.json()["details"][0]["reason"] == "EVENT_NOT_FOUND"
+
+
+def list_all(http: httpx.Client, page_size: int = 50, between_pages=None) -> list[dict]:
+    events, token, pages = [], "", 0
+    while True:
+        resp = http.get("/v1/events", params={"pageSize": page_size, "pageToken": token})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        events += body.get("events", [])
+        token = body.get("nextPageToken", "")
+        pages += 1
+        if not token:
+            return events
+        if between_pages:
+            between_pages(pages)
+
+
+def test_pages_stay_stable_while_events_are_added(http: httpx.Client, admin: Fan):
+    base = datetime.now(UTC)
+    mine = [create_and_publish(http, admin, event_json(start_in=timedelta(days=400 + i)))["name"]
+            for i in range(6)]
+    added: list[str] = []
+
+    def publish_more(page: int) -> None:
+        if page <= 2:  # new events before and after the cursor, while the fan pages
+            for days in (401.5, 420):
+                added.append(create_and_publish(
+                    http, admin, event_json(start_in=timedelta(days=days)))["name"])
+
+    seen = [e["name"] for e in list_all(http, page_size=2, between_pages=publish_more)]
+    assert len(seen) == len(set(seen)), "an event appeared twice"
+    assert all(name in seen for name in mine), "an event published before paging was skipped"
+    starts = [e["startTime"] for e in list_all(http)]
+    assert starts == sorted(starts) and all(s > _iso(base) for s in starts)
