@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"  # downloads: Kafka jars, buf from npm
 GEN = ROOT / "gen"  # build output of `make gen`
 DESCRIPTOR_SET = GEN / "descriptor.binpb"
-TEST_OFFSET = 1000
+TEST_OFFSET = 1000  # TP_TEST_PORT_OFFSET overrides it: a second checkout can test beside the first
 # The Redis Cluster (three masters, only started by devstack.stack.ensure_redis_cluster) listens
 # on redis_port + 10, + 11, + 12; each node's cluster bus is its port + 10000 (Redis' rule).
 REDIS_CLUSTER_SHIFT = 10
@@ -133,7 +133,7 @@ def layout(profile: str | None = None) -> Layout:
     profile = profile or os.environ.get("TP_PROFILE", "dev")
     if profile not in ("dev", "test"):
         raise ValueError(f"unknown profile {profile!r}: use dev or test")
-    off = TEST_OFFSET if profile == "test" else 0
+    off = int(os.environ.get("TP_TEST_PORT_OFFSET", TEST_OFFSET)) if profile == "test" else 0
     return Layout(
         profile=profile,
         run_dir=ROOT / ".run" / profile,
