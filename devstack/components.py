@@ -402,7 +402,8 @@ def envoy(layout: Layout) -> Component:
             "--log-path", str(log_path(layout.run_dir, "envoy")))
     return Component(
         spec=ProcSpec("envoy", argv, cwd=layout.run_dir, stop_timeout=10),
-        ports=(layout.edge_port, layout.edge_inner_port, layout.envoy_admin_port),
+        ports=(layout.edge_port, layout.edge_inner_port, layout.edge_keys_port,
+               layout.envoy_admin_port),
         probe=partial(probes.envoy_ready, layout.envoy_admin_port,
                       [s.grpc_port for s in layout.services]),
         timeout=60,

@@ -46,7 +46,8 @@ class Layout:
     profile: str
     run_dir: Path
     edge_port: int
-    edge_inner_port: int  # loopback listener behind the public one (transcoder hop)
+    edge_inner_port: int  # loopback: the transcoding, token-checking core behind the caching front
+    edge_keys_port: int  # loopback: the JWKS routes Envoy's jwt_authn fetches
     envoy_admin_port: int
     redis_port: int
     postgres_port: int
@@ -139,6 +140,7 @@ def layout(profile: str | None = None) -> Layout:
         run_dir=ROOT / ".run" / profile,
         edge_port=8080 + off,
         edge_inner_port=8081 + off,
+        edge_keys_port=8082 + off,
         envoy_admin_port=9901 + off,
         redis_port=6390 + off,
         postgres_port=5440 + off,

@@ -1,20 +1,25 @@
 """Generate Envoy's configuration for one layout (``python -m edge.config [--profile] [-o file]``).
 
-One public listener serves REST/JSON (``grpc_json_transcoder`` over the descriptor set built from
-``protos/``) and native gRPC on the same port. The filter chain, in order:
+One public port serves REST/JSON (``grpc_json_transcoder`` over the descriptor set built from
+``protos/``) and native gRPC. Envoy's cache filter cannot share a chain with the transcoder
+(edge-notes.md), so one Envoy runs three listeners:
 
-  health_check (``/healthz`` and ``/healthz/<service>``, answered from Envoy's own view of the
-  upstream health checks) → buffer (request bodies over MAX_REQUEST_BYTES: 413) →
-  header_mutation (client-sent ``x-user-*`` / ``x-admission-*`` are dropped, on every route) →
-  grpc_json_transcoder → jwt_authn → rbac → router.
+  edge (public)       health_check (``/healthz``, ``/healthz/<service>``, from Envoy's own view of
+                      the upstream health checks) → buffer (bodies over MAX_REQUEST_BYTES: 413) →
+                      header_mutation (client-sent ``x-user-*`` / ``x-admission-{sub,event,jti}``
+                      dropped, the
+                      client's address set) → cache (GETs without a token; what a service marks
+                      cacheable, for as long as it says) → router → edge_core
+  edge_core (loopback) header_mutation → grpc_json_transcoder → jwt_authn → rbac → router →
+                      the services
+  edge_keys (loopback) the JWKS routes jwt_authn fetches, transcoded
 
 jwt_authn and rbac sit after the transcoder, so they see every call, REST or native gRPC, by its
 gRPC path (``/pkg.Service/Method``): their rules come straight from each RPC's access level in
 the contracts (``(ticketping.access.v1.access)``), with no REST path patterns to keep in step.
 Their 401/403 answers pass back through the transcoder, which renders them as the JSON error.
 
-A second listener on loopback only (``edge_inner_port``) transcodes the internal key routes that
-jwt_authn fetches its JWKS from: user tokens are checked against identity's keys only.
+User tokens are checked against identity's keys only (from edge_keys).
 
 Each service is a cluster with gRPC health checks, circuit breakers with a retry budget and
 outlier detection. The admin interface listens on loopback only.
@@ -34,15 +39,17 @@ from devstack.layout import DESCRIPTOR_SET, Layout, Service, layout
 from meshkit import access
 
 # Headers only the edge may set (from verified tokens); any client-sent copy is removed.
-TRUSTED_HEADER_PREFIXES = ("x-user-", "x-admission-")
+TRUSTED_HEADER_PREFIXES = ("x-user-",)
+TRUSTED_HEADERS = access.ADMISSION_CLAIM_HEADERS
 # gRPC health of one service through the edge: `grpc.health.v1.Health/Check` with this header.
 SERVICE_HEADER = "x-tp-service"
 
 _TYPES = "type.googleapis.com/envoy.extensions.filters"
 # Request bodies larger than this are refused at the edge (413) before any service sees them.
 MAX_REQUEST_BYTES = 256 * 1024
-# The loopback listener that serves identity's keys to jwt_authn, and its cluster.
-INNER_CLUSTER = "edge_internal"
+# The loopback listeners behind the public one, as clusters of the same Envoy.
+CORE_CLUSTER = "edge_core"
+KEYS_CLUSTER = "edge_keys"
 USER_JWKS_PATH = "/v1/internal/identity/jwks"
 USER_JWKS_METHOD = "/ticketping.identity.v1.IdentityService/GetSigningKeys"
 
@@ -121,7 +128,7 @@ def _health_filter(path: str, services: list[Service]) -> dict[str, Any]:
     }
 
 
-def _header_sanitizer() -> dict[str, Any]:
+def _header_sanitizer(*, set_client_address: bool) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": {
@@ -130,12 +137,14 @@ def _header_sanitizer() -> dict[str, Any]:
                 "request_mutations": [
                     *({"remove_on_match": {"key_matcher": {"prefix": p}}}
                       for p in TRUSTED_HEADER_PREFIXES),
+                    *({"remove_on_match": {"key_matcher": {"exact": h}}} for h in TRUSTED_HEADERS),
                     # The client's address as Envoy saw it, never what the client claims (the
                     # login throttle counts per client). Behind a trusted load balancer this
                     # becomes xff_num_trusted_hops.
-                    {"append": {"header": {"key": "x-forwarded-for",
-                                           "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
-                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+                    *([{"append": {"header": {"key": "x-forwarded-for",
+                                              "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                                   "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]
+                      if set_client_address else []),
                 ]
             },
         },
@@ -199,8 +208,8 @@ def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
                     "audiences": [access.USER_TOKEN_AUDIENCE],
                     "remote_jwks": {
                         "http_uri": {
-                            "uri": f"http://127.0.0.1:{lay.edge_inner_port}{USER_JWKS_PATH}",
-                            "cluster": INNER_CLUSTER,
+                            "uri": f"http://127.0.0.1:{lay.edge_keys_port}{USER_JWKS_PATH}",
+                            "cluster": KEYS_CLUSTER,
                             "timeout": "2s",
                         },
                         # Identity publishes a key well before it signs with it (longer than
@@ -372,7 +381,7 @@ def _listener(name: str, host: str, port: int, hcm: dict[str, Any]) -> dict[str,
     }
 
 
-def _inner_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
+def _keys_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
     """Loopback only: the key routes jwt_authn fetches (nothing else is routed here)."""
     identity = lay.service("identity")
     routes = [
@@ -380,44 +389,96 @@ def _inner_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
         {"match": {"prefix": "/"}, "direct_response": _not_found()},
     ]
     filters = [_transcoder([identity], descriptor), _router()]
-    return _listener("edge_inner", "127.0.0.1", lay.edge_inner_port,
-                     _hcm("edge_inner", routes, filters, lay.run_dir / "logs"))
+    return _listener(KEYS_CLUSTER, "127.0.0.1", lay.edge_keys_port,
+                     _hcm(KEYS_CLUSTER, routes, filters, lay.run_dir / "logs"))
 
 
-def _inner_cluster(lay: Layout) -> dict[str, Any]:
-    return {
-        "name": INNER_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": INNER_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": lay.edge_inner_port}
-            }}}]}],
-        },
-    }
-
-
-def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1") -> dict[str, Any]:
-    services = list(lay.services)
+def _core_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
+    """Loopback only: transcoding, token checks and routing to the services."""
     filters = [
-        _health_filter("/healthz", services),
-        *(_health_filter(f"/healthz/{s.name}", [s]) for s in services),
-        _buffer(),
-        _header_sanitizer(),
-        _transcoder(services, descriptor),
+        _header_sanitizer(set_client_address=False),
+        _transcoder(list(lay.services), descriptor),
         _jwt_authn(lay, descriptor),
         _rbac(descriptor),
         _router(),
     ]
-    edge = _hcm("edge", _routes(lay, descriptor), filters, lay.run_dir / "logs")
+    return _listener(CORE_CLUSTER, "127.0.0.1", lay.edge_inner_port,
+                     _hcm(CORE_CLUSTER, _routes(lay, descriptor), filters, lay.run_dir / "logs"))
+
+
+def _cache() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.cache",
+        "typed_config": {
+            "@type": f"{_TYPES}.http.cache.v3.CacheConfig",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.http.cache."
+                                      "simple_http_cache.v3.SimpleHttpCacheConfig"},
+        },
+    }
+
+
+def _front_routes() -> list[dict[str, Any]]:
+    """GETs without a token may be answered from the cache (the service's cache-control says
+    whether and how long); everything else goes to the core uncached, so a token is always
+    checked and nobody's private answer is ever stored."""
+    to_core = {"cluster": CORE_CLUSTER, "timeout": "20s",
+               "retry_policy": {"retry_on": "connect-failure", "num_retries": 1}}
+    no_cache = {"envoy.filters.http.cache": {
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+    return [
+        {"match": {"prefix": "/", "headers": [
+            {"name": ":method", "string_match": {"exact": "GET"}},
+            {"name": "authorization", "present_match": False},
+            {"name": "x-admission-token", "present_match": False},
+            {"name": "content-type", "string_match": {"prefix": "application/grpc"},
+             "invert_match": True, "treat_missing_header_as_empty": True},
+         ]},
+         "route": to_core},
+        {"match": {"prefix": "/"}, "route": to_core, "typed_per_filter_config": no_cache},
+    ]
+
+
+def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 4096}},
+            }}
+    return cluster
+
+
+def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1") -> dict[str, Any]:
+    services = list(lay.services)
+    front_filters = [
+        _health_filter("/healthz", services),
+        *(_health_filter(f"/healthz/{s.name}", [s]) for s in services),
+        _buffer(),
+        _header_sanitizer(set_client_address=True),
+        _cache(),
+        _router(),
+    ]
+    front = _hcm("edge", _front_routes(), front_filters, lay.run_dir / "logs")
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": lay.envoy_admin_port}}},
         "static_resources": {
-            "listeners": [_listener("edge", host, lay.edge_port, edge),
-                          _inner_listener(lay, descriptor)],
-            "clusters": [*(_cluster(s) for s in services), _inner_cluster(lay)],
+            "listeners": [_listener("edge", host, lay.edge_port, front),
+                          _core_listener(lay, descriptor),
+                          _keys_listener(lay, descriptor)],
+            "clusters": [*(_cluster(s) for s in services),
+                         _loopback_cluster(CORE_CLUSTER, lay.edge_inner_port, http2=True),
+                         _loopback_cluster(KEYS_CLUSTER, lay.edge_keys_port, http2=False)],
         },
     }
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from devstack.layout import DESCRIPTOR_SET, layout
-from edge.config import TRUSTED_HEADER_PREFIXES, build, write_config
+from edge.config import TRUSTED_HEADER_PREFIXES, TRUSTED_HEADERS, build, write_config
 
 ENVOY = Path(sys.executable).parent / "envoy"
 
@@ -28,21 +28,25 @@ def test_envoy_validates_the_generated_config(config_file):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def _filters(cfg: dict) -> list[dict]:
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    return hcm["typed_config"]["http_filters"]
+def _filters(cfg: dict, listener: str = "edge_core") -> list[dict]:
+    (found,) = [lis for lis in cfg["static_resources"]["listeners"] if lis["name"] == listener]
+    return found["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
 
 
 def test_filter_chain_order_and_sanitizing():
     cfg = build(layout("dev"), DESCRIPTOR_SET)
     names = [f["name"].rsplit(".", 1)[-1] for f in _filters(cfg)]
-    assert names[-4:] == ["grpc_json_transcoder", "jwt_authn", "rbac", "router"]
-    assert names.index("header_mutation") < names.index("grpc_json_transcoder")
-    mutation = next(f for f in _filters(cfg) if f["name"].endswith("header_mutation"))
-    removed = [m["remove_on_match"]["key_matcher"]["prefix"]
+    assert names == ["header_mutation", "grpc_json_transcoder", "jwt_authn", "rbac", "router"]
+    front = [f["name"].rsplit(".", 1)[-1] for f in _filters(cfg, "edge")]
+    assert front[-4:] == ["buffer", "header_mutation", "cache", "router"]
+    assert "grpc_json_transcoder" not in front  # the cache filter breaks beside it (edge-notes)
+    mutation = next(f for f in _filters(cfg, "edge") if f["name"].endswith("header_mutation"))
+    removed = [m["remove_on_match"]["key_matcher"]
                for m in mutation["typed_config"]["mutations"]["request_mutations"]
                if "remove_on_match" in m]
-    assert set(removed) == set(TRUSTED_HEADER_PREFIXES)
+    assert {m["prefix"] for m in removed if "prefix" in m} == set(TRUSTED_HEADER_PREFIXES)
+    assert {m["exact"] for m in removed if "exact" in m} == set(TRUSTED_HEADERS)
+    assert "x-admission-token" not in TRUSTED_HEADERS
     transcoder = _filters(cfg)[-4]["typed_config"]
     assert transcoder["convert_grpc_status"] is True
     assert set(transcoder["services"]) == {s.proto_service for s in layout("dev").services}
