@@ -52,6 +52,8 @@ CORE_CLUSTER = "edge_core"
 KEYS_CLUSTER = "edge_keys"
 USER_JWKS_PATH = "/v1/internal/identity/jwks"
 USER_JWKS_METHOD = "/ticketping.identity.v1.IdentityService/GetSigningKeys"
+ADMISSION_JWKS_PATH = "/v1/internal/queue/jwks"
+ADMISSION_JWKS_METHOD = "/ticketping.queue.v1.QueueService/GetAdmissionKeys"
 
 
 # Envoy's own answers (no route, an upstream down, a body too large, later a bad token) get the
@@ -184,14 +186,28 @@ def internal_methods(descriptor: Path = DESCRIPTOR_SET) -> list[str]:
     return sorted(m for m, lvl in access_levels(descriptor).items() if lvl == access.INTERNAL)
 
 
+def _remote_jwks(lay: Layout, path: str) -> dict[str, Any]:
+    return {
+        "http_uri": {"uri": f"http://127.0.0.1:{lay.edge_keys_port}{path}",
+                     "cluster": KEYS_CLUSTER, "timeout": "2s"},
+        # Keys are published well before they sign (longer than this), so a cached JWKS
+        # always knows the signing key.
+        "cache_duration": "30s",
+        "async_fetch": {"failed_refetch_duration": "1s"},
+        "retry_policy": {"num_retries": 3, "retry_back_off": {
+            "base_interval": "0.2s", "max_interval": "2s"}},
+    }
+
+
 def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
     user = {"provider_name": "user"}
+    admission = {"provider_name": "admission"}
     requires = {
         access.PUBLIC: {"requires_any": {"requirements": [user, {"allow_missing": {}}]}},
         access.USER: user,
         access.ADMIN: user,
-        # The admission-token provider joins here with the waiting-room issue.
-        access.ADMITTED: user,
+        # Both tokens; that they name the same fan and this event is the service's check.
+        access.ADMITTED: {"requires_all": {"requirements": [user, admission]}},
     }
     rules = [
         {"match": {"path": method}, "requires": requires[level]}
@@ -206,24 +222,26 @@ def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
                 "user": {
                     "issuer": access.USER_TOKEN_ISSUER,
                     "audiences": [access.USER_TOKEN_AUDIENCE],
-                    "remote_jwks": {
-                        "http_uri": {
-                            "uri": f"http://127.0.0.1:{lay.edge_keys_port}{USER_JWKS_PATH}",
-                            "cluster": KEYS_CLUSTER,
-                            "timeout": "2s",
-                        },
-                        # Identity publishes a key well before it signs with it (longer than
-                        # this), so a cached JWKS always knows the signing key.
-                        "cache_duration": "30s",
-                        "async_fetch": {"failed_refetch_duration": "1s"},
-                        "retry_policy": {"num_retries": 3, "retry_back_off": {
-                            "base_interval": "0.2s", "max_interval": "2s"}},
-                    },
+                    "remote_jwks": _remote_jwks(lay, USER_JWKS_PATH),
                     "forward": False,
                     "clock_skew_seconds": 30,
                     "claim_to_headers": [
                         {"header_name": access.USER_ID_HEADER, "claim_name": "sub"},
                         {"header_name": access.USER_ROLE_HEADER, "claim_name": "role"},
+                    ],
+                },
+                # Only the waiting room's keys: a user token is no admission token, and back.
+                "admission": {
+                    "issuer": access.ADMISSION_TOKEN_ISSUER,
+                    "audiences": [access.ADMISSION_TOKEN_AUDIENCE],
+                    "remote_jwks": _remote_jwks(lay, ADMISSION_JWKS_PATH),
+                    "from_headers": [{"name": access.ADMISSION_TOKEN_HEADER}],
+                    "forward": False,
+                    "clock_skew_seconds": 5,
+                    "claim_to_headers": [
+                        {"header_name": header, "claim_name": claim}
+                        for header, claim in zip(access.ADMISSION_CLAIM_HEADERS,
+                                                 ("sub", "event", "jti"), strict=True)
                     ],
                 },
             },
@@ -383,12 +401,13 @@ def _listener(name: str, host: str, port: int, hcm: dict[str, Any]) -> dict[str,
 
 def _keys_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
     """Loopback only: the key routes jwt_authn fetches (nothing else is routed here)."""
-    identity = lay.service("identity")
+    identity, queue = lay.service("identity"), lay.service("queue")
     routes = [
         {"match": {"path": USER_JWKS_METHOD}, "route": {"cluster": identity.name, "timeout": "2s"}},
+        {"match": {"path": ADMISSION_JWKS_METHOD}, "route": {"cluster": queue.name, "timeout": "2s"}},
         {"match": {"prefix": "/"}, "direct_response": _not_found()},
     ]
-    filters = [_transcoder([identity], descriptor), _router()]
+    filters = [_transcoder([identity, queue], descriptor), _router()]
     return _listener(KEYS_CLUSTER, "127.0.0.1", lay.edge_keys_port,
                      _hcm(KEYS_CLUSTER, routes, filters, lay.run_dir / "logs"))
 

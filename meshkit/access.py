@@ -94,3 +94,8 @@ def check(level: int | None, caller: Caller) -> None:
 # The user tokens identity signs and the edge verifies (defaults of both sides, one place).
 USER_TOKEN_ISSUER = "ticketping-identity"
 USER_TOKEN_AUDIENCE = "ticketping"
+
+# The admission tokens the waiting room signs and the edge verifies on ADMITTED routes.
+ADMISSION_TOKEN_ISSUER = "ticketping-queue"
+ADMISSION_TOKEN_AUDIENCE = "ticketping-booking"
+ADMISSION_TOKEN_HEADER = "x-admission-token"

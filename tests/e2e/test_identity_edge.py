@@ -254,3 +254,15 @@ def test_keys_rotate_without_restarting_envoy(http: httpx.Client, mesh: Layout, 
     assert http.get("/v1/users/me", headers={"authorization": f"Bearer {fresh}"}).status_code == 200
     # Tokens signed before the rotation stay valid until they expire.
     assert http.get("/v1/users/me", headers=fan.auth).status_code == 200
+
+
+def test_booking_routes_need_an_admission_token_too(http: httpx.Client, mesh: Layout, fan: Fan):
+    before = started(mesh, "booking", "CreateHold")
+    body = {"seatIds": ["A-1-1"], "requestId": str(uuid.uuid4())}
+    no_admission = http.post("/v1/events/e1/holds", json=body, headers=fan.auth)
+    assert no_admission.status_code == 401, no_admission.text
+    # A user token is not an admission token: only the waiting room's keys sign those.
+    user_as_admission = http.post("/v1/events/e1/holds", json=body,
+                                  headers={**fan.auth, "x-admission-token": fan.access_token})
+    assert user_as_admission.status_code == 401, user_as_admission.text
+    assert started(mesh, "booking", "CreateHold") == before

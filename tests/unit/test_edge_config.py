@@ -88,6 +88,22 @@ def test_jwt_rules_and_rbac_follow_the_contracts():
     assert "/ticketping.catalog.v1.CatalogService/PublishEvent" in admin_paths
     assert "/ticketping.queue.v1.QueueService/UpdateQueue" in admin_paths
     assert "/ticketping.catalog.v1.CatalogService/ListEvents" not in admin_paths
+    admitted = rules["/ticketping.booking.v1.BookingService/CreateHold"]
+    assert admitted == {"requires_all": {"requirements": [user, {"provider_name": "admission"}]}}
+    admission = by_name["jwt_authn"]["providers"]["admission"]
+    assert admission["from_headers"] == [{"name": "x-admission-token"}]
+    assert admission["remote_jwks"]["http_uri"]["uri"].endswith("/v1/internal/queue/jwks")
+    assert admission["issuer"] != by_name["jwt_authn"]["providers"]["user"]["issuer"]
     provider = by_name["jwt_authn"]["providers"]["user"]
     assert provider["remote_jwks"]["http_uri"]["uri"].endswith("/v1/internal/identity/jwks")
     assert {h["header_name"] for h in provider["claim_to_headers"]} == {"x-user-id", "x-user-role"}
+
+
+def test_the_benchmarks_baseline_envoy_validates(tmp_path):
+    from bench.baseline import config
+
+    path = tmp_path / "baseline.yaml"
+    path.write_text(yaml.safe_dump(config(18080, 18901, {"/x": ("application/json", "{}")})))
+    proc = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
