@@ -11,12 +11,13 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
-import psycopg
 import pytest
 import pytest_asyncio
 
 from devstack import stack
 from devstack.layout import Layout, layout
+
+from .support import fresh_database
 
 
 @pytest.fixture(scope="session")
@@ -58,13 +59,8 @@ def kafka_bootstrap(infra: Layout) -> str:
 @pytest.fixture(scope="module")
 def pg_dsn(infra: Layout) -> Iterator[str]:
     """A fresh, empty database for one test module, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = infra.postgres_dsn("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield infra.postgres_dsn(name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(infra) as dsn:
+        yield dsn
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -26,6 +26,7 @@ from svc_identity.adapters.keystore import KeyStoreError
 from svc_identity.bootstrap import create_server
 from svc_identity.config import Settings
 from svc_identity.domain.keys import RotationTooEarly
+from tests.support import fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +38,8 @@ JWK_FIELDS = ("kty", "crv", "x", "y", "kid", "use", "alg")
 @pytest.fixture
 def fresh_dsn(infra: Layout) -> Iterator[str]:
     """An empty database for one test (key tests care about the very first start)."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = infra.postgres_dsn("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield infra.postgres_dsn(name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(infra) as dsn:
+        yield dsn
 
 
 def settings(dsn: str, redis_url: str, **over: Any) -> Settings:
