@@ -335,6 +335,16 @@ def service_env(layout: Layout, svc: Service) -> dict[str, str]:
                        TP_ARGON2_PARALLELISM="1",
                        # longer than the edge's JWKS cache (30 s), short enough for a rotation test
                        TP_KEY_PUBLISH_AHEAD_SECONDS="35")
+    if svc.name == "queue":
+        # Encrypts the admission-token private keys stored in Redis (svc_queue/README.md).
+        env["TP_KEY_ENCRYPTION_KEY"] = local_key(layout, "queue-key-encryption-key")
+        if layout.profile == "test":
+            # longer than the edge's JWKS cache (30 s), short enough for a rotation test
+            env["TP_KEY_PUBLISH_AHEAD_SECONDS"] = "35"
+    if svc.name == "booking":
+        env["TP_QUEUE_ADDR"] = f"127.0.0.1:{layout.service('queue').grpc_port}"
+        if layout.profile == "test":  # expiry within a test's patience
+            env.update(TP_SWEEP_INTERVAL_SECONDS="0.2")
     return env
 
 

@@ -1,29 +1,87 @@
 """How svc_booking is put together: its resources, its servicer, its server."""
 
+from __future__ import annotations
+
+import asyncio
 import contextlib
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
 
 from meshkit import resources
+from meshkit.consumer import EventConsumer
 from meshkit.server import App, Registration, build_server
 
+from .adapters.admission import AdmissionChecker, QueueAdmission, QueueNotifier, StaticAdmission
+from .adapters.inventory import Inventory
 from .config import Settings
 from .server import BookingServicer
+from .service import Booking
 
 SERVICE = "ticketping.booking.v1.BookingService"
 MIGRATIONS = Path(__file__).parent / "adapters" / "migrations"
 
 
-async def create_server(settings: Settings) -> App:
+@dataclass
+class Wired:
+    app: App
+    booking: Booking
+    consumer: EventConsumer | None
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def wire(settings: Settings, *, admission: AdmissionChecker | None = None) -> Wired:
+    """Everything booking needs, started; ``admission`` replaces the queue client (tests)."""
     stack = contextlib.AsyncExitStack()
     try:
         pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS)
         redis = await resources.redis(stack, settings.redis_url, cluster=settings.redis_cluster)
         await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
-        servicer = BookingServicer(pool, redis)
+        notifier: QueueNotifier | None = None
+        if admission is None:
+            queue = QueueAdmission(settings.queue_addr, timeout=settings.admission_timeout_seconds,
+                                   cache_seconds=settings.admission_cache_seconds)
+            stack.push_async_callback(queue.close)
+            admission = notifier = queue
+        elif isinstance(admission, StaticAdmission):
+            notifier = admission
+        booking = Booking(
+            pool, Inventory(redis),
+            hold_ttl=timedelta(seconds=settings.hold_ttl_seconds),
+            default_seat_limit=settings.default_seat_limit_per_fan,
+            topic=settings.booking_topic,
+            sweep_lease=timedelta(seconds=settings.sweep_lease_seconds),
+            queue=notifier,
+            seats_cache_seconds=settings.seats_cache_seconds,
+        )
+        consumer = None
+        if settings.run_consumer:
+            consumer = EventConsumer(pool, settings.kafka_bootstrap, settings.consumer_group,
+                                     [settings.catalog_topic], booking.on_event,
+                                     client_id=f"booking-{settings.consumer_group}",
+                                     after_commit=booking.after_event)
+            task = asyncio.create_task(consumer.run(), name="booking-consumer")
+            stack.push_async_callback(_cancel, task)
+            stack.push_async_callback(consumer.stop, 10.0)
+        if settings.run_sweeper:
+            sweeper = asyncio.create_task(booking.run_sweeper(settings.sweep_interval_seconds),
+                                          name="booking-sweeper")
+            stack.push_async_callback(_cancel, sweeper)
+        servicer = BookingServicer(booking, admission, pool)
         reg = Registration(pb_grpc.add_BookingServiceServicer_to_server, servicer, SERVICE)
-        return await build_server(settings, [reg], stack)
+        app = await build_server(settings, [reg], stack)
+        return Wired(app, booking, consumer)
     except BaseException:
         await stack.aclose()
         raise
+
+
+async def create_server(settings: Settings) -> App:
+    return (await wire(settings)).app

@@ -11,3 +11,20 @@ class Settings(ServiceSettings):
     redis_url: str = Field(min_length=1)
     redis_cluster: bool = False
     kafka_bootstrap: str = Field(min_length=1)
+    # The waiting room (QueueService.CheckAdmission), e.g. "127.0.0.1:50063".
+    queue_addr: str = Field(min_length=1)
+    admission_timeout_seconds: float = Field(default=0.5, gt=0)
+    admission_cache_seconds: float = Field(default=1.0, ge=0)
+    hold_ttl_seconds: float = Field(default=300.0, gt=0)
+    # Used when an event says 0 (catalog requires 1..n, so only for old or odd events).
+    default_seat_limit_per_fan: int = Field(default=4, ge=1)
+    catalog_topic: str = "ticketping.catalog.v1"
+    booking_topic: str = "ticketping.booking.v1"
+    consumer_group: str = "booking"
+    # How old a replica's copy of an event's seat map may be (ListSeats; the edge caches 1 s too).
+    seats_cache_seconds: float = Field(default=0.5, ge=0)
+    sweep_interval_seconds: float = Field(default=0.5, gt=0)
+    sweep_lease_seconds: float = Field(default=30.0, gt=0)
+    # Off in tests that drive the consumer or the sweeper themselves.
+    run_consumer: bool = True
+    run_sweeper: bool = True

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+
+# The seat map lives in meshkit (booking expands the same ranges); re-exported here.
+from meshkit.seats import Seat as Seat
+from meshkit.seats import SeatMap as SeatMap
+from meshkit.seats import Section as Section
+from meshkit.seats import seat_id as seat_id
 
 
 class EventState(enum.Enum):
@@ -39,57 +44,6 @@ class PriceTier:
 class Venue:
     name: str
     address: str = ""
-
-
-@dataclass(frozen=True)
-class Section:
-    """A rectangle of ``rows`` x ``seats_per_row`` seats, all in tier ``tier``."""
-
-    name: str
-    rows: int
-    seats_per_row: int
-    tier: str
-
-    @property
-    def seat_count(self) -> int:
-        return max(self.rows, 0) * max(self.seats_per_row, 0)
-
-
-@dataclass(frozen=True)
-class Seat:
-    seat_id: str
-    section: str
-    row: int
-    number: int
-    tier: str
-
-
-def seat_id(section: str, row: int, number: int) -> str:
-    """``<section>-<row>-<number>``, rows and numbers counting from 1."""
-    return f"{section}-{row}-{number}"
-
-
-@dataclass(frozen=True)
-class SeatMap:
-    sections: tuple[Section, ...] = ()
-
-    @property
-    def seat_count(self) -> int:
-        return sum(s.seat_count for s in self.sections)
-
-    def seats(self) -> Iterator[Seat]:
-        """Every seat, section by section, row by row (lazy: 50,000 seats cost no big list)."""
-        for s in self.sections:
-            for row in range(1, s.rows + 1):
-                for number in range(1, s.seats_per_row + 1):
-                    yield Seat(seat_id(s.name, row, number), s.name, row, number, s.tier)
-
-    def seat_ids(self) -> Iterator[str]:
-        for s in self.sections:
-            for row in range(1, s.rows + 1):
-                prefix = f"{s.name}-{row}-"
-                for number in range(1, s.seats_per_row + 1):
-                    yield prefix + str(number)
 
 
 @dataclass(frozen=True)

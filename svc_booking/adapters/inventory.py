@@ -1,0 +1,136 @@
+"""The live seat state of each event in Redis, every key under one hash tag ``{inv:<event>}``.
+
+Keys (one slot per event, so every script works on Redis Cluster):
+  ``{inv:<e>}:meta``       hash: limit (seats per fan), built (ms): present iff the state is built
+  ``{inv:<e>}:seats``      hash: seat id -> "A" available | "H<hold id>" held | "S" sold
+  ``{inv:<e>}:deadlines``  sorted set: hold id -> deadline (ms); the sweeper reads it
+  ``{inv:<e>}:fans``       hash: user id -> seats counted against the per-fan limit
+  ``{inv:<e>}:hold:<h>``   hash: user, seats, exp, created (a hold's record while it lives)
+  ``{inv:<e>}:req:<u>:<r>`` string: the hold id a (user, request id) made (idempotent retries)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshkit.redis import AnyRedis
+
+LUA = Path(__file__).parent / "lua"
+
+
+def _tag(event_id: str) -> str:
+    return "{inv:" + event_id + "}"
+
+
+def meta_key(event_id: str) -> str:
+    return _tag(event_id) + ":meta"
+
+
+def seats_key(event_id: str) -> str:
+    return _tag(event_id) + ":seats"
+
+
+def deadlines_key(event_id: str) -> str:
+    return _tag(event_id) + ":deadlines"
+
+
+def fans_key(event_id: str) -> str:
+    return _tag(event_id) + ":fans"
+
+
+def hold_key(event_id: str, hold_id: str) -> str:
+    return f"{_tag(event_id)}:hold:{hold_id}"
+
+
+def request_key(event_id: str, user_id: str, request_id: str) -> str:
+    return f"{_tag(event_id)}:req:{user_id}:{request_id}"
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    outcome: str  # OK, NOINV, DUP, UNKNOWN, TAKEN, LIMIT
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What PostgreSQL says the live state is (input of a rebuild)."""
+
+    limit: int
+    seat_values: dict[str, str]  # every seat -> "A" | "H<hold>" | "S"
+    deadlines: dict[str, int]  # live hold id -> deadline ms
+    fans: dict[str, int]  # user -> seats counted
+    requests: dict[tuple[str, str], str]  # (user, request id) -> live hold id
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class Inventory:
+    def __init__(self, redis: AnyRedis) -> None:
+        self.redis = redis
+        self._hold = redis.register_script((LUA / "hold.lua").read_bytes())
+        self._release = redis.register_script((LUA / "release.lua").read_bytes())
+        self._sell = redis.register_script((LUA / "sell.lua").read_bytes())
+        self._claim = redis.register_script((LUA / "claim_due.lua").read_bytes())
+        self._rebuild = redis.register_script((LUA / "rebuild.lua").read_bytes())
+
+    async def hold(
+        self, event_id: str, user_id: str, hold_id: str, request_id: str, seats: Sequence[str],
+        now_ms: int, expire_ms: int, keep_ms: int,
+    ) -> HoldResult:
+        keys = [meta_key(event_id), seats_key(event_id), deadlines_key(event_id),
+                fans_key(event_id), request_key(event_id, user_id, request_id),
+                hold_key(event_id, hold_id)]
+        out = await self._hold(keys=keys, args=[user_id, hold_id, now_ms, expire_ms, keep_ms, *seats])
+        values = tuple(_s(v) for v in out)
+        return HoldResult(values[0], values[1:])
+
+    async def release(self, event_id: str, hold_id: str, user_id: str, seats: Sequence[str]) -> int:
+        keys = [seats_key(event_id), deadlines_key(event_id), fans_key(event_id),
+                hold_key(event_id, hold_id)]
+        return int(await self._release(keys=keys, args=[hold_id, user_id, *seats]))
+
+    async def sell(self, event_id: str, hold_id: str, seats: Sequence[str]) -> int:
+        keys = [meta_key(event_id), seats_key(event_id), deadlines_key(event_id),
+                hold_key(event_id, hold_id)]
+        return int(await self._sell(keys=keys, args=[hold_id, *seats]))
+
+    async def claim_due(self, event_id: str, now_ms: int, lease_ms: int, batch: int) -> list[str]:
+        out = await self._claim(keys=[deadlines_key(event_id)], args=[now_ms, lease_ms, batch])
+        return [_s(v) for v in out]
+
+    async def hold_record(self, event_id: str, hold_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(hold_key(event_id, hold_id))  # type: ignore[misc]
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def is_built(self, event_id: str) -> bool:
+        return bool(await self.redis.exists(meta_key(event_id)))
+
+    async def statuses(self, event_id: str) -> dict[str, str] | None:
+        """Every seat's value, or None when the live state is not built."""
+        raw = await self.redis.hgetall(seats_key(event_id))  # type: ignore[misc]
+        if not raw:
+            return None
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def rebuild(self, event_id: str, snap: Snapshot, now_ms: int, keep_ms: int) -> bool:
+        """Write the snapshot unless the state exists; True if this call built it."""
+        seat_args: list[str | int] = []
+        for sid, v in snap.seat_values.items():
+            seat_args += [sid, v]
+        dl_args: list[str | int] = []
+        for hid, ms in snap.deadlines.items():
+            dl_args += [ms, hid]
+        fan_args: list[str | int] = []
+        for user, count in snap.fans.items():
+            fan_args += [user, count]
+        reqs = list(snap.requests.items())
+        args = [snap.limit, now_ms, len(seat_args), *seat_args, len(dl_args), *dl_args,
+                len(fan_args), *fan_args, keep_ms, *(hid for _, hid in reqs)]
+        keys = [meta_key(event_id), seats_key(event_id), deadlines_key(event_id), fans_key(event_id),
+                *(request_key(event_id, user, rid) for (user, rid), _ in reqs)]
+        return bool(await self._rebuild(keys=keys, args=args))

@@ -1,0 +1,19 @@
+-- Release a hold's seats (delete, cancel, expiry): only seats still held by this hold change.
+-- KEYS: 1 seats, 2 deadlines, 3 fans, 4 hold key
+-- ARGV: 1 hold id, 2 user, 3.. seats
+-- Returns the number of seats made AVAILABLE.
+local held = 'H' .. ARGV[1]
+local freed = 0
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == held then
+    redis.call('HSET', KEYS[1], ARGV[i], 'A')
+    freed = freed + 1
+  end
+end
+if freed > 0 then
+  local left = redis.call('HINCRBY', KEYS[3], ARGV[2], -freed)
+  if left <= 0 then redis.call('HDEL', KEYS[3], ARGV[2]) end
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[4])
+return freed

@@ -1,0 +1,471 @@
+"""Booking's use cases: one place that says what each step writes where, and in which order.
+
+PostgreSQL is the truth (events, seats, holds, orders, sold_seats); Redis holds the live seat state
+that makes a hold one atomic step under contention. The order of writes:
+
+* hold: Redis script first (decides, all or nothing), then the hold row + HoldCreated in one
+  PostgreSQL transaction; if that fails the Redis hold is released again.
+* every later transition of a hold (order, release, cancel, expiry, sale) is decided by a
+  conditional update of its PostgreSQL row, then mirrored into Redis; a Redis step that is lost
+  (crash, restart) is repaired by the sweeper (it finishes every hold past its deadline from
+  PostgreSQL's state) or by the rebuild.
+* sale: one PostgreSQL transaction (order CONFIRMED, sold_seats rows under the primary key
+  (event_id, seat_id), OrderConfirmed in the outbox), then the seats become SOLD in Redis.
+
+If Redis comes back empty, the first call that needs an event's state rebuilds it from PostgreSQL:
+sold seats SOLD, live holds HELD with their deadlines, the fans' counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from ticketping.events.v1.events_pb2 import EventEnvelope, EventPublished
+
+from meshkit.errors import DomainError
+from meshkit.events import event_type, payload_of
+from meshkit.outbox import enqueue
+
+from .adapters import inventory as inv
+from .adapters import messages
+from .adapters import postgres as db
+from .adapters.admission import QueueNotifier
+from .domain import model
+from .domain.model import Hold, HoldState, Layout, Order, OrderState
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+LIVE_HOLD = (HoldState.ACTIVE, HoldState.ORDERED)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def from_ms(v: int | str) -> datetime:
+    return datetime.fromtimestamp(int(v) / 1000, UTC)
+
+
+@dataclass(frozen=True)
+class PricedHold:
+    hold: Hold
+    amount: model.Money
+
+
+class Booking:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        inventory: inv.Inventory,
+        *,
+        hold_ttl: timedelta = timedelta(minutes=5),
+        default_seat_limit: int = 4,
+        topic: str = messages.TOPIC,
+        clock: Clock = utcnow,
+        sweep_lease: timedelta = timedelta(seconds=30),
+        queue: QueueNotifier | None = None,
+        seats_cache_seconds: float = 0.0,
+    ) -> None:
+        self.queue = queue
+        # ListSeats is polled by every fan; the edge caches it for a second anyway, so a replica
+        # may answer from a copy that young (one HGETALL per event per period, single-flight).
+        self.seats_cache_seconds = seats_cache_seconds
+        self._seat_cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._seat_locks: dict[str, asyncio.Lock] = {}
+        self.pool = pool
+        self.inventory = inventory
+        self.hold_ttl = hold_ttl
+        self.default_seat_limit = default_seat_limit
+        self.topic = topic
+        self.clock = clock
+        self.sweep_lease = sweep_lease
+        self._layouts: dict[str, Layout] = {}
+        self._rebuilding: dict[str, asyncio.Lock] = {}
+        self._event_ids: tuple[float, list[str]] = (0.0, [])
+
+    # --- inventory -----------------------------------------------------------------------------
+
+    async def on_event(self, env: EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The catalog consumer's handler (runs in the de-duplication transaction)."""
+        if event_type(env) != "event_published":
+            return
+        msg = payload_of(env)
+        assert isinstance(msg, EventPublished)
+        layout = messages.layout_of(msg)
+        if not layout.event_id or not layout.seat_map.sections or not layout.tiers:
+            raise ValueError(f"EventPublished {msg.event!r} has no seats or no price tiers")
+        created = await db.store_layout(conn, layout)
+        log.info("inventory stored" if created else "inventory exists; EventPublished ignored",
+                 extra={"event": msg.event, "seat_count": layout.seat_count})
+
+    async def after_event(self, _record: object, env: EventEnvelope) -> None:
+        """After an EventPublished committed: build the live state now, not on the first call.
+
+        Never raises (a failure leaves the build to the first call that needs it)."""
+        if event_type(env) != "event_published":
+            return
+        try:
+            event_id = payload_of(env).event.removeprefix("events/")  # type: ignore[attr-defined]
+            await self.ensure_live(await self.layout(event_id))
+        except Exception:
+            log.warning("live state not built after EventPublished; built on first use",
+                        exc_info=True)
+
+    @property
+    def _keep_ms(self) -> int:
+        """How long a hold's record and request key stay in Redis: its TTL and a day."""
+        return int((self.hold_ttl + timedelta(days=1)).total_seconds() * 1000)
+
+    def limit_of(self, layout: Layout) -> int:
+        return layout.seat_limit_per_fan if layout.seat_limit_per_fan > 0 else self.default_seat_limit
+
+    async def layout(self, event_id: str) -> Layout:
+        """The event's layout (cached: a published inventory never changes); NOT_FOUND if none."""
+        found = self._layouts.get(event_id)
+        if found is None:
+            found = await db.load_layout(self.pool, event_id)
+            if found is None:
+                raise model.event_not_found(event_id)
+            self._layouts[event_id] = found
+        return found
+
+    async def ensure_live(self, layout: Layout) -> None:
+        """Build the event's live state in Redis from PostgreSQL unless it is there."""
+        event_id = layout.event_id
+        if await self.inventory.is_built(event_id):
+            return
+        lock = self._rebuilding.setdefault(event_id, asyncio.Lock())
+        async with lock:
+            if await self.inventory.is_built(event_id):
+                return
+            await self.rebuild(layout)
+
+    async def rebuild(self, layout: Layout) -> bool:
+        t0 = time.perf_counter()
+        sold, holds, bought = await db.live_state(self.pool, layout.event_id)
+        values = dict.fromkeys(layout.seat_map.seat_ids(), "A")
+        deadlines: dict[str, int] = {}
+        for seat, _ in sold:  # first: a sold seat is SOLD whatever hold still names it
+            values[seat] = "S"
+        fans = dict(bought)
+        requests: dict[tuple[str, str], str] = {}
+        for hold_id, user, seats, expire, request_id in holds:
+            deadlines[str(hold_id)] = ms(expire)
+            requests[(user, str(request_id))] = str(hold_id)
+            counted = 0
+            for s in seats:
+                if values.get(s) == "A":
+                    values[s] = f"H{hold_id}"
+                    counted += 1
+            fans[user] = fans.get(user, 0) + counted
+        snap = inv.Snapshot(self.limit_of(layout), values, deadlines, fans, requests)
+        built = await self.inventory.rebuild(layout.event_id, snap, ms(self.clock()), self._keep_ms)
+        log.info("live state rebuilt" if built else "live state was rebuilt by another replica",
+                 extra={"event": model.event_name(layout.event_id), "sold": len(sold),
+                        "live_holds": len(holds),
+                        "elapsed_ms": round((time.perf_counter() - t0) * 1000)})
+        return built
+
+    async def seat_statuses(self, event_id: str) -> tuple[Layout, dict[str, str]]:
+        layout = await self.layout(event_id)
+        if self.seats_cache_seconds <= 0:
+            return layout, await self._read_statuses(layout)
+        cached = self._seat_cache.get(event_id)
+        if cached is not None and time.monotonic() - cached[0] < self.seats_cache_seconds:
+            return layout, cached[1]
+        async with self._seat_locks.setdefault(event_id, asyncio.Lock()):
+            cached = self._seat_cache.get(event_id)
+            if cached is not None and time.monotonic() - cached[0] < self.seats_cache_seconds:
+                return layout, cached[1]
+            t0 = time.monotonic()
+            values = await self._read_statuses(layout)
+            self._seat_cache[event_id] = (t0, values)
+            return layout, values
+
+    async def _read_statuses(self, layout: Layout) -> dict[str, str]:
+        event_id = layout.event_id
+        for _ in range(3):
+            values = await self.inventory.statuses(event_id)
+            if values is not None and await self.inventory.is_built(event_id):
+                return values
+            await self.ensure_live(layout)
+        raise DomainError("INVENTORY_UNAVAILABLE", "the seat state could not be built; retry")
+
+    # --- holds ---------------------------------------------------------------------------------
+
+    async def create_hold(
+        self, user_id: str, event_id: str, seat_ids: Sequence[str], request_id: uuid.UUID
+    ) -> PricedHold:
+        layout = await self.layout(event_id)
+        seats = model.check_seat_ids(seat_ids)
+        unknown = layout.unknown(seats)
+        if unknown:
+            raise model.unknown_seats(unknown)
+        now = self.clock()
+        expire = now + self.hold_ttl
+        hold_id = uuid.uuid4()
+        for _ in range(3):
+            res = await self.inventory.hold(event_id, user_id, str(hold_id), str(request_id), seats,
+                                            ms(now), ms(expire), self._keep_ms)
+            if res.outcome != "NOINV":
+                break
+            await self.ensure_live(layout)
+        if res.outcome == "DUP":
+            return await self._replay_hold(layout, user_id, uuid.UUID(res.values[0]))
+        if res.outcome == "TAKEN":
+            raise model.SeatUnavailable(res.values)
+        if res.outcome == "LIMIT":
+            raise model.SeatLimitExceeded(int(res.values[0]), len(seats), int(res.values[1]))
+        if res.outcome == "UNKNOWN":
+            raise model.unknown_seats(res.values)
+        if res.outcome != "OK":
+            raise DomainError("INVENTORY_UNAVAILABLE", "the seat state could not be built; retry")
+        hold = Hold(hold_id, event_id, user_id, seats, expire, now)
+        first = None
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                if await db.insert_hold(conn, hold, request_id):
+                    await enqueue(conn, self.topic, messages.hold_created(hold))
+                else:  # a retry whose Redis request key was lost (restart): the first hold wins
+                    first = await db.hold_by_request(conn, event_id, user_id, request_id)
+        except BaseException:
+            # The promise could not be written down: take it back.
+            with contextlib.suppress(Exception):
+                await self.inventory.release(event_id, str(hold_id), user_id, seats)
+            raise
+        if first is not None:
+            await self.inventory.release(event_id, str(hold_id), user_id, seats)
+            return PricedHold(first, layout.amount(first.seat_ids))
+        return PricedHold(hold, layout.amount(seats))
+
+    async def _replay_hold(self, layout: Layout, user_id: str, hold_id: uuid.UUID) -> PricedHold:
+        async with self.pool.connection() as conn:
+            hold = await db.get_hold(conn, hold_id)
+        if hold is None:  # the first attempt is still writing it: answer from Redis
+            rec = await self.inventory.hold_record(layout.event_id, str(hold_id))
+            if not rec or rec.get("user") != user_id:
+                raise DomainError("REQUEST_IN_PROGRESS", "the first request with this request_id "
+                                  "has not finished; retry")
+            hold = Hold(hold_id, layout.event_id, user_id, tuple(rec["seats"].split(",")),
+                        from_ms(rec["exp"]), from_ms(rec["created"]))
+        return PricedHold(hold, layout.amount(hold.seat_ids))
+
+    async def delete_hold(self, user_id: str, event_id: str, hold_id: uuid.UUID) -> None:
+        name = model.hold_name(event_id, hold_id)
+        async with self.pool.connection() as conn, conn.transaction():
+            hold = await db.get_hold(conn, hold_id, lock=True)
+            if hold is None or hold.user_id != user_id or hold.event_id != event_id:
+                raise model.hold_not_found(name)
+            if hold.state is HoldState.ORDERED:
+                order = await db.order_by_hold(conn, hold_id)
+                raise DomainError("HOLD_ORDERED", f"{name} was ordered: cancel the order instead",
+                                  metadata={"order": order.name if order else ""})
+            if hold.state is HoldState.SOLD:
+                raise DomainError("HOLD_SOLD", f"{name} was ordered and paid")
+            if hold.state is HoldState.ACTIVE:
+                await db.set_hold_state(conn, hold_id, HoldState.RELEASED)
+        if hold.state in (HoldState.ACTIVE, HoldState.RELEASED):
+            await self.inventory.release(event_id, str(hold_id), user_id, hold.seat_ids)
+
+    # --- orders --------------------------------------------------------------------------------
+
+    async def hold_event(self, hold_id: uuid.UUID) -> str | None:
+        async with self.pool.connection() as conn:
+            hold = await db.get_hold(conn, hold_id)
+        return hold.event_id if hold else None
+
+    async def create_order(
+        self, user_id: str, event_id: str, hold_id: uuid.UUID, request_id: uuid.UUID
+    ) -> Order:
+        name = model.hold_name(event_id, hold_id)
+        layout = await self.layout(event_id)
+        now = self.clock()
+        async with self.pool.connection() as conn, conn.transaction():
+            prior = await db.order_by_request(conn, user_id, request_id)
+            if prior is not None:
+                return prior
+            hold = await db.get_hold(conn, hold_id, lock=True)
+            if hold is None or hold.user_id != user_id or hold.event_id != event_id:
+                raise model.hold_not_found(name)  # another fan's hold is not there for you
+            if hold.state is HoldState.ORDERED:
+                existing = await db.order_by_hold(conn, hold_id)
+                if existing is not None:
+                    return existing
+            if hold.state is not HoldState.ACTIVE or hold.expire_time <= now:
+                raise DomainError("HOLD_EXPIRED", f"{name} is no longer live ({hold.state.value})",
+                                  metadata={"name": name, "state": hold.state.value})
+            order = Order(
+                order_id=uuid.uuid4(), event_id=event_id, hold_id=hold_id, user_id=user_id,
+                seat_ids=hold.seat_ids, amount=layout.amount(hold.seat_ids),
+                state=OrderState.PENDING_PAYMENT, expire_time=hold.expire_time, payment="",
+                create_time=now, update_time=now)
+            await db.insert_order(conn, order, request_id)
+            await db.set_hold_state(conn, hold_id, HoldState.ORDERED)
+            await enqueue(conn, self.topic, messages.order_created(order))
+        return order
+
+    async def get_order(self, user_id: str | None, order_id: uuid.UUID) -> Order:
+        async with self.pool.connection() as conn:
+            order = await db.get_order(conn, order_id)
+        if order is None or (user_id is not None and order.user_id != user_id):
+            raise model.order_not_found(f"orders/{order_id}")
+        return order
+
+    async def list_orders(
+        self, user_id: str, after: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[Order]:
+        return await db.list_orders(self.pool, user_id, after, limit)
+
+    async def cancel_order(self, user_id: str, order_id: uuid.UUID,
+                           reason: str = "USER_CANCELLED") -> Order:
+        async with self.pool.connection() as conn, conn.transaction():
+            order = await db.get_order(conn, order_id, lock=True)
+            if order is None or order.user_id != user_id:
+                raise model.order_not_found(f"orders/{order_id}")
+            if order.state is OrderState.CANCELLED:
+                return order
+            if order.state is not OrderState.PENDING_PAYMENT:
+                raise DomainError("ORDER_NOT_CANCELLABLE", f"{order.name} is {order.state.value}",
+                                  metadata={"state": order.state.value})
+            order = await db.set_order_state(conn, order_id, OrderState.CANCELLED)
+            await db.set_hold_state(conn, order.hold_id, HoldState.CANCELLED)
+            await enqueue(conn, self.topic, messages.order_cancelled(order, reason))
+        await self.inventory.release(order.event_id, str(order.hold_id), user_id, order.seat_ids)
+        if self.queue is not None:
+            await self.queue.end_session(order.event_id, user_id, confirmed=False)
+        return order
+
+    async def confirm_order(self, order_id: uuid.UUID, payment: str) -> Order:
+        name = f"orders/{order_id}"
+        now = self.clock()
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                order = await db.get_order(conn, order_id, lock=True)
+                if order is None:
+                    raise model.order_not_found(name)
+                if order.state is OrderState.CONFIRMED:
+                    if order.payment == payment:
+                        return order
+                    raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {order.payment}",
+                                      metadata={"payment": order.payment})
+                if order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
+                    raise DomainError("ORDER_NOT_PAYABLE",
+                                      f"{name} is {order.state.value}: refund the payment",
+                                      metadata={"state": order.state.value})
+                await db.insert_sold(conn, order.event_id, order.seat_ids, order_id)
+                order = await db.set_order_state(conn, order_id, OrderState.CONFIRMED, payment)
+                await db.set_hold_state(conn, order.hold_id, HoldState.SOLD)
+                await enqueue(conn, self.topic, messages.order_confirmed(order))
+                sold_out = await db.sold_out(conn, order.event_id)
+        except psycopg.errors.UniqueViolation:
+            # sold_seats' primary key: one of these seats is sold already. No double sale.
+            raise DomainError("ORDER_NOT_PAYABLE", f"{name}: a seat was sold to another order; "
+                              "refund the payment", metadata={"cause": "SEAT_ALREADY_SOLD"}) from None
+        await self.inventory.sell(order.event_id, str(order.hold_id), order.seat_ids)
+        if self.queue is not None:
+            await self.queue.end_session(order.event_id, order.user_id, confirmed=True)
+            if sold_out:
+                await self.queue.mark_sold_out(order.event_id)
+        return order
+
+    async def expire_order(self, order_id: uuid.UUID) -> Order:
+        async with self.pool.connection() as conn:
+            order = await db.get_order(conn, order_id)
+        if order is None:
+            raise model.order_not_found(f"orders/{order_id}")
+        if order.state is OrderState.PENDING_PAYMENT:
+            await self.expire_hold(order.event_id, order.hold_id)
+            return await self.get_order(None, order_id)
+        if order.state is OrderState.EXPIRED:
+            return order
+        raise DomainError("ORDER_NOT_EXPIRABLE", f"{order.name} is {order.state.value}")
+
+    # --- expiry ----------------------------------------------------------------------------------
+
+    async def expire_hold(self, event_id: str, hold_id: uuid.UUID) -> str:
+        """Finish a hold whose deadline passed, from PostgreSQL's state; returns what happened."""
+        outcome = "released"
+        async with self.pool.connection() as conn, conn.transaction():
+            hold = await db.get_hold(conn, hold_id, lock=True)
+            if hold is not None and hold.state is HoldState.ACTIVE:
+                await db.set_hold_state(conn, hold_id, HoldState.EXPIRED)
+                await enqueue(conn, self.topic, messages.hold_expired(hold))
+                outcome = "hold_expired"
+            elif hold is not None and hold.state is HoldState.ORDERED:
+                order = await db.order_by_hold(conn, hold_id, lock=True)
+                if order is not None and order.state is OrderState.PENDING_PAYMENT:
+                    order = await db.set_order_state(conn, order.order_id, OrderState.EXPIRED)
+                    await enqueue(conn, self.topic, messages.order_expired(order))
+                await db.set_hold_state(conn, hold_id, HoldState.EXPIRED)
+                await enqueue(conn, self.topic, messages.hold_expired(hold))
+                outcome = "order_expired"
+        if hold is None:  # never written to PostgreSQL (a crash right after the script)
+            rec = await self.inventory.hold_record(event_id, str(hold_id))
+            user, seats = rec.get("user", ""), tuple(filter(None, rec.get("seats", "").split(",")))
+            await self.inventory.release(event_id, str(hold_id), user, seats)
+            return "orphan_released"
+        if hold.state is HoldState.SOLD:
+            await self.inventory.sell(event_id, str(hold_id), hold.seat_ids)
+            return "sold"
+        await self.inventory.release(event_id, str(hold_id), hold.user_id, hold.seat_ids)
+        return outcome
+
+    async def sweep_once(self, batch: int = 200) -> int:
+        """Expire every hold past its deadline, in every event; returns how many were finished."""
+        stamp, ids = self._event_ids
+        if time.monotonic() - stamp > 5.0:
+            # Events with live holds in PostgreSQL, and those this replica served (a hold whose
+            # row was never written lives only in Redis). Their state is (re)built here if Redis
+            # lost it, so deadlines are met even if nobody calls after a Redis restart.
+            ids = await db.events_with_live_holds(self.pool)
+            self._event_ids = (time.monotonic(), ids)
+        ids = sorted(set(ids) | set(self._layouts))
+        done = 0
+        now_ms = ms(self.clock())
+        lease_ms = int(self.sweep_lease.total_seconds() * 1000)
+        for event_id in ids:
+            await self.ensure_live(await self.layout(event_id))
+            while True:
+                due = await self.inventory.claim_due(event_id, now_ms, lease_ms, batch)
+                for hid in due:
+                    try:
+                        await self.expire_hold(event_id, uuid.UUID(hid))
+                        done += 1
+                    except Exception:
+                        log.warning("hold expiry failed; retried after the lease",
+                                    exc_info=True, extra={"hold": hid})
+                if len(due) < batch:
+                    break
+        return done
+
+    async def run_sweeper(self, interval: float) -> None:
+        while True:
+            try:
+                n = await self.sweep_once()
+                if n:
+                    log.info("holds expired", extra={"count": n})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("sweep failed", exc_info=True)
+            await asyncio.sleep(interval)
+
+    def forget_event_ids(self) -> None:
+        self._event_ids = (0.0, [])
+
+

@@ -1,0 +1,278 @@
+"""Booking survives what production does to it: a Redis restart that loses everything, several
+replicas sweeping expired holds at once, Redis Cluster, and a waiting room not built yet."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+from ticketping.booking.v1 import booking_service_pb2 as pb
+from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
+from ticketping.queue.v1 import queue_service_pb2_grpc as qpb_grpc
+
+from meshkit.errors import error_info
+from meshkit.server import start
+from svc_booking.adapters.admission import StaticAdmission
+from svc_booking.adapters.inventory import Inventory
+from svc_booking.bootstrap import Wired, wire
+from svc_booking.config import Settings
+from svc_booking.service import Booking
+
+from .test_booking_support import Clock, fan, new_event
+
+pytestmark = pytest.mark.integration
+
+INTERNAL = (("x-user-id", "payment-svc"),)
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of this test alone, without persistence: a restart loses every key."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is installed by devstack"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    r = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    r.start()
+    yield r
+    r.stop()
+
+
+def settings(pg_dsn: str, redis_url: str, kafka: str, **kw: object) -> Settings:
+    values: dict[str, object] = {"queue_addr": "127.0.0.1:1", "seats_cache_seconds": 0,
+                                 "run_consumer": False,
+                                 "run_sweeper": False, **kw}
+    return Settings(grpc_port=0, postgres_dsn=pg_dsn, redis_url=redis_url, kafka_bootstrap=kafka,
+                    **values)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def wired(pg_dsn: str, private_redis: PrivateRedis, kafka_bootstrap: str
+                ) -> AsyncIterator[Wired]:
+    w = await wire(settings(pg_dsn, private_redis.url, kafka_bootstrap), admission=StaticAdmission())
+    await start(w.app)
+    yield w
+    await w.app.stop(1.0)
+
+
+async def retry(call, attempts: int = 20):  # type: ignore[no-untyped-def]
+    """The first calls after a Redis restart may meet the dead connections; a client retries."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.INTERNAL:
+                raise
+            await asyncio.sleep(0.1)
+    return await call()
+
+
+async def test_real_redis_restart_loses_holds_never_sales(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    event_id = await new_event(wired, sections=(("A", 1, 8, "VIP"),), limit=8)
+    parent = f"events/{event_id}"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{wired.app.port}") as ch:
+        stub = pb_grpc.BookingServiceStub(ch)
+        h = await stub.CreateHold(pb.CreateHoldRequest(parent=parent, seat_ids=["A-1-1", "A-1-2"],
+                                                       request_id=rid()), metadata=fan("u1", event_id))
+        o = await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                                   metadata=fan("u1", event_id))
+        await stub.ConfirmOrder(pb.ConfirmOrderRequest(order=o.name, payment="payments/1",
+                                                       request_id=rid()), metadata=INTERNAL)
+        live = await stub.CreateHold(pb.CreateHoldRequest(parent=parent, seat_ids=["A-1-3"],
+                                                          request_id=rid()), metadata=fan("u2", event_id))
+
+        private_redis.stop()
+        private_redis.start()  # empty: no RDB, no AOF
+        probe = Redis.from_url(private_redis.url)
+        assert await probe.dbsize() == 0
+        await probe.aclose()
+
+        resp = await retry(lambda: stub.ListSeats(pb.ListSeatsRequest(parent=parent,
+                                                                      view=pb.SEAT_VIEW_COMPACT)))
+        assert resp.sections[0].statuses == "SSHAAAAA"  # rebuilt from PostgreSQL
+        # 200 fans now race for the 8 seats, all of them wanting A-1-1 (sold) and one more
+        async def one(i: int) -> pb.Hold | None:
+            try:
+                return await stub.CreateHold(
+                    pb.CreateHoldRequest(parent=parent, seat_ids=["A-1-1", f"A-1-{2 + i % 7}"],
+                                         request_id=rid()), metadata=fan(f"r{i}", event_id))
+            except grpc.aio.AioRpcError as err:
+                info = error_info(err)
+                assert info is not None and info.reason == "SEAT_UNAVAILABLE"
+                return None
+        assert [r for r in await asyncio.gather(*(one(i) for i in range(200))) if r] == []
+        # the live hold survived the restart too (PostgreSQL had it) and can be ordered and paid
+        o2 = await stub.CreateOrder(pb.CreateOrderRequest(hold=live.name, request_id=rid()),
+                                    metadata=fan("u2", event_id))
+        await stub.ConfirmOrder(pb.ConfirmOrderRequest(order=o2.name, payment="payments/2",
+                                                       request_id=rid()), metadata=INTERNAL)
+    async with wired.booking.pool.connection() as conn:
+        cur = await conn.execute("SELECT seat_id FROM sold_seats WHERE event_id = %s ORDER BY 1",
+                                 (event_id,))
+        assert [r[0] for r in await cur.fetchall()] == ["A-1-1", "A-1-2", "A-1-3"]
+
+
+async def test_two_replicas_sweeping_expire_each_hold_once(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    event_id = await new_event(wired, sections=(("A", 10, 10, "VIP"),), limit=2)
+    clock = Clock()
+    replicas = [wired.booking,
+                Booking(wired.booking.pool, Inventory(Redis.from_url(private_redis.url)), clock=clock)]
+    wired.booking.clock = clock
+    try:
+        for i in range(40):
+            await wired.booking.create_hold(f"f{i}", event_id, [f"A-{1 + i // 5}-{1 + i % 5}"],
+                                            uuid.uuid4())
+        clock.offset += timedelta(minutes=6)
+        for r in replicas:
+            r.forget_event_ids()
+        counts = await asyncio.gather(*(r.sweep_once(batch=7) for r in replicas * 3))
+        assert sum(counts) == 40
+        async with wired.booking.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT o.headers->>'event_type', count(*) FROM outbox o JOIN holds h "
+                "ON o.key = h.hold_id::text WHERE h.event_id = %s GROUP BY 1 ORDER BY 1", (event_id,))
+            assert await cur.fetchall() == [("hold_created", 40), ("hold_expired", 40)]
+        _, values = await wired.booking.seat_statuses(event_id)
+        assert Counter(values.values()) == {"A": 100}
+    finally:
+        wired.booking.clock = Clock()
+        await replicas[1].inventory.redis.aclose()
+
+
+async def test_unbuilt_waiting_room_fails_closed(pg_dsn: str, private_redis: PrivateRedis,
+                                                 kafka_bootstrap: str, wired: Wired) -> None:
+    queue = grpc.aio.server()
+    qpb_grpc.add_QueueServiceServicer_to_server(qpb_grpc.QueueServiceServicer(), queue)
+    qport = queue.add_insecure_port("127.0.0.1:0")
+    await queue.start()
+    try:
+        event_id = await new_event(wired)
+        w = await wire(settings(pg_dsn, private_redis.url, kafka_bootstrap,
+                                queue_addr=f"127.0.0.1:{qport}"))
+    except BaseException:
+        await queue.stop(0)
+        raise
+    await start(w.app)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{w.app.port}") as ch:
+            stub = pb_grpc.BookingServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.CreateHold(pb.CreateHoldRequest(parent=f"events/{event_id}",
+                                                           seat_ids=["A-1-1"], request_id=rid()),
+                                      metadata=fan("u1", event_id))
+            info = error_info(exc.value)
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert info is not None and info.reason == "NOT_ADMITTED"
+    finally:
+        await w.app.stop(1.0)
+        await queue.stop(0)
+
+
+async def test_holds_on_redis_cluster(pg_dsn: str, redis_cluster_url: str, kafka_bootstrap: str,
+                                      wired: Wired) -> None:
+    w = await wire(settings(pg_dsn, redis_cluster_url, kafka_bootstrap, redis_cluster=True),
+                   admission=StaticAdmission())
+    try:
+        b = w.booking
+        events = [await new_event(wired, sections=(("A", 2, 10, "VIP"),)) for _ in range(3)]
+
+        async def try_hold(e: str, i: int) -> bool:
+            try:
+                await b.create_hold(f"c{i}", e, [f"A-1-{1 + i % 10}", f"A-2-{1 + i % 10}"], uuid.uuid4())
+                return True
+            except Exception as exc:
+                assert getattr(exc, "reason", "") == "SEAT_UNAVAILABLE", exc
+                return False
+
+        for e in events:
+            won = sum(await asyncio.gather(*(try_hold(e, i) for i in range(100))))
+            assert won == 10
+            _, values = await b.seat_statuses(e)
+            assert sum(v.startswith("H") for v in values.values()) == 20
+        b.clock = lambda: Clock()() + timedelta(minutes=6)
+        assert await b.sweep_once() >= 30
+        for e in events:
+            _, values = await b.seat_statuses(e)
+            assert set(values.values()) == {"A"}
+    finally:
+        await w.app.stop(1.0)
+
+
+async def test_background_sweeper_expires_holds_in_real_time(
+    pg_dsn: str, private_redis: PrivateRedis, kafka_bootstrap: str, wired: Wired
+) -> None:
+    w = await wire(settings(pg_dsn, private_redis.url, kafka_bootstrap, run_sweeper=True,
+                            hold_ttl_seconds=1.0, sweep_interval_seconds=0.1),
+                   admission=StaticAdmission())
+    try:
+        event_id = await new_event(wired)
+        priced = await w.booking.create_hold("u-rt", event_id, ["A-1-1", "A-1-2"], uuid.uuid4())
+        t0 = time.monotonic()
+        while True:
+            _, values = await w.booking.seat_statuses(event_id)
+            if values["A-1-1"] == values["A-1-2"] == "A":
+                break
+            assert time.monotonic() - t0 < 8, "the sweeper did not expire the hold"
+            await asyncio.sleep(0.05)
+        waited = time.monotonic() - t0
+        assert waited >= 0.8  # not before its deadline
+        async with w.booking.pool.connection() as conn:
+            cur = await conn.execute("SELECT state FROM holds WHERE hold_id = %s", (priced.hold.hold_id,))
+            assert await cur.fetchone() == ("EXPIRED",)
+    finally:
+        await w.app.stop(1.0)

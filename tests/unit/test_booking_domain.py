@@ -1,0 +1,88 @@
+"""Booking's rules without I/O: seat ids, prices, names, the EventPublished → layout mapping."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from google.type.money_pb2 import Money as PbMoney
+from ticketping.events.v1 import events_pb2 as ev
+
+from meshkit.errors import DomainError
+from meshkit.seats import parse_seat_id
+from svc_booking.adapters import inventory as inv
+from svc_booking.adapters.messages import layout_of
+from svc_booking.domain import model
+from svc_booking.domain.model import Money
+
+
+def published() -> ev.EventPublished:
+    return ev.EventPublished(
+        event="events/0b0b0b0b-0000-4000-8000-000000000001", title="Show", seat_limit_per_fan=4,
+        price_tiers=[ev.PriceTier(name="VIP", price=PbMoney(currency_code="KRW", units=165000)),
+                     ev.PriceTier(name="R", price=PbMoney(currency_code="KRW", units=99,
+                                                          nanos=900_000_000))],
+        seat_ranges=[ev.SeatRange(section="A", rows=10, seats_per_row=20, tier="VIP"),
+                     ev.SeatRange(section="B", rows=30, seats_per_row=40, tier="R")],
+        seat_count=1400)
+
+
+def test_layout_from_event_published_uses_the_shared_expansion() -> None:
+    layout = layout_of(published())
+    assert layout.event_id == "0b0b0b0b-0000-4000-8000-000000000001"
+    assert layout.seat_count == 1400 == len(set(layout.seat_map.seat_ids()))
+    assert layout.seat("A-10-20") is not None and layout.seat("A-10-20").tier == "VIP"  # type: ignore[union-attr]
+    assert layout.seat("B-30-40").tier == "R"  # type: ignore[union-attr]
+    for bad in ("A-11-1", "A-1-21", "C-1-1", "A-0-1", "A-01-1", "A-1", "A-1-1-1", "", "-1-1", "A-x-1"):
+        assert layout.seat(bad) is None, bad
+    assert layout.unknown(["A-1-1", "Z-1-1", "A-1-99"]) == ["Z-1-1", "A-1-99"]
+
+
+def test_amount_comes_from_the_tiers_with_nanos_carried() -> None:
+    layout = layout_of(published())
+    assert layout.amount(["A-1-1", "B-1-1", "B-1-2"]) == Money("KRW", 165000 + 199, 800_000_000)
+    with pytest.raises(DomainError) as exc:
+        layout.amount(["A-1-1", "Q-1-1"])
+    assert exc.value.reason == "UNKNOWN_SEAT"
+
+
+def test_seat_id_parsing() -> None:
+    assert parse_seat_id("VIP1-12-3") == ("VIP1", 12, 3)
+    assert parse_seat_id("A-1-0") is None and parse_seat_id("A--1") is None
+
+
+def test_names() -> None:
+    e, h, o = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    assert model.parse_event_name(f"events/{e}") == str(e)
+    assert model.parse_hold_name(f"events/{e}/holds/{h}") == (str(e), h)
+    assert model.parse_order_name(f"orders/{o}") == o
+    for bad in ("events/", "event/x", f"events/{e}/x", "events/not-a-uuid"):
+        with pytest.raises(DomainError) as exc:
+            model.parse_event_name(bad)
+        assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    for bad in (f"events/{e}/holds/x", f"events/{e}/orders/{h}", f"events/x/holds/{h}"):
+        with pytest.raises(DomainError):
+            model.parse_hold_name(bad)
+    assert model.normalize_event(f"events/{e}") == model.normalize_event(str(e)) == str(e)
+
+
+def test_seat_list_checks_and_error_shapes() -> None:
+    assert model.check_seat_ids(["A-1-1", "A-1-2"]) == ("A-1-1", "A-1-2")
+    for bad, reason in (([], "NO_SEATS"), (["A-1-1", "A-1-1"], "DUPLICATE_SEAT"),
+                        ([f"A-1-{i}" for i in range(1, 60)], "TOO_MANY_SEATS")):
+        with pytest.raises(DomainError) as exc:
+            model.check_seat_ids(bad)
+        assert exc.value.reason == reason
+    taken = model.SeatUnavailable(["A-1-1", "A-1-2"])
+    assert (taken.code, taken.reason, taken.metadata) == (
+        grpc.StatusCode.ABORTED, "SEAT_UNAVAILABLE", {"seat_ids": "A-1-1,A-1-2"})
+    over = model.SeatLimitExceeded(3, 2, 4)
+    assert (over.code, over.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SEAT_LIMIT_EXCEEDED")
+
+
+def test_every_key_of_an_event_shares_one_hash_tag() -> None:
+    e = "0b0b0b0b-0000-4000-8000-000000000001"
+    keys = [inv.meta_key(e), inv.seats_key(e), inv.deadlines_key(e), inv.fans_key(e),
+            inv.hold_key(e, "h"), inv.request_key(e, "u", "r")]
+    assert {k[: k.index("}") + 1] for k in keys} == {"{inv:" + e + "}"}
