@@ -34,18 +34,32 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
-def _lua(method: str, body: str | None, headers: dict[str, str]) -> str:
+def _lua(method: str, body: str | None, headers: dict[str, str],
+         rotate: tuple[str, Path] | None = None) -> str:
     lines = [f'wrk.method = "{method}"']
     if body is not None:
         lines.append(f"wrk.body = [[{body}]]")
     for k, v in headers.items():
         lines.append(f'wrk.headers["{k}"] = "{v}"')
+    if rotate is not None:
+        # One header value per request, in turn, from a file (e.g. many fans' tokens).
+        header, path = rotate
+        lines += [
+            "local values, i = {}, 0",
+            f'for line in io.lines("{path}") do values[#values + 1] = line end',
+            "request = function()",
+            "  i = i % #values + 1",
+            f'  wrk.headers["{header}"] = values[i]',
+            "  return wrk.format()",
+            "end",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def run(name: str, url: str, *, seconds: int = 5, connections: int = 50, threads: int = 1,
         method: str = "GET", body: str | None = None,
-        headers: dict[str, str] | None = None) -> Result:
+        headers: dict[str, str] | None = None, rotate: tuple[str, Path] | None = None) -> Result:
+    """rotate=(header, file): each request sends the next line of file as that header."""
     host = urlparse(url).hostname or ""
     if not (host == "localhost" or host.startswith("127.")):
         raise ValueError(f"benchmarks only target loopback, not {host}")
@@ -53,7 +67,7 @@ def run(name: str, url: str, *, seconds: int = 5, connections: int = 50, threads
     if wrk is None:
         raise RuntimeError("wrk is missing: `make install` (Debian package wrk)")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_lua(method, body, headers or {}))
+        script.write(_lua(method, body, headers or {}, rotate))
     try:
         out = subprocess.run(
             [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
