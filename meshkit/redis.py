@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 AnyRedis: TypeAlias = Redis | RedisCluster
@@ -18,6 +18,7 @@ AnyRedis: TypeAlias = Redis | RedisCluster
 # MaxConnectionsError past that instead of waiting: a burst of requests would fail. A service
 # bounds its own concurrency (gRPC), so the pool may grow to what that burst needs.
 CLUSTER_MAX_CONNECTIONS_PER_NODE = 4096
+SINGLE_MAX_CONNECTIONS = 512
 
 
 async def connect(url: str, *, cluster: bool = False) -> AnyRedis:
@@ -27,7 +28,10 @@ async def connect(url: str, *, cluster: bool = False) -> AnyRedis:
         client = RedisCluster.from_url(
             url, decode_responses=False, max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE)
     else:
-        client = Redis.from_url(url, decode_responses=False)
+        # A burst waits for a connection (up to 5 s) instead of failing with MaxConnectionsError,
+        # which redis-py's default pool raises past its limit.
+        pool = BlockingConnectionPool.from_url(url, max_connections=SINGLE_MAX_CONNECTIONS, timeout=5)
+        client = Redis(connection_pool=pool, decode_responses=False)
     await client.ping()  # type: ignore[misc]
     return client
 

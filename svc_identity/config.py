@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-
 from argon2 import profiles
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from meshkit import access
 from meshkit.config import ServiceSettings
+from meshkit.jwtkeys import decode_kek
 
 from .domain.tokens import MAX_ACCESS_TTL_SECONDS
+
+__all__ = ["Settings", "decode_kek"]
 
 _ARGON2 = profiles.RFC_9106_LOW_MEMORY  # argon2id, t=3, m=64 MiB, p=4
 
@@ -90,16 +90,3 @@ class Settings(ServiceSettings):
         if self.key_encryption_key is None or self.key_encryption_key.get_secret_value() == "":
             return None
         return decode_kek(self.key_encryption_key.get_secret_value())
-
-
-def decode_kek(text: str) -> bytes:
-    """32 bytes from base64 or base64url text (padding optional); ValueError otherwise."""
-    raw = text.strip()
-    padded = raw + "=" * (-len(raw) % 4)
-    try:
-        key = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("must be base64 or base64url text of 32 random bytes") from None
-    if len(key) != 32:
-        raise ValueError(f"must decode to 32 bytes (AES-256), got {len(key)}")
-    return key

@@ -1,8 +1,13 @@
 """svc_queue's settings: the environment (TP_*) read once at start; a bad value stops it."""
 
-from pydantic import Field
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from meshkit.config import ServiceSettings
+from meshkit.jwtkeys import decode_kek
+
+from .domain.room import ADMISSION_AUDIENCE, ADMISSION_ISSUER, MAX_ADMIT_RATE
 
 
 class Settings(ServiceSettings):
@@ -10,3 +15,69 @@ class Settings(ServiceSettings):
     redis_url: str = Field(min_length=1)
     redis_cluster: bool = False
     kafka_bootstrap: str = Field(min_length=1)
+    # Prefix of the queue's Redis keys that belong to no room: the room registry and the
+    # admission-token keys. (A room's keys are always `{q:<event>}:...`.)
+    redis_key_prefix: str = Field(default="tp:queue", min_length=1, pattern=r"^[A-Za-z0-9:_.-]+$")
+    # Most Redis script calls one replica has in flight (more wait their turn). Keep it under
+    # the client's pool size (redis-py's single-node pool refuses past 100 connections).
+    redis_max_in_flight: int = Field(default=64, ge=1, le=4000)
+
+    # --- events (Kafka) ---
+    consume_events: bool = True
+    consumer_group: str = Field(default="queue", min_length=1)
+    catalog_topic: str = Field(default="ticketping.catalog.v1", min_length=1)
+    booking_topic: str = Field(default="ticketping.booking.v1", min_length=1)
+
+    # --- admission ---
+    admission_loop: bool = True  # every replica runs one; any number may
+    admission_tick_seconds: float = Field(default=0.15, ge=0.005, le=1.0)
+    # How often a loop re-reads the room registry (a newly published room waits at most this).
+    admission_registry_refresh_seconds: float = Field(default=1.0, ge=0.01, le=60)
+    # A new room's settings (admins change them live with PATCH /v1/events/{event}/queue).
+    default_max_active: int = Field(default=1000, ge=0)
+    default_admit_rate_per_second: float = Field(default=50.0, gt=0, le=MAX_ADMIT_RATE)
+    session_ttl_seconds: float = Field(default=600.0, ge=1)
+    # The longest session (and admission token) an admin may configure; sessions never extend.
+    max_session_ttl_seconds: float = Field(default=1800.0, ge=1, le=24 * 3600)
+    # A served fan must read queue/me within this window, or the slot returns to the pool.
+    claim_window_seconds: float = Field(default=60.0, ge=0.1, le=3600)
+
+    # --- admission tokens (ES256 JWTs) ---
+    admission_issuer: str = Field(default=ADMISSION_ISSUER, min_length=1)
+    admission_audience: str = Field(default=ADMISSION_AUDIENCE, min_length=1)
+    # 32 bytes, base64 or base64url: encrypts the private keys stored in Redis (AES-256-GCM).
+    # Unset: stored unencrypted (a warning at start).
+    key_encryption_key: SecretStr | None = None
+    # A `next` key signs only after it has been published this long (verifiers cache the JWKS).
+    key_publish_ahead_seconds: int = Field(default=120, ge=0)
+    # Rotate automatically once the current key has signed this long (None: never).
+    key_rotation_interval_seconds: int | None = Field(default=None, gt=0)
+    key_cache_seconds: float = Field(default=10.0, ge=0, le=60)
+    jwt_clock_skew_seconds: int = Field(default=60, ge=0, le=600)
+
+    @field_validator("key_encryption_key")
+    @classmethod
+    def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() != "":
+            decode_kek(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.session_ttl_seconds > self.max_session_ttl_seconds:
+            raise ValueError("session_ttl_seconds must not exceed max_session_ttl_seconds")
+        return self
+
+    @property
+    def kek(self) -> bytes | None:
+        if self.key_encryption_key is None or self.key_encryption_key.get_secret_value() == "":
+            return None
+        return decode_kek(self.key_encryption_key.get_secret_value())
+
+    @property
+    def registry_key(self) -> str:
+        return f"{self.redis_key_prefix}:rooms"
+
+    @property
+    def keys_key(self) -> str:
+        return f"{self.redis_key_prefix}:admission-keys"

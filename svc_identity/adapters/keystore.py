@@ -10,11 +10,7 @@ of the table so signing costs no query.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,13 +18,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import jwt
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+
+from meshkit.jwtkeys import ALG, KeyStoreError, load_private, new_key, public_jwk, seal, unseal
 
 from ..domain.keys import (
     KeyInfo,
@@ -45,63 +40,7 @@ log = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key serializing key creation and rotation: the bytes of "tpidkeys".
 KEY_LOCK = int.from_bytes(b"tpidkeys", "big", signed=True)
-ALG = "ES256"
-
-
-class KeyStoreError(RuntimeError):
-    """The stored keys cannot be used (wrong or missing key-encryption key, corrupt row)."""
-
-
-# --- crypto helpers (pure) ---
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def public_jwk(public: ec.EllipticCurvePublicKey) -> dict[str, str]:
-    """RFC 7517 JWK of a P-256 public key, with ``kid`` = its RFC 7638 thumbprint."""
-    nums = public.public_numbers()
-    x, y = _b64url(nums.x.to_bytes(32, "big")), _b64url(nums.y.to_bytes(32, "big"))
-    canonical = json.dumps({"crv": "P-256", "kty": "EC", "x": x, "y": y}, separators=(",", ":"))
-    kid = _b64url(hashlib.sha256(canonical.encode()).digest())
-    return {"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "use": "sig", "alg": ALG}
-
-
-def seal(private_pem: bytes, kid: str, kek: bytes | None) -> tuple[bytes, str]:
-    if kek is None:
-        return private_pem, "none"
-    nonce = os.urandom(12)
-    return nonce + AESGCM(kek).encrypt(nonce, private_pem, kid.encode()), "aes256gcm"
-
-
-def unseal(blob: bytes, encryption: str, kid: str, kek: bytes | None) -> bytes:
-    if encryption == "none":
-        return blob
-    if encryption != "aes256gcm":
-        raise KeyStoreError(f"signing key {kid}: unknown encryption {encryption!r}")
-    if kek is None:
-        raise KeyStoreError(
-            f"signing key {kid} is encrypted but TP_KEY_ENCRYPTION_KEY is not set"
-        )
-    try:
-        return AESGCM(kek).decrypt(blob[:12], blob[12:], kid.encode())
-    except InvalidTag:
-        raise KeyStoreError(
-            f"signing key {kid} cannot be decrypted: TP_KEY_ENCRYPTION_KEY is not the key it was "
-            "stored with"
-        ) from None
-
-
-def new_key(kek: bytes | None) -> tuple[dict[str, str], bytes, str]:
-    """A fresh P-256 key: (public JWK with kid, sealed private PEM, encryption)."""
-    private = ec.generate_private_key(ec.SECP256R1())
-    jwk = public_jwk(private.public_key())
-    pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    blob, encryption = seal(pem, jwk["kid"], kek)
-    return jwk, blob, encryption
+__all__ = ["ALG", "KeyStore", "KeyStoreError", "RotationResult", "new_key", "public_jwk", "seal", "unseal"]
 
 
 # --- the store ---
@@ -272,10 +211,7 @@ class KeyStore:
             raise KeyStoreError("no current signing key (run the service once to create one)")
         row = current[0]
         if row.info.kid not in self._private:
-            pem = unseal(row.blob, row.encryption, row.info.kid, self.kek)
-            key = serialization.load_pem_private_key(pem, password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise KeyStoreError(f"signing key {row.info.kid} is not an EC key")
+            key = load_private(row.blob, row.encryption, row.info.kid, self.kek)
             self._private = {row.info.kid: key}  # only the signing key is kept in memory
         by_kid = {r.info.kid: r for r in rows}
         jwks = tuple(by_kid[k.kid].jwk for k in published([r.info for r in rows], now, self.policy))

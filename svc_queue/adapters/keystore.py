@@ -1,0 +1,237 @@
+"""The ES256 keys that sign admission tokens, persisted in Redis (the queue has no database).
+
+The key set is one JSON document in one Redis key (``<prefix>:admission-keys``): each key's
+public JWK, its private half sealed with the key-encryption key (AES-256-GCM, the kid as
+associated data; ``TP_KEY_ENCRYPTION_KEY``), its state and times. The lifecycle (publish ahead,
+rotate, retire, drop) is meshkit's (``meshkit/jwtkeys.py``), the same rules as identity's user-token
+keys. Changes are compare-and-set (a Lua script): replicas starting or rotating together never
+create two key sets; the loser re-reads and re-plans. Time is Redis' clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshkit.jwtkeys import (
+    ALG,
+    KeyInfo,
+    KeyPolicy,
+    KeyState,
+    KeyStoreError,
+    Plan,
+    load_private,
+    new_key,
+    plan_ensure,
+    plan_maintenance,
+    plan_rotation,
+    published,
+    seal,
+)
+from meshkit.redis import AnyRedis
+
+log = logging.getLogger(__name__)
+
+_READ = """
+local t = redis.call('TIME')
+return {redis.call('GET', KEYS[1]) or '', t[1], t[2]}
+"""
+_CAS = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+MAX_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class _Key:
+    info: KeyInfo
+    jwk: dict[str, str]
+    blob: bytes
+    encryption: str
+
+    def to_json(self) -> dict[str, Any]:
+        def ms(t: datetime | None) -> int | None:
+            return None if t is None else int(t.timestamp() * 1000)
+
+        return {"kid": self.info.kid, "state": self.info.state.value, "created": ms(self.info.created_at),
+                "activated": ms(self.info.activated_at), "retired": ms(self.info.retired_at),
+                "jwk": self.jwk, "key": base64.b64encode(self.blob).decode(), "enc": self.encryption}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _Key:
+        def dt(v: int | None) -> datetime | None:
+            return None if v is None else datetime.fromtimestamp(v / 1000, UTC)
+
+        created = dt(d["created"])
+        assert created is not None
+        return cls(KeyInfo(d["kid"], KeyState(d["state"]), created, dt(d["activated"]), dt(d["retired"])),
+                   dict(d["jwk"]), base64.b64decode(d["key"]), d["enc"])
+
+
+def _dump(keys: list[_Key]) -> str:
+    return json.dumps({"keys": [k.to_json() for k in keys]}, sort_keys=True, separators=(",", ":"))
+
+
+def _parse(raw: str) -> list[_Key]:
+    if not raw:
+        return []
+    try:
+        return [_Key.from_json(d) for d in json.loads(raw)["keys"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KeyStoreError(f"the stored admission key set is not readable: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    loaded_at: float  # monotonic
+    current_kid: str
+    jwks: tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    rotated: bool
+    current: str
+    next: str
+    deleted: tuple[str, ...]
+
+
+class AdmissionKeyStore:
+    def __init__(
+        self, redis: AnyRedis, key: str, *, kek: bytes | None, policy: KeyPolicy, cache_seconds: float
+    ) -> None:
+        self.redis = redis
+        self.key = key
+        self.kek = kek
+        self.policy = policy
+        self.cache_seconds = cache_seconds
+        self._read_script = redis.register_script(_READ)
+        self._cas_script = redis.register_script(_CAS)
+        self._snap: _Snapshot | None = None
+        self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._reload_lock = asyncio.Lock()
+
+    # -- storage --
+
+    async def _read(self) -> tuple[str, list[_Key], datetime]:
+        raw, sec, usec = await self._read_script(keys=[self.key])
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        now = datetime.fromtimestamp(int(sec) + int(usec) / 1e6, UTC)
+        return text, _parse(text), now
+
+    def _apply(self, keys: list[_Key], plan: Plan, now: datetime) -> list[_Key]:
+        for note in plan.notes:
+            log.warning("admission keys: %s", note)
+        out = [k for k in keys if k.info.kid not in plan.delete]
+        out = [
+            replace(k, info=replace(k.info, state=KeyState.RETIRED, retired_at=now))
+            if k.info.kid == plan.retire else k
+            for k in out
+        ]
+        out = [
+            replace(k, info=replace(k.info, state=KeyState.CURRENT, activated_at=now))
+            if k.info.kid == plan.promote else k
+            for k in out
+        ]
+        for state, wanted in ((KeyState.CURRENT, plan.create_current), (KeyState.NEXT, plan.create_next)):
+            if wanted:
+                jwk, blob, encryption = new_key(self.kek)
+                out.append(_Key(KeyInfo(jwk["kid"], state, now, now if state is KeyState.CURRENT else None),
+                                jwk, blob, encryption))
+        if self.kek is not None:  # a KEK configured after keys were stored in clear
+            for i, k in enumerate(out):
+                if k.encryption == "none":
+                    blob, encryption = seal(k.blob, k.info.kid, self.kek)
+                    out[i] = replace(k, blob=blob, encryption=encryption)
+        return out
+
+    async def _change(self, decide: Callable[[list[KeyInfo], datetime], Plan]) -> Plan:
+        for _ in range(MAX_ATTEMPTS):
+            raw, keys, now = await self._read()
+            plan = decide([k.info for k in keys], now)
+            new = self._apply(keys, plan, now)
+            if new == keys:
+                return plan
+            if int(await self._cas_script(keys=[self.key], args=[raw, _dump(new)])):
+                old = {x.info.kid for x in keys}
+                for k in new:
+                    if k.info.kid not in old:
+                        log.info("admission key created",
+                                 extra={"kid": k.info.kid, "state": k.info.state.value})
+                return plan
+        raise KeyStoreError("the admission key set kept changing under us; giving up for now")
+
+    # -- lifecycle --
+
+    async def ensure(self) -> None:
+        """At start: a current and a next key exist, and the current one can be decrypted (a
+        wrong KEK stops the service here, not at the first admission)."""
+        await self._change(lambda infos, now: plan_ensure(infos, now, self.policy))
+        await self.reload()
+
+    async def rotate(self) -> RotationResult:
+        """next → current, current → retired, a new next (RotationTooEarly if next is too young)."""
+        return await self._result(await self._change(lambda i, n: plan_rotation(i, n, self.policy)))
+
+    async def maintain(self, rotate_after: float | None) -> RotationResult:
+        after = None if rotate_after is None else timedelta(seconds=rotate_after)
+        plan = await self._change(lambda i, n: plan_maintenance(i, n, self.policy, after))
+        return await self._result(plan)
+
+    async def _result(self, plan: Plan) -> RotationResult:
+        await self.reload()
+        _, keys, _ = await self._read()
+        nxt = next(k.info.kid for k in keys if k.info.state is KeyState.NEXT)
+        assert self._snap is not None
+        result = RotationResult(plan.promote is not None, self._snap.current_kid, nxt, plan.delete)
+        if result.rotated:
+            log.info("admission keys rotated", extra={"current": result.current, "next": result.next})
+        return result
+
+    # -- reading --
+
+    async def reload(self) -> None:
+        _, keys, now = await self._read()
+        current = [k for k in keys if k.info.state is KeyState.CURRENT]
+        if not current:
+            raise KeyStoreError("no current admission key")
+        row = current[0]
+        if row.info.kid not in self._private:
+            self._private = {row.info.kid: load_private(row.blob, row.encryption, row.info.kid, self.kek)}
+        by_kid = {k.info.kid: k for k in keys}
+        jwks = tuple(by_kid[i.kid].jwk for i in published([k.info for k in keys], now, self.policy))
+        self._snap = _Snapshot(time.monotonic(), row.info.kid, jwks)
+
+    async def _fresh(self) -> _Snapshot:
+        snap = self._snap
+        if snap is not None and time.monotonic() - snap.loaded_at < self.cache_seconds:
+            return snap
+        async with self._reload_lock:
+            snap = self._snap
+            if snap is None or time.monotonic() - snap.loaded_at >= self.cache_seconds:
+                await self.reload()
+                snap = self._snap
+        assert snap is not None
+        return snap
+
+    async def jwks(self) -> list[dict[str, str]]:
+        """The published public keys (current, next, retired within retention)."""
+        return [dict(k) for k in (await self._fresh()).jwks]
+
+    async def sign(self, claims: dict[str, Any]) -> str:
+        snap = await self._fresh()
+        key = self._private[snap.current_kid]
+        return jwt.encode(claims, key, algorithm=ALG, headers={"kid": snap.current_kid, "typ": "JWT"})

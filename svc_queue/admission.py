@@ -1,0 +1,126 @@
+"""The admission loop: every replica runs one; any number may run at once.
+
+Each tick (``TP_ADMISSION_TICK_SECONDS``, default 0.15 s, with jitter) runs one script per room
+(``lua/tick.lua``): sweep expired sessions and unclaimed turns, then advance ``serving`` by what
+the room's token bucket (kept in Redis) allows while active + reserved slots stay under
+``max_active``. Because the bucket and the counters live in Redis and the step is atomic, three
+replicas ticking together admit at the configured rate, not three times it, and never over-admit.
+
+Which rooms exist is the registry set ``<prefix>:rooms`` (added by EventPublished), read at most
+once a second. A room leaves it once its show has started. A room nobody waits in (or whose sale
+has not opened) says so in its tick's answer and is ticked again at most a second later, so rooms
+published weeks ahead cost almost nothing; a join or an admin change on this replica "pokes" its
+room back to every tick at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from prometheus_client import Counter
+
+from meshkit.redis import AnyRedis
+
+from .adapters.rooms import RoomStore, TickResult
+
+log = logging.getLogger(__name__)
+
+ADMITTED = Counter("queue_admitted_total", "Fans admitted (turn served, slot reserved).")
+TICKS = Counter("queue_admission_ticks_total", "Admission steps run (one room, one tick).")
+TICK_ERRORS = Counter("queue_admission_tick_errors_total", "Admission steps that failed.")
+
+
+class RoomRegistry:
+    """The set of rooms the admission loops tick (one Redis set; not on a room's hash tag)."""
+
+    def __init__(self, redis: AnyRedis, key: str) -> None:
+        self.redis = redis
+        self.key = key
+
+    async def add(self, event_id: str) -> None:
+        await self.redis.sadd(self.key, event_id)  # type: ignore[misc]
+
+    async def remove(self, event_id: str) -> None:
+        await self.redis.srem(self.key, event_id)  # type: ignore[misc]
+
+    async def members(self) -> list[str]:
+        raw = await self.redis.smembers(self.key)  # type: ignore[misc]
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+
+
+class AdmissionLoop:
+    def __init__(
+        self, rooms: RoomStore, registry: RoomRegistry, *, tick_seconds: float,
+        refresh_seconds: float = 1.0, concurrency: int = 32,
+    ) -> None:
+        self.rooms = rooms
+        self.registry = registry
+        self.tick_seconds = tick_seconds
+        self.refresh_seconds = refresh_seconds
+        self._limit = asyncio.Semaphore(concurrency)
+        self._events: list[str] = []
+        self._events_at = float("-inf")
+        self._due: dict[str, float] = {}  # room -> monotonic time of its next tick
+        self._last_error_log = float("-inf")
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.tick_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._log_error("admission tick failed; retrying")
+            elapsed = time.monotonic() - started
+            # jitter keeps replicas from ticking in lock step (harmless, but wasteful)
+            await asyncio.sleep(max(0.0, self.tick_seconds * random.uniform(0.8, 1.2) - elapsed))
+
+    async def tick_all(self) -> list[TickResult]:
+        now = time.monotonic()
+        if now - self._events_at >= self.refresh_seconds:
+            self._events = await self.registry.members()
+            self._events_at = now
+            known = set(self._events)
+            self._due = {e: t for e, t in self._due.items() if e in known}
+        due = [e for e in self._events if self._due.get(e, 0.0) <= now]
+        results = await asyncio.gather(*(self._tick(e) for e in due))
+        self.ticks += 1
+        return [r for r in results if r is not None]
+
+    def poke(self, event_id: str) -> None:
+        """Something happened in this room (a join, a change): tick it on the next round."""
+        self._due.pop(event_id, None)
+
+    async def _tick(self, event_id: str) -> TickResult | None:
+        async with self._limit:
+            try:
+                result = await self.rooms.tick(event_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                TICK_ERRORS.inc()
+                self._log_error("admission step failed", event_id)
+                return None
+        TICKS.inc()
+        if result.wait_ms > 0:
+            self._due[event_id] = time.monotonic() + result.wait_ms / 1000
+        else:
+            self._due.pop(event_id, None)
+        if result.admitted:
+            ADMITTED.inc(result.admitted)
+        if result.missing or result.closed:
+            await self.registry.remove(event_id)
+            log.info("room no longer ticked", extra={"event_id": event_id, "closed": result.closed,
+                                                     "missing": result.missing})
+        return result
+
+    def _log_error(self, message: str, event_id: str | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= 5.0:  # at most one stack trace every 5 s
+            self._last_error_log = now
+            log.exception(message, extra={"event_id": event_id})

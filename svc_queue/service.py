@@ -1,0 +1,145 @@
+"""The queue's use cases: join, read (and claim) a ticket, leave, room status and settings, the
+internal calls booking makes, and the Kafka events the queue reacts to. Rules from domain/, I/O
+from adapters/."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from prometheus_client import Counter
+from ticketping.events.v1 import events_pb2 as ev
+
+from meshkit.events import EventEnvelope, event_type
+
+from .adapters.keystore import AdmissionKeyStore
+from .adapters.rooms import RoomStore
+from .admission import RoomRegistry
+from .domain.room import (
+    RoomChange,
+    RoomDefaults,
+    RoomStatus,
+    Ticket,
+    TicketState,
+    admission_claims,
+    parse_event_name,
+)
+
+log = logging.getLogger(__name__)
+
+CLAIMED = Counter("queue_claimed_total", "Turns claimed (fans who became ACTIVE).")
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    issuer: str
+    audience: str
+
+
+class Queue:
+    def __init__(
+        self, rooms: RoomStore, registry: RoomRegistry, keys: AdmissionKeyStore, *,
+        tokens: TokenSettings, defaults: RoomDefaults, max_session_ttl_ms: int,
+        poke: Callable[[str], None] = lambda event_id: None,
+    ) -> None:
+        self.rooms = rooms
+        self.registry = registry
+        self.keys = keys
+        self.tokens = tokens
+        self.defaults = defaults
+        self.max_session_ttl_ms = max_session_ttl_ms
+        self.poke = poke  # tells this replica's admission loop that a room needs a tick now
+
+    # -- fans -------------------------------------------------------------------------------
+
+    async def join(self, event_id: str, user_id: str) -> Ticket:
+        ticket = await self.rooms.join(event_id, user_id)
+        self.poke(event_id)
+        return ticket
+
+    async def ticket(self, event_id: str, user_id: str) -> Ticket:
+        """The fan's ticket; if their turn has come (within the claim window), this read claims
+        it: ACTIVE, with an admission token (the same token on every later read)."""
+        for _ in range(3):
+            reply = await self.rooms.ticket(event_id, user_id, str(uuid.uuid4()))
+            ticket = reply.ticket
+            if reply.fresh_claim:
+                CLAIMED.inc()
+            if ticket.state is not TicketState.ACTIVE or ticket.token:
+                return ticket
+            # Claimed just now (or signed by nobody yet): sign; the first token stored is kept.
+            token = await self.keys.sign(admission_claims(
+                issuer=self.tokens.issuer, audience=self.tokens.audience, user_id=user_id,
+                event_id=event_id, jti=ticket.jti, issued_ms=ticket.claimed_at_ms,
+                expire_ms=ticket.expire_ms,
+            ))
+            kept = await self.rooms.store_token(event_id, user_id, ticket.jti, token)
+            if kept is not None:
+                return replace(ticket, token=kept)
+            # the session ended between the two calls: read again to say what it is now
+        raise RuntimeError("the fan's session kept changing while its token was being stored")
+
+    async def leave(self, event_id: str, user_id: str) -> Ticket:
+        return await self.rooms.leave(event_id, user_id)
+
+    # -- the room ---------------------------------------------------------------------------
+
+    async def status(self, event_id: str) -> RoomStatus:
+        return await self.rooms.status(event_id)
+
+    async def update(self, event_id: str, change: RoomChange) -> RoomStatus:
+        status = await self.rooms.update(event_id, change.fields())
+        self.poke(event_id)
+        return status
+
+    async def mark_sold_out(self, event_id: str) -> RoomStatus:
+        return await self.rooms.mark_sold_out(event_id)
+
+    # -- booking ----------------------------------------------------------------------------
+
+    async def end_session(self, event_id: str, user_id: str, *, expired: bool = False) -> bool:
+        ended, _ = await self.rooms.end_session(event_id, user_id, to="E" if expired else "D")
+        return ended
+
+    async def check(self, event_id: str, user_id: str, jti: str) -> int | None:
+        return await self.rooms.check(event_id, user_id, jti)
+
+    async def jwks(self) -> list[dict[str, str]]:
+        return await self.keys.jwks()
+
+    # -- events (Kafka) ---------------------------------------------------------------------
+
+    async def on_event(self, envelope: EventEnvelope) -> bool:
+        """Apply one event; True if it had been applied before (a redelivery)."""
+        kind = event_type(envelope)
+        if kind == "event_published":
+            await self.event_published(envelope.event_published)
+            return False
+        if kind in ("order_confirmed", "order_cancelled"):
+            msg = getattr(envelope, kind)
+            event_id = parse_event_name(msg.event)
+            # booking also calls EndSession at once; this is the guaranteed path. A session claimed
+            # after the order event happened (the fan queued again) is not the order's session.
+            ended, duplicate = await self.rooms.end_session(
+                event_id, msg.user_id, to="D", marker=envelope.event_id,
+                happened_ms=envelope.occurred_at.ToMilliseconds())
+            log.info("order event ends the session", extra={
+                "event_type": kind, "event_id": event_id, "user_id": msg.user_id, "order": msg.order,
+                "ended": ended, "duplicate": duplicate})
+            return duplicate
+        return False  # not the queue's business
+
+    async def event_published(self, msg: ev.EventPublished) -> None:
+        event_id = parse_event_name(msg.event)
+        await self.rooms.configure(
+            event_id,
+            queue_open_ms=msg.queue_open_time.ToMilliseconds(),
+            sale_open_ms=msg.sale_open_time.ToMilliseconds(),
+            start_ms=msg.start_time.ToMilliseconds(),
+            seats=msg.seat_count,
+            defaults=self.defaults,
+        )
+        await self.registry.add(event_id)
+        log.info("waiting room ready", extra={"event_id": event_id})
