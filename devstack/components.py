@@ -345,6 +345,14 @@ def service_env(layout: Layout, svc: Service) -> dict[str, str]:
         env["TP_QUEUE_ADDR"] = f"127.0.0.1:{layout.service('queue').grpc_port}"
         if layout.profile == "test":  # expiry within a test's patience
             env.update(TP_SWEEP_INTERVAL_SECONDS="0.2")
+    if svc.name == "payment":
+        # Orders are read from booking; the sandbox provider calls back through the edge, signing
+        # with the secret the webhook checks (svc_payment/README.md).
+        env["TP_BOOKING_ADDR"] = f"127.0.0.1:{layout.service('booking').grpc_port}"
+        env["TP_PAYMENT_WEBHOOK_SECRET"] = local_key(layout, "payment-webhook-secret")
+        env["TP_WEBHOOK_URL"] = f"{layout.edge_url}/v1/payments/webhook"
+        if layout.profile == "test":  # quick callbacks; tests pick an outcome per payment
+            env.update(TP_SANDBOX_DELAY_SECONDS="0.2", TP_SANDBOX_OUTCOME_HEADER="true")
     return env
 
 

@@ -16,6 +16,7 @@ from meshkit.server import App, Registration, build_server
 
 from .adapters.admission import AdmissionChecker, QueueAdmission, QueueNotifier, StaticAdmission
 from .adapters.inventory import Inventory
+from .adapters.payment_events import PaymentEvents
 from .config import Settings
 from .server import BookingServicer
 from .service import Booking
@@ -29,6 +30,8 @@ class Wired:
     app: App
     booking: Booking
     consumer: EventConsumer | None
+    payment_consumer: EventConsumer | None = None
+    payment_events: PaymentEvents | None = None
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -70,6 +73,17 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             task = asyncio.create_task(consumer.run(), name="booking-consumer")
             stack.push_async_callback(_cancel, task)
             stack.push_async_callback(consumer.stop, 10.0)
+        payment_events = PaymentEvents(booking)
+        payment_consumer = None
+        if settings.run_consumer and settings.run_payment_consumer:
+            # Its own group: a slow payment event never holds up the catalog's.
+            group = f"{settings.consumer_group}.payment"
+            payment_consumer = EventConsumer(pool, settings.kafka_bootstrap, group,
+                                             [settings.payment_topic], payment_events.handle,
+                                             client_id=f"booking-{group}")
+            ptask = asyncio.create_task(payment_consumer.run(), name="booking-payment-consumer")
+            stack.push_async_callback(_cancel, ptask)
+            stack.push_async_callback(payment_consumer.stop, 10.0)
         if settings.run_sweeper:
             sweeper = asyncio.create_task(booking.run_sweeper(settings.sweep_interval_seconds),
                                           name="booking-sweeper")
@@ -77,7 +91,7 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
         servicer = BookingServicer(booking, admission, pool)
         reg = Registration(pb_grpc.add_BookingServiceServicer_to_server, servicer, SERVICE)
         app = await build_server(settings, [reg], stack)
-        return Wired(app, booking, consumer)
+        return Wired(app, booking, consumer, payment_consumer, payment_events)
     except BaseException:
         await stack.aclose()
         raise

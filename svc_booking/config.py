@@ -21,6 +21,9 @@ class Settings(ServiceSettings):
     catalog_topic: str = "ticketping.catalog.v1"
     booking_topic: str = "ticketping.booking.v1"
     consumer_group: str = "booking"
+    # PaymentSucceeded / PaymentFailed (svc_booking/adapters/payment_events.py), consumed as
+    # group "<consumer_group>.payment".
+    payment_topic: str = "ticketping.payment.v1"
     # How old a replica's copy of an event's seat map may be (ListSeats; the edge caches 1 s too).
     seats_cache_seconds: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=0.5, gt=0)
@@ -28,3 +31,4 @@ class Settings(ServiceSettings):
     # Off in tests that drive the consumer or the sweeper themselves.
     run_consumer: bool = True
     run_sweeper: bool = True
+    run_payment_consumer: bool = True

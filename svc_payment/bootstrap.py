@@ -1,28 +1,79 @@
 """How svc_payment is put together: its resources, its servicer, its server."""
 
+from __future__ import annotations
+
+import asyncio
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
 
 from meshkit import resources
+from meshkit.consumer import EventConsumer, is_database_unavailable
 from meshkit.server import App, Registration, build_server
 
+from .adapters.booking import BookingClient
+from .adapters.provider import SandboxProvider
 from .config import Settings
 from .server import PaymentServicer
+from .service import Payments, ProviderUnavailable
 
 SERVICE = "ticketping.payment.v1.PaymentService"
 MIGRATIONS = Path(__file__).parent / "adapters" / "migrations"
 
 
-async def create_server(settings: Settings) -> App:
+@dataclass
+class Wired:
+    app: App
+    payments: Payments
+    provider: SandboxProvider
+    consumer: EventConsumer | None
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _transient(exc: BaseException) -> bool:
+    """Not the event's fault: retried until it passes, never parked (a refund must happen)."""
+    return is_database_unavailable(exc) or isinstance(exc, ProviderUnavailable)
+
+
+async def wire(settings: Settings) -> Wired:
     stack = contextlib.AsyncExitStack()
     try:
         pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS)
         await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
-        servicer = PaymentServicer(pool)
+        booking = BookingClient(settings.booking_addr, timeout=settings.booking_timeout_seconds)
+        stack.push_async_callback(booking.close)
+        secret = settings.payment_webhook_secret.get_secret_value().encode()
+        provider = SandboxProvider(settings.webhook_url, secret, delay=settings.sandbox_delay_seconds,
+                                   outcome=settings.sandbox_outcome,
+                                   max_attempts=settings.sandbox_max_attempts)
+        stack.push_async_callback(provider.close)
+        payments = Payments(pool, booking, provider, webhook_secret=secret,
+                            webhook_tolerance=settings.webhook_tolerance_seconds,
+                            topic=settings.payment_topic)
+        consumer = None
+        if settings.run_consumer:
+            consumer = EventConsumer(pool, settings.kafka_bootstrap, settings.consumer_group,
+                                     [settings.booking_topic], payments.on_booking_event,
+                                     client_id=f"payment-{settings.consumer_group}",
+                                     is_transient=_transient)
+            task = asyncio.create_task(consumer.run(), name="payment-consumer")
+            stack.push_async_callback(_cancel, task)
+            stack.push_async_callback(consumer.stop, 10.0)
+        servicer = PaymentServicer(payments, outcome_header=settings.sandbox_outcome_header)
         reg = Registration(pb_grpc.add_PaymentServiceServicer_to_server, servicer, SERVICE)
-        return await build_server(settings, [reg], stack)
+        app = await build_server(settings, [reg], stack)
+        return Wired(app, payments, provider, consumer)
     except BaseException:
         await stack.aclose()
         raise
+
+
+async def create_server(settings: Settings) -> App:
+    return (await wire(settings)).app

@@ -1,13 +1,89 @@
 """PaymentService: translates proto ⇄ domain and domain errors ⇄ status codes."""
 
-from psycopg_pool import AsyncConnectionPool
+from __future__ import annotations
+
+from typing import TypeAlias, cast
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from ticketping.payment.v1 import payment_service_pb2 as pb
 from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
 
-from meshkit.server import mark_unimplemented
+from meshkit import access
+
+from .adapters.messages import money
+from .adapters.provider import OUTCOMES, Outcome
+from .domain import model
+from .domain.model import Payment, PaymentState
+from .service import Payments
+
+Ctx: TypeAlias = grpc.aio.ServicerContext
+OUTCOME_HEADER = "x-sandbox-outcome"
+NO_STORE = (("cache-control", "private, no-store"),)
+
+STATE = {
+    PaymentState.PENDING: pb.PAYMENT_STATE_PENDING,
+    PaymentState.SUCCEEDED: pb.PAYMENT_STATE_SUCCEEDED,
+    PaymentState.FAILED: pb.PAYMENT_STATE_FAILED,
+    PaymentState.REFUNDED: pb.PAYMENT_STATE_REFUNDED,
+    PaymentState.CANCELLED: pb.PAYMENT_STATE_CANCELLED,
+}
+
+
+def _ts(t: object) -> Timestamp:
+    out = Timestamp()
+    out.FromDatetime(t)  # type: ignore[arg-type]
+    return out
+
+
+def payment_to_proto(p: Payment) -> pb.Payment:
+    return pb.Payment(name=p.name, order=p.order, state=STATE[p.state], amount=money(p.amount),
+                      provider_reference=p.provider_reference, provider=p.provider,
+                      user=f"users/{p.user_id}", failure_reason=p.failure_reason,
+                      create_time=_ts(p.create_time), update_time=_ts(p.update_time))
+
+
+def _single(context: Ctx, key: str) -> str:
+    values = [v if isinstance(v, str) else v.decode()
+              for k, v in (context.invocation_metadata() or ()) if k == key]
+    return values[0] if len(values) == 1 else ""
+
+
+def _user(context: Ctx) -> str:
+    user = access.caller(context).user_id
+    assert user is not None  # USER methods: the interceptor let only signed-in callers through
+    return user
 
 
 class PaymentServicer(pb_grpc.PaymentServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self.pool = pool
-        # Every RPC of the contract is served; those not built yet say so (UNIMPLEMENTED).
-        mark_unimplemented(self, pb_grpc.PaymentServiceServicer, "the payment issue (#7)")
+    def __init__(self, payments: Payments, *, outcome_header: bool = False) -> None:
+        self.payments = payments
+        self.outcome_header = outcome_header
+
+    async def CreatePayment(self, request: pb.CreatePaymentRequest, context: Ctx) -> pb.Payment:
+        order_id = model.parse_order_name(request.order)
+        request_id = model.parse_request_id(request.request_id)
+        outcome: Outcome | None = None
+        if self.outcome_header:
+            wanted = _single(context, OUTCOME_HEADER)
+            if wanted in OUTCOMES:
+                outcome = cast(Outcome, wanted)
+        p = await self.payments.create_payment(_user(context), order_id, request_id, outcome)
+        await context.send_initial_metadata(NO_STORE)
+        return payment_to_proto(p)
+
+    async def GetPayment(self, request: pb.GetPaymentRequest, context: Ctx) -> pb.Payment:
+        p = await self.payments.get_payment(_user(context), model.parse_payment_name(request.name))
+        await context.send_initial_metadata(NO_STORE)
+        return payment_to_proto(p)
+
+    async def HandleWebhook(self, request: pb.HandleWebhookRequest, context: Ctx) -> pb.HandleWebhookResponse:
+        signature = _single(context, model.SIGNATURE_HEADER)
+        p, _ = await self.payments.handle_webhook(request.http_body.data, signature)
+        return pb.HandleWebhookResponse(payment=p.name, state=STATE[p.state])
+
+    async def RefundPayment(self, request: pb.RefundPaymentRequest, context: Ctx) -> pb.Payment:
+        model.parse_request_id(request.request_id)
+        p = await self.payments.refund_payment(model.parse_payment_name(request.name),
+                                               request.reason or "REFUND_REQUESTED")
+        return payment_to_proto(p)

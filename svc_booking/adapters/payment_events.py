@@ -1,0 +1,106 @@
+"""Booking's side of payment: PaymentSucceeded confirms the order, PaymentFailed cancels it.
+
+Consumed from ``ticketping.payment.v1`` by meshkit's EventConsumer (group ``<consumer_group>.payment``,
+de-duplicated on the envelope's event id). The work itself is Booking's own idempotent use cases
+(each in its own transaction, then its Redis and waiting-room steps), so a redelivery after a crash
+between them and the de-duplication mark changes nothing:
+
+* PaymentSucceeded → ``confirm_order`` (sold_seats under PRIMARY KEY (event_id, seat_id),
+  OrderConfirmed). If booking answers ORDER_NOT_PAYABLE (the deadline passed, the order was
+  expired or cancelled, or a seat was sold to someone else) and the order is still
+  PENDING_PAYMENT, it is expired now: OrderExpired tells payment to refund, and the seats go back.
+  An order already EXPIRED or CANCELLED has emitted its event before: payment refunds on it.
+  A PaymentSucceeded whose amount is not the order's is treated the same way (never confirmed).
+* PaymentFailed → ``cancel_order`` (reason PAYMENT_FAILED): seats released, OrderCancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import psycopg
+from ticketping.events.v1 import events_pb2 as ev
+
+from meshkit.errors import DomainError, NotFound
+from meshkit.events import event_type, payload_of
+
+from ..domain import model
+from ..domain.model import Order, OrderState
+from ..service import Booking
+
+log = logging.getLogger(__name__)
+
+
+class PaymentEvents:
+    def __init__(self, booking: Booking) -> None:
+        self.booking = booking
+        self.confirmed = 0  # counters for tests and metrics
+        self.refused = 0
+        self.cancelled = 0
+
+    async def handle(self, env: ev.EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
+        kind = event_type(env)
+        if kind not in ("payment_succeeded", "payment_failed"):
+            return
+        msg = payload_of(env)
+        assert isinstance(msg, ev.PaymentSucceeded | ev.PaymentFailed)
+        order = await self._order(msg.order)
+        if order is None:
+            return
+        if isinstance(msg, ev.PaymentSucceeded):
+            await self._succeeded(order, msg)
+        else:
+            await self._failed(order, msg)
+
+    async def _order(self, name: str) -> Order | None:
+        try:
+            return await self.booking.get_order(None, model.parse_order_name(name, "order"))
+        except NotFound:
+            log.warning("payment event for an unknown order ignored", extra={"order": name})
+        except DomainError:
+            log.warning("payment event with a bad order name ignored", extra={"order": name})
+        return None
+
+    async def _succeeded(self, order: Order, msg: ev.PaymentSucceeded) -> None:
+        paid = (msg.amount.currency_code, msg.amount.units, msg.amount.nanos)
+        due = (order.amount.currency_code, order.amount.units, order.amount.nanos)
+        if paid != due:
+            log.error("PaymentSucceeded amount differs from the order's; not confirmed",
+                      extra={"order": order.name, "payment": msg.payment, "paid": str(paid), "due": str(due)})
+            await self._give_back(order.order_id, "AMOUNT_MISMATCH")
+            return
+        try:
+            await self.booking.confirm_order(order.order_id, msg.payment)
+            self.confirmed += 1
+        except DomainError as err:
+            if err.reason == "ORDER_NOT_PAYABLE":
+                cause = err.metadata.get("cause") or err.metadata.get("state", "")
+                await self._give_back(order.order_id, cause)
+            elif err.reason == "ORDER_ALREADY_PAID":
+                # Paid by another payment: payment refunds this one on OrderConfirmed.
+                log.warning("order already paid by another payment",
+                            extra={"order": order.name, "payment": msg.payment})
+                self.refused += 1
+            else:
+                raise
+
+    async def _give_back(self, order_id: uuid.UUID, cause: str) -> None:
+        """The payment cannot buy the order: end the order EXPIRED (OrderExpired → refund)."""
+        self.refused += 1
+        current = await self.booking.get_order(None, order_id)
+        if current.state is OrderState.PENDING_PAYMENT:
+            await self.booking.expire_order(order_id)
+        log.warning("paid order not confirmable; expired, the payment is refunded",
+                    extra={"order": current.name, "state": current.state.value, "cause": cause})
+
+    async def _failed(self, order: Order, msg: ev.PaymentFailed) -> None:
+        if order.state is not OrderState.PENDING_PAYMENT:
+            return
+        try:
+            await self.booking.cancel_order(order.user_id, order.order_id, reason="PAYMENT_FAILED")
+            self.cancelled += 1
+        except DomainError as err:
+            if err.reason != "ORDER_NOT_CANCELLABLE":  # raced with expiry: nothing left to do
+                raise

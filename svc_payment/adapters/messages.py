@@ -1,0 +1,34 @@
+"""Payment's Kafka side: the events it writes (through the outbox), keyed by the order id."""
+
+from __future__ import annotations
+
+from google.type.money_pb2 import Money as PbMoney
+from ticketping.events.v1 import events_pb2 as ev
+
+from meshkit.events import new_envelope
+
+from ..domain.model import Money, Payment
+
+SOURCE = "payment"
+TOPIC = "ticketping.payment.v1"
+
+
+def money(m: Money) -> PbMoney:
+    return PbMoney(currency_code=m.currency_code, units=m.units, nanos=m.nanos)
+
+
+def payment_succeeded(p: Payment) -> ev.EventEnvelope:
+    return new_envelope(SOURCE, str(p.order_id), ev.PaymentSucceeded(
+        payment=p.name, order=p.order, user_id=p.user_id, amount=money(p.amount),
+        provider_reference=p.provider_reference))
+
+
+def payment_failed(p: Payment) -> ev.EventEnvelope:
+    return new_envelope(SOURCE, str(p.order_id), ev.PaymentFailed(
+        payment=p.name, order=p.order, user_id=p.user_id, reason=p.failure_reason))
+
+
+def payment_refunded(p: Payment) -> ev.EventEnvelope:
+    return new_envelope(SOURCE, str(p.order_id), ev.PaymentRefunded(
+        payment=p.name, order=p.order, user_id=p.user_id, amount=money(p.amount),
+        reason=p.failure_reason))

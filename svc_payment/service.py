@@ -1,0 +1,227 @@
+"""Payment's use cases: what each step reads, writes, and tells the provider, in which order.
+
+* create: the order is read from booking (amount, currency, owner, state: never from the client);
+  the provider's checkout is opened with an id derived from (user, request id), so a retry or a
+  crash between the two steps reuses the same checkout; then the payment row is written.
+* webhook: signature and timestamp first (nothing is read before), then in ONE transaction: the
+  provider event id is recorded (a replay stops here), the payment row is locked, the transition
+  is applied, the outbox row (PaymentSucceeded / PaymentFailed / PaymentRefunded) is added.
+* booking's events (OrderExpired, OrderCancelled, HoldExpired, OrderConfirmed) run in the consumer's
+  de-duplication transaction: a pending payment is cancelled, a succeeded one of an order that
+  cannot be confirmed is refunded through the provider (idempotent on the payment id) and
+  PaymentRefunded is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import grpc
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from ticketping.events.v1 import events_pb2 as ev
+
+from meshkit.errors import DomainError, NotFound
+from meshkit.events import event_type, payload_of
+from meshkit.outbox import enqueue
+
+from .adapters import messages
+from .adapters import postgres as db
+from .adapters.booking import BookingClient
+from .adapters.provider import Outcome, Provider, ProviderError
+from .domain import model
+from .domain.model import Effect, Money, Payment, PaymentState, Transition
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _money_of(amount: Decimal, currency: str) -> Money:
+    units = int(amount)
+    return Money(currency, units, int((amount - units) * model.NANOS))
+
+
+class ProviderUnavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Payments:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        booking: BookingClient,
+        provider: Provider,
+        *,
+        webhook_secret: bytes,
+        webhook_tolerance: float = 300.0,
+        topic: str = messages.TOPIC,
+    ) -> None:
+        self.pool = pool
+        self.booking = booking
+        self.provider = provider
+        self._secret = webhook_secret
+        self.webhook_tolerance = webhook_tolerance
+        self.topic = topic
+        self.clock = utcnow
+        self.wall = time.time  # the webhook's timestamp check (tests move it)
+
+    # --- create / read ---------------------------------------------------------------------------
+
+    async def create_payment(self, user_id: str, order_id: uuid.UUID, request_id: uuid.UUID,
+                             outcome: Outcome | None = None) -> Payment:
+        async with self.pool.connection() as conn:
+            prior = await db.by_request(conn, user_id, request_id)
+        if prior is not None:
+            return prior
+        order = await self.booking.order(order_id)
+        name = f"orders/{order_id}"
+        if order.user_id != user_id:
+            raise NotFound("ORDER_NOT_FOUND", f"{name} not found", metadata={"order": name})
+        now = self.clock()
+        if order.state != "PENDING_PAYMENT" or (order.expire_time is not None and order.expire_time <= now):
+            raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {order.state}, not payable",
+                              metadata={"order": name, "state": order.state})
+        async with self.pool.connection() as conn:
+            live = await db.live_for_order(conn, order_id)
+        if live is not None:
+            if live.state is PaymentState.PENDING:
+                return live  # one checkout per order at a time: the fan gets the one in progress
+            raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {live.name}",
+                              metadata={"payment": live.name})
+        payment_id = model.payment_id_for(user_id, request_id)
+        try:
+            reference = await self.provider.create_checkout(payment_id, name, order.amount, outcome)
+        except ProviderError as exc:
+            raise ProviderUnavailable("PROVIDER_UNAVAILABLE", f"the payment provider failed: {exc}") from exc
+        payment = Payment(payment_id, order_id, order.hold, user_id, PaymentState.PENDING, order.amount,
+                          self.provider.name, reference, "", now, now)
+        first: Payment | None = None
+        async with self.pool.connection() as conn, conn.transaction():
+            await db.lock_order(conn, order_id)
+            ended = await db.order_ended(conn, order_id)
+            if ended is None:
+                if await db.insert_payment(conn, payment, request_id):
+                    return payment
+                first = (await db.by_request(conn, user_id, request_id)
+                         or await db.live_for_order(conn, order_id))
+        if ended is not None:  # the order ended while we were opening the checkout
+            await self.provider.cancel(reference)
+            raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {ended}, not payable",
+                              metadata={"order": name, "state": ended})
+        if first is None:
+            raise DomainError("REQUEST_IN_PROGRESS", "another payment of this order is being made; retry",
+                              code=grpc.StatusCode.ABORTED)
+        if first.payment_id != payment_id:  # a concurrent attempt won: drop our checkout
+            await self.provider.cancel(reference)
+        return first
+
+    async def get_payment(self, user_id: str | None, payment_id: uuid.UUID) -> Payment:
+        async with self.pool.connection() as conn:
+            p = await db.get(conn, payment_id)
+        if p is None or (user_id is not None and p.user_id != user_id):
+            raise model.payment_not_found(f"payments/{payment_id}")
+        return p
+
+    # --- the provider's callback -----------------------------------------------------------------
+
+    async def handle_webhook(self, body: bytes, signature: str) -> tuple[Payment, bool]:
+        """Apply a signed callback; returns the payment and whether this call changed anything."""
+        model.verify(self._secret, signature, body, self.wall(), self.webhook_tolerance)
+        event = model.parse_webhook(body)
+        async with self.pool.connection() as conn, conn.transaction():
+            p = await db.by_reference(conn, event.reference, lock=True)
+            if p is None:
+                # Unknown (or not yet written: the checkout is opened before the row): the
+                # provider retries; nothing is recorded.
+                raise NotFound("PAYMENT_NOT_FOUND", "no payment has this provider reference",
+                               metadata={"reference": event.reference})
+            if not await db.record_provider_event(conn, p.provider, event.event_id, p.payment_id, event.type):
+                log.info("webhook replay ignored", extra={"provider_event": event.event_id,
+                                                          "payment": p.name})
+                return p, False
+            t = model.on_webhook(p, event)
+            captured = _money_of(event.amount, event.currency)
+            after = await self._apply(conn, p, t, captured=captured)
+        return after, after.state is not p.state
+
+    # --- booking's events ------------------------------------------------------------------------
+
+    async def on_booking_event(self, env: ev.EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The consumer's handler (ticketping.booking.v1), in its de-duplication transaction."""
+        kind = event_type(env)
+        if kind not in ("order_expired", "order_cancelled", "hold_expired", "order_confirmed"):
+            return
+        msg = payload_of(env)
+        if isinstance(msg, ev.HoldExpired):
+            payments = await db.for_hold(conn, msg.hold)
+            # A hold with payments was ordered, and the order's deadline is the hold's: its order
+            # expired with it (OrderExpired may arrive before or after: another key, another
+            # partition). Only a pending payment is abandoned here; the order's events decide refunds.
+            for p in payments:
+                await self._apply(conn, p, model.on_order_gone(p, "ORDER_EXPIRED", refund=False))
+            return
+        assert isinstance(msg, ev.OrderExpired | ev.OrderCancelled | ev.OrderConfirmed)
+        try:
+            order_id = model.parse_order_name(msg.order)
+        except DomainError:
+            log.warning("booking event with a bad order name ignored", extra={"order": msg.order})
+            return
+        if not isinstance(msg, ev.OrderConfirmed):
+            await db.lock_order(conn, order_id)
+            await db.mark_order_ended(conn, order_id,
+                                      "EXPIRED" if isinstance(msg, ev.OrderExpired) else "CANCELLED")
+        for p in await db.for_order(conn, order_id):
+            if isinstance(msg, ev.OrderConfirmed):
+                if p.name == msg.payment:
+                    continue
+                t = model.on_order_gone(p, "ORDER_ALREADY_PAID", refund=True)
+            elif isinstance(msg, ev.OrderExpired):
+                t = model.on_order_gone(p, "ORDER_EXPIRED", refund=True)
+            else:
+                t = model.on_order_gone(p, "ORDER_CANCELLED", refund=True)
+            await self._apply(conn, p, t)
+
+    async def refund_payment(self, payment_id: uuid.UUID, reason: str) -> Payment:
+        async with self.pool.connection() as conn, conn.transaction():
+            p = await db.get(conn, payment_id, lock=True)
+            if p is None:
+                raise model.payment_not_found(f"payments/{payment_id}")
+            return await self._apply(conn, p, model.on_refund_request(p, reason))
+
+    # --- one transition, in the caller's transaction -------------------------------------------------
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], p: Payment, t: Transition,
+                     captured: Money | None = None) -> Payment:
+        if t.effect is Effect.NONE:
+            return p
+        refund_ref: str | None = None
+        if t.effect in (Effect.REFUND, Effect.FAILED_AND_REFUND):
+            # Before the commit, idempotent on the payment: a retry after a crash refunds once.
+            amount = captured if t.effect is Effect.FAILED_AND_REFUND and captured else p.amount
+            try:
+                refund_ref = await self.provider.refund(p.provider_reference, amount, str(p.payment_id))
+            except ProviderError as exc:
+                raise ProviderUnavailable("PROVIDER_UNAVAILABLE", f"refund failed: {exc}") from exc
+        after = await db.set_state(conn, p.payment_id, t.state, t.reason, self.clock(), refund_ref)
+        if t.effect is Effect.SUCCEEDED:
+            await enqueue(conn, self.topic, messages.payment_succeeded(after))
+        elif t.effect in (Effect.FAILED, Effect.FAILED_AND_REFUND):
+            await enqueue(conn, self.topic, messages.payment_failed(after))
+        elif t.effect is Effect.REFUND:
+            await enqueue(conn, self.topic, messages.payment_refunded(after))
+        elif t.effect is Effect.CANCEL:
+            try:
+                await self.provider.cancel(p.provider_reference)
+            except ProviderError:
+                log.warning("checkout cancel failed (a late success is refunded)", exc_info=True)
+        log.info("payment %s -> %s", p.state.value, after.state.value,
+                 extra={"payment": p.name, "order": p.order, "reason": t.reason})
+        return after

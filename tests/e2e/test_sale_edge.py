@@ -1,0 +1,167 @@
+"""A sale through the edge: the waiting room admits fans, and only admitted fans reach booking."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import jwt
+import pytest
+
+from .conftest import Fan, sign_up
+from .test_catalog_edge import _iso, create_and_publish, event_json
+
+pytestmark = pytest.mark.e2e
+
+
+def _sale(http: httpx.Client, admin: Fan, opens_in: float = 4.0) -> str:
+    now = datetime.now(UTC)
+    body = event_json(queueOpenTime=_iso(now), saleOpenTime=_iso(now + timedelta(seconds=opens_in)),
+                      seatMap={"sections": [{"name": "A", "rows": 2, "seatsPerRow": 10, "tier": "VIP"}]},
+                      priceTiers=[{"name": "VIP", "price": {"currencyCode": "KRW", "units": "1000"}}])
+    event = create_and_publish(http, admin, body)["name"]
+    deadline = time.monotonic() + 15  # the queue learns of the event from Kafka
+    while http.get(f"/v1/{event}/queue").status_code != 200:
+        assert time.monotonic() < deadline, "the waiting room never learned of the event"
+        time.sleep(0.2)
+    return event
+
+
+def _admitted(http: httpx.Client, fan: Fan, event: str, within: float = 30.0) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        me = http.get(f"/v1/{event}/queue/me", headers=fan.auth)
+        assert me.status_code == 200, me.text
+        ticket = me.json()
+        if ticket["state"].endswith("ACTIVE"):
+            return ticket
+        assert time.monotonic() < deadline, f"never admitted: {ticket}"
+        time.sleep(0.3)
+
+
+def _hold(http: httpx.Client, fan: Fan, event: str, token: str, seats: list[str]) -> httpx.Response:
+    return http.post(f"/v1/{event}/holds", json={"seatIds": seats, "requestId": str(uuid.uuid4())},
+                     headers={**fan.auth, "x-admission-token": token})
+
+
+@pytest.fixture(scope="module")
+def sale(http: httpx.Client, admin: Fan) -> tuple[str, list[Fan]]:
+    event = _sale(http, admin)
+    fans = [sign_up(http) for _ in range(3)]
+    for f in fans:
+        joined = http.post(f"/v1/{event}/queue:join", json={}, headers=f.auth)
+        assert joined.status_code == 200, joined.text
+    return event, fans
+
+
+def test_join_is_idempotent_and_status_is_public(http: httpx.Client, sale):
+    event, fans = sale
+    first = http.post(f"/v1/{event}/queue:join", json={}, headers=fans[0].auth).json()
+    again = http.post(f"/v1/{event}/queue:join", json={}, headers=fans[0].auth).json()
+    assert first == again
+    status = http.get(f"/v1/{event}/queue")
+    assert status.status_code == 200 and "max-age" in status.headers["cache-control"]
+    assert {"servingNumber", "waitingCount", "activeCount", "admitRatePerSecond", "maxActive",
+            "paused"} <= set(status.json())
+    assert http.post(f"/v1/{event}/queue:join", json={}).status_code == 401
+
+
+def test_admitted_fans_hold_seats_and_nobody_else_does(http: httpx.Client, sale):
+    event, (alice, bob, carol) = sale
+    ticket = _admitted(http, alice, event)
+    token = ticket["admissionToken"]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == alice.id and claims["event"] == event
+    assert _admitted(http, alice, event)["admissionToken"] == token  # the same token on re-reads
+
+    held = _hold(http, alice, event, token, ["A-1-1", "A-1-2"])
+    assert held.status_code == 200, held.text
+    assert held.json()["seatIds"] == ["A-1-1", "A-1-2"]
+    taken = _hold(http, alice, event, token, ["A-1-2", "A-1-3"])
+    assert taken.status_code == 409 and taken.json()["details"][0]["reason"] == "SEAT_UNAVAILABLE"
+
+    # Bob with Alice's admission token: the edge lets it through (both tokens valid), booking not.
+    stolen = _hold(http, bob, event, token, ["A-2-1"])
+    assert stolen.status_code == 403, stolen.text
+    assert stolen.json()["details"][0]["reason"] == "ADMISSION_WRONG_USER"
+    # No admission token at all: the edge refuses.
+    assert http.post(f"/v1/{event}/holds", json={"seatIds": ["A-2-1"]}, headers=bob.auth).status_code == 401
+
+
+def test_an_admission_for_one_event_does_not_open_another(http: httpx.Client, admin: Fan, sale):
+    event, (alice, *_) = sale
+    token = _admitted(http, alice, event)["admissionToken"]
+    other = _sale(http, admin, opens_in=1)
+    resp = _hold(http, alice, other, token, ["A-1-1"])
+    assert resp.status_code == 403, resp.text
+    assert resp.json()["details"][0]["reason"] == "ADMISSION_WRONG_EVENT"
+
+
+def test_leaving_ends_the_session(http: httpx.Client, sale):
+    event, (_, _, carol) = sale
+    token = _admitted(http, carol, event)["admissionToken"]
+    left = http.post(f"/v1/{event}/queue:leave", json={}, headers=carol.auth)
+    assert left.status_code == 200, left.text
+    resp = _hold(http, carol, event, token, ["A-2-5"])
+    assert resp.status_code == 403 and resp.json()["details"][0]["reason"] == "NOT_ADMITTED"
+
+
+def test_admins_tune_the_room_live(http: httpx.Client, admin: Fan, sale):
+    event, (alice, *_) = sale
+    body = {"maxActive": 7, "admitRatePerSecond": 3.5, "paused": True}
+    fan_try = http.patch(f"/v1/{event}/queue", json=body, headers=alice.auth)
+    assert fan_try.status_code == 403
+    changed = http.patch(f"/v1/{event}/queue", params={"updateMask": "maxActive,admitRatePerSecond,paused"},
+                         json=body, headers=admin.auth)
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["maxActive"], changed.json()["paused"]) == (7, True)
+    time.sleep(1.2)  # past the edge's one-second cache
+    status = http.get(f"/v1/{event}/queue").json()
+    assert (status["maxActive"], status["admitRatePerSecond"], status["paused"]) == (7, 3.5, True)
+
+
+def _until(check, within: float = 20.0, every: float = 0.2):
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+
+
+def test_a_full_purchase_through_the_edge(http: httpx.Client, admin: Fan):
+    """Join, get admitted, hold, order, pay; the sandbox PSP calls the signed webhook through
+    Envoy; booking confirms; the seats are SOLD and the fan's slot is freed."""
+    event = _sale(http, admin, opens_in=1)
+    fan = sign_up(http)
+    assert http.post(f"/v1/{event}/queue:join", json={}, headers=fan.auth).status_code == 200
+    token = _admitted(http, fan, event)["admissionToken"]
+    hold = _hold(http, fan, event, token, ["A-2-9", "A-2-10"])
+    assert hold.status_code == 200, hold.text
+    order = http.post("/v1/orders", json={"hold": hold.json()["name"], "requestId": str(uuid.uuid4())},
+                      headers={**fan.auth, "x-admission-token": token})
+    assert order.status_code == 200, order.text
+    assert order.json()["state"].endswith("PENDING_PAYMENT")
+    assert order.json()["amount"] == {"currencyCode": "KRW", "units": "2000", "nanos": 0}
+    name = order.json()["name"]
+    payment = http.post("/v1/payments", json={"order": name, "requestId": str(uuid.uuid4())},
+                        headers=fan.auth)
+    assert payment.status_code == 200, payment.text
+    assert payment.json()["state"].endswith("PENDING") and payment.json()["providerReference"]
+
+    confirmed = _until(lambda: (o := http.get(f"/v1/{name}", headers=fan.auth).json())
+                       ["state"].endswith("CONFIRMED") and o)
+    assert confirmed["seatIds"] == ["A-2-9", "A-2-10"]
+    paid = http.get(f"/v1/{payment.json()['name']}", headers=fan.auth).json()
+    assert paid["state"].endswith("SUCCEEDED")
+    listed = http.get(f"/v1/{event}/seats", headers={"cache-control": "no-cache"}).json()["seats"]
+    seats = {s["seatId"]: s["status"] for s in listed}
+    assert seats["A-2-9"].endswith("SOLD") and seats["A-2-10"].endswith("SOLD")
+    # Another fan never sees this order.
+    other = sign_up(http)
+    assert http.get(f"/v1/{name}", headers=other.auth).status_code == 404
+    # The confirmed order ended the fan's session: the slot is free for the next fan.
+    _until(lambda: not http.get(f"/v1/{event}/queue/me", headers=fan.auth).json()["state"].endswith("ACTIVE"))

@@ -1,0 +1,647 @@
+"""Payment and booking together: real PostgreSQL (one database each) and Kafka, both services
+in-process over gRPC, the sandbox provider calling back through a tiny HTTP→gRPC stand-in for the
+edge (headers become metadata, the body goes byte for byte into HttpBody, like Envoy's transcoder).
+
+The flows go through the outboxes and the consumers on fresh topics: PaymentSucceeded → booking
+confirms (seats SOLD); PaymentFailed → order cancelled (seats free); OrderExpired → a pending
+payment is cancelled and a late success refunded; a success booking cannot confirm → order EXPIRED,
+payment REFUNDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from google.api import httpbody_pb2
+from ticketping.booking.v1 import booking_service_pb2 as bpb
+from ticketping.booking.v1 import booking_service_pb2_grpc as bpb_grpc
+from ticketping.payment.v1 import payment_service_pb2 as pb
+from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
+
+from devstack.layout import Layout
+from meshkit.errors import error_info
+from meshkit.server import start
+from svc_booking.adapters.admission import StaticAdmission
+from svc_booking.bootstrap import Wired as BookingWired
+from svc_booking.bootstrap import wire as wire_booking
+from svc_booking.config import Settings as BookingSettings
+from svc_payment.bootstrap import Wired as PaymentWired
+from svc_payment.bootstrap import wire as wire_payment
+from svc_payment.config import Settings as PaymentSettings
+from svc_payment.domain import model
+
+from ..support import fresh_database
+from .test_booking_support import Clock, fan, new_event
+
+pytestmark = pytest.mark.integration
+
+SECRET = "test-webhook-secret-0123456789"
+STATUS_HTTP = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.INVALID_ARGUMENT: 400,
+               grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.FAILED_PRECONDITION: 412}
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def topics(kafka_bootstrap: str) -> AsyncIterator[dict[str, str]]:
+    tag = uuid.uuid4().hex[:8]
+    names = {k: f"test.{k}.{tag}.v1" for k in ("catalog", "booking", "payment")}
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        made = [NewTopic(t, 6, 1) for t in names.values()] + [NewTopic(f"{t}.dlq", 1, 1)
+                                                               for t in names.values()]
+        await admin.create_topics(made)
+        yield names
+        await admin.delete_topics([t.name for t in made])
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def payment_dsn(infra: Layout) -> Any:
+    with fresh_database(infra) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def booking(pg_dsn: str, redis_url: str, kafka_bootstrap: str, topics: dict[str, str],
+                  clock: Clock) -> AsyncIterator[BookingWired]:
+    settings = BookingSettings(
+        grpc_port=0, postgres_dsn=pg_dsn, redis_url=redis_url, kafka_bootstrap=kafka_bootstrap,
+        queue_addr="127.0.0.1:1", seats_cache_seconds=0, catalog_topic=topics["catalog"],
+        booking_topic=topics["booking"], payment_topic=topics["payment"],
+        consumer_group=f"booking-{uuid.uuid4().hex[:6]}", run_sweeper=False)
+    w = await wire_booking(settings, admission=StaticAdmission())
+    w.booking.clock = clock
+    await start(w.app)
+    yield w
+    await w.app.stop(1.0)
+
+
+class FakeEdge:
+    """POST /v1/payments/webhook → PaymentService.HandleWebhook, as the edge routes it."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.PaymentServiceStub(self.channel)
+        self.answers: list[int] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1/payments/webhook"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip()
+                       for k, _, v in (line.partition(":") for line in head[1:] if line)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            md = [(k, v) for k, v in headers.items() if k == model.SIGNATURE_HEADER]
+            try:
+                resp = await self.stub.HandleWebhook(pb.HandleWebhookRequest(
+                    http_body=httpbody_pb2.HttpBody(content_type=headers.get("content-type", ""),
+                                                    data=body)), metadata=md)
+                status, out = 200, json.dumps({"payment": resp.payment}).encode()
+            except grpc.aio.AioRpcError as err:
+                status, out = STATUS_HTTP.get(err.code(), 503), (err.details() or "").encode()
+            self.answers.append(status)
+            writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: {len(out)}\r\nconnection: close\r\n"
+                         "content-type: application/json\r\n\r\n".encode() + out)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        await self.channel.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def payment(payment_dsn: str, kafka_bootstrap: str, topics: dict[str, str],
+                  booking: BookingWired) -> AsyncIterator[tuple[PaymentWired, FakeEdge]]:
+    # The edge needs the payment port and the payment needs the edge's URL: bind the edge's
+    # socket first, then point the edge's channel at the payment server once it is up.
+    edge = FakeEdge(0)
+    url = await edge.start()
+    settings = PaymentSettings(
+        grpc_port=0, postgres_dsn=payment_dsn, kafka_bootstrap=kafka_bootstrap,
+        booking_addr=f"127.0.0.1:{booking.app.port}", payment_webhook_secret=SECRET,
+        booking_topic=topics["booking"], payment_topic=topics["payment"],
+        consumer_group=f"payment-{uuid.uuid4().hex[:6]}", webhook_url=url,
+        sandbox_delay_seconds=0.2)
+    w = await wire_payment(settings)
+    await start(w.app)
+    await edge.channel.close()
+    edge.channel = grpc.aio.insecure_channel(f"127.0.0.1:{w.app.port}")
+    edge.stub = pb_grpc.PaymentServiceStub(edge.channel)
+    yield w, edge
+    await w.app.stop(1.0)
+    await edge.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def stubs(booking: BookingWired, payment: tuple[PaymentWired, FakeEdge]
+                ) -> AsyncIterator[tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub]]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{booking.app.port}") as bch, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{payment[0].app.port}") as pch:
+        yield bpb_grpc.BookingServiceStub(bch), pb_grpc.PaymentServiceStub(pch)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+def user() -> str:
+    return f"fan-{uuid.uuid4().hex[:8]}"
+
+
+def me(u: str) -> tuple[tuple[str, str], ...]:
+    return (("x-user-id", u), ("x-user-role", "USER"))
+
+
+async def wait_for(what: str, check: Callable[[], Awaitable[bool]], patience: float = 30.0) -> None:
+    deadline = time.monotonic() + patience
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def ordered(booking: BookingWired, bstub: bpb_grpc.BookingServiceStub, u: str,
+                  seats: tuple[str, ...] = ("A-1-1", "A-1-2")) -> tuple[str, bpb.Order]:
+    event_id = await new_event(booking)
+    h = await bstub.CreateHold(bpb.CreateHoldRequest(parent=f"events/{event_id}", seat_ids=seats,
+                                                     request_id=rid()), metadata=fan(u, event_id))
+    o = await bstub.CreateOrder(bpb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                                metadata=fan(u, event_id))
+    assert o.state == bpb.ORDER_STATE_PENDING_PAYMENT
+    return event_id, o
+
+
+async def order_state(bstub: bpb_grpc.BookingServiceStub, o: bpb.Order) -> int:
+    return (await bstub.GetOrderForPayment(bpb.GetOrderForPaymentRequest(order=o.name))).state
+
+
+async def payment_state(pstub: pb_grpc.PaymentServiceStub, p: pb.Payment, u: str) -> int:
+    return (await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))).state
+
+
+async def seat_statuses(bstub: bpb_grpc.BookingServiceStub, event_id: str, seats: tuple[str, ...]
+                        ) -> set[int]:
+    resp = await bstub.ListSeats(bpb.ListSeatsRequest(parent=f"events/{event_id}"))
+    return {s.status for s in resp.seats if s.seat_id in seats}
+
+
+async def outbox_count(pool: Any, key: str, event_type: str) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM outbox WHERE key = %s AND headers->>'event_type' = %s", (key, event_type))
+        row = await cur.fetchone()
+        return int(row[0])
+
+
+async def fails(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call
+    info = error_info(exc.value)
+    assert info is not None, exc.value
+    return exc.value.code(), info.reason
+
+
+def signed(body: bytes, t: int | None = None, secret: str = SECRET) -> tuple[tuple[str, str], ...]:
+    stamp = int(time.time()) if t is None else t
+    return ((model.SIGNATURE_HEADER, model.sign(secret.encode(), stamp, body)),)
+
+
+def webhook(body: bytes) -> pb.HandleWebhookRequest:
+    return pb.HandleWebhookRequest(http_body=httpbody_pb2.HttpBody(content_type="application/json",
+                                                                   data=body))
+
+
+def order_uuid(o: bpb.Order) -> str:
+    return o.name.removeprefix("orders/")
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+async def test_full_purchase(booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+                             stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub]) -> None:
+    bstub, pstub = stubs
+    pw, edge = payment
+    u = user()
+    seats = ("A-1-1", "A-1-2")
+    event_id, o = await ordered(booking, bstub, u, seats)
+    request_id = rid()
+    t0 = time.monotonic()
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=request_id),
+                                  metadata=me(u))
+    assert p.state == pb.PAYMENT_STATE_PENDING and p.provider == "sandbox"
+    assert p.provider_reference.startswith("sbx_") and p.order == o.name and p.user == f"users/{u}"
+    assert (p.amount.currency_code, p.amount.units) == ("KRW", 330000) == (o.amount.currency_code,
+                                                                            o.amount.units)
+    # the same request id: the first answer; another request id while it is pending: the same payment
+    again = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=request_id),
+                                      metadata=me(u))
+    other = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()),
+                                      metadata=me(u))
+    assert again.name == p.name == other.name
+    # another fan can neither pay this order nor see this payment
+    stranger = user()
+    assert await fails(pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()),
+                                           metadata=me(stranger))) == (grpc.StatusCode.NOT_FOUND,
+                                                                        "ORDER_NOT_FOUND")
+    assert await fails(pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(stranger))) == (
+        grpc.StatusCode.NOT_FOUND, "PAYMENT_NOT_FOUND")
+    assert (await fails(pstub.GetPayment(pb.GetPaymentRequest(name=p.name))))[0] == \
+        grpc.StatusCode.UNAUTHENTICATED
+
+    async def confirmed() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+    await wait_for("order CONFIRMED", confirmed)
+    elapsed = time.monotonic() - t0
+    assert await payment_state(pstub, p, u) == pb.PAYMENT_STATE_SUCCEEDED
+    assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_SOLD}
+    final = await bstub.GetOrderForPayment(bpb.GetOrderForPaymentRequest(order=o.name))
+    assert final.payment == p.name
+    assert edge.answers.count(200) >= 1
+    assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 1
+    # a paid order cannot be paid again
+    assert await fails(pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()),
+                                           metadata=me(u))) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                                 "ORDER_NOT_PAYABLE")
+    print(f"create payment → CONFIRMED: {elapsed:.2f}s (sandbox delay 0.2 s)")
+
+
+async def test_webhook_bad_signature_stale_timestamp_and_replay_change_nothing(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, o = await ordered(booking, bstub, u)
+    pw.provider.plan(o.name, "never")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                              model.Money("KRW", 330000))
+
+    async def nothing_changed() -> None:
+        assert await payment_state(pstub, p, u) == pb.PAYMENT_STATE_PENDING
+        async with pw.payments.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM provider_events WHERE payment_id = %s",
+                                     (p.name.removeprefix("payments/"),))
+            assert (await cur.fetchone())[0] == 0  # type: ignore[index]
+        assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_succeeded") == 0
+
+    assert await fails(pstub.HandleWebhook(webhook(body), metadata=signed(body, secret="x" * 20))) == (
+        grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE")
+    assert await fails(pstub.HandleWebhook(webhook(body + b" "), metadata=signed(body))) == (
+        grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE")
+    assert await fails(pstub.HandleWebhook(webhook(body))) == (grpc.StatusCode.UNAUTHENTICATED,
+                                                               "BAD_SIGNATURE")
+    stale = signed(body, t=int(time.time()) - 301)
+    assert await fails(pstub.HandleWebhook(webhook(body), metadata=stale)) == (
+        grpc.StatusCode.UNAUTHENTICATED, "STALE_TIMESTAMP")
+    await nothing_changed()
+
+    good = signed(body)
+    first = await pstub.HandleWebhook(webhook(body), metadata=good)
+    assert (first.payment, first.state) == (p.name, pb.PAYMENT_STATE_SUCCEEDED)
+    replay = await pstub.HandleWebhook(webhook(body), metadata=good)  # the same callback again
+    resent = await pstub.HandleWebhook(webhook(body), metadata=signed(body))  # re-signed later
+    assert replay.state == resent.state == pb.PAYMENT_STATE_SUCCEEDED
+    # the stale copy of a callback already processed is still refused
+    assert (await fails(pstub.HandleWebhook(webhook(body), metadata=stale)))[1] == "STALE_TIMESTAMP"
+
+    async def confirmed() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+    await wait_for("order CONFIRMED", confirmed)
+    assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_succeeded") == 1
+    await asyncio.sleep(0.5)
+    assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 1
+
+
+async def test_wrong_amount_is_refunded_and_the_order_cancelled(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    seats = ("A-2-1",)
+    event_id, o = await ordered(booking, bstub, u, seats)
+    pw.provider.plan(o.name, "never")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                              model.Money("KRW", 1000))
+    resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+    assert resp.state == pb.PAYMENT_STATE_FAILED
+    got = await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))
+    assert got.failure_reason == "AMOUNT_MISMATCH"
+    refund = pw.provider.refunds[p.name.removeprefix("payments/")]
+    assert refund[1] == model.Money("KRW", 1000)  # what was captured goes back
+
+    async def cancelled() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CANCELLED
+    await wait_for("order CANCELLED", cancelled)
+    assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_AVAILABLE}
+
+
+async def test_decline_cancels_the_order_and_frees_the_seats(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    seats = ("A-1-1", "A-1-2", "A-1-3")
+    event_id, o = await ordered(booking, bstub, u, seats)
+    pw.provider.plan(o.name, "decline")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+
+    async def cancelled() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CANCELLED
+    await wait_for("order CANCELLED", cancelled)
+    got = await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))
+    assert (got.state, got.failure_reason) == (pb.PAYMENT_STATE_FAILED, "CARD_DECLINED")
+    assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_AVAILABLE}
+    async with booking.booking.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM sold_seats WHERE event_id = %s", (event_id,))
+        assert (await cur.fetchone())[0] == 0  # type: ignore[index]
+    # the seats can be held again by another fan
+    other = user()
+    h = await bstub.CreateHold(bpb.CreateHoldRequest(parent=f"events/{event_id}", seat_ids=seats,
+                                                     request_id=rid()), metadata=fan(other, event_id))
+    assert list(h.seat_ids) == list(seats)
+
+
+async def test_same_payment_succeeded_twice_confirms_once(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge], kafka_bootstrap: str,
+    topics: dict[str, str], stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, o = await ordered(booking, bstub, u)
+    await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+
+    async def confirmed() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+    await wait_for("order CONFIRMED", confirmed)
+    assert booking.payment_consumer is not None
+    async with pw.payments.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT payload FROM outbox WHERE key = %s AND headers->>'event_type' = 'payment_succeeded'",
+            (order_uuid(o),))
+        (payload,) = await cur.fetchone()  # type: ignore[misc]
+    from meshkit.events import new_envelope, parse, payload_of
+    original = parse(bytes(payload))
+    copy = new_envelope("payment", original.aggregate_id, payload_of(original))  # same payment, new id
+    seen = booking.payment_consumer.processed_total + booking.payment_consumer.duplicates_total
+    dups = booking.payment_consumer.duplicates_total
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for value in (bytes(payload), copy.SerializeToString()):  # redelivery, then a re-publication
+            await producer.send_and_wait(topics["payment"], value, key=original.aggregate_id.encode())
+    finally:
+        await producer.stop()
+
+    async def handled() -> bool:
+        c = booking.payment_consumer
+        assert c is not None
+        return c.processed_total + c.duplicates_total >= seen + 2
+    await wait_for("both records handled", handled)
+    assert booking.payment_consumer.duplicates_total == dups + 1
+    assert booking.payment_consumer.dlq_total == 0
+    assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 1
+    async with booking.booking.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM sold_seats WHERE order_id = %s", (order_uuid(o),))
+        assert (await cur.fetchone())[0] == 2  # type: ignore[index]
+
+
+async def test_late_success_after_the_order_expired_is_refunded(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """OrderExpired reaches payment first: the pending payment is cancelled, the late success
+    that follows is refunded at once (booking never sees a PaymentSucceeded)."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    seats = ("A-3-1",)
+    event_id, o = await ordered(booking, bstub, u, seats)
+    pw.provider.plan(o.name, "never")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    expired = await bstub.ExpireOrder(bpb.ExpireOrderRequest(order=o.name))
+    assert expired.state == bpb.ORDER_STATE_EXPIRED
+
+    async def cancelled() -> bool:
+        return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_CANCELLED
+    await wait_for("payment CANCELLED", cancelled)
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                              model.Money("KRW", 165000))
+    resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+    assert resp.state == pb.PAYMENT_STATE_REFUNDED
+    got = await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))
+    assert got.failure_reason == "ORDER_EXPIRED"
+    assert p.name.removeprefix("payments/") in pw.provider.refunds
+    assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_refunded") == 1
+    assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_succeeded") == 0
+    assert await order_state(bstub, o) == bpb.ORDER_STATE_EXPIRED
+    assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_AVAILABLE}
+
+
+async def test_success_booking_cannot_confirm_ends_expired_and_refunded(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge], clock: Clock,
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """The money arrives after the deadline but before the sweeper expired the order: payment
+    says SUCCEEDED, booking refuses to confirm (ORDER_NOT_PAYABLE), expires the order, and its
+    OrderExpired makes payment refund."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    seats = ("A-4-1", "A-4-2")
+    event_id, o = await ordered(booking, bstub, u, seats)
+    pw.provider.plan(o.name, "never")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    clock.offset = timedelta(minutes=10)  # booking's clock: the payment deadline has passed
+    try:
+        body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                                  model.Money("KRW", 330000))
+        resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+        assert resp.state == pb.PAYMENT_STATE_SUCCEEDED
+
+        async def refunded() -> bool:
+            return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_REFUNDED
+        await wait_for("payment REFUNDED", refunded)
+    finally:
+        clock.offset = timedelta()
+    assert await order_state(bstub, o) == bpb.ORDER_STATE_EXPIRED
+    assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_AVAILABLE}
+    assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 0
+    assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_refunded") == 1
+    assert p.name.removeprefix("payments/") in pw.provider.refunds
+    # RefundPayment (internal) on a refunded payment: the same answer, no second refund
+    again = await pstub.RefundPayment(pb.RefundPaymentRequest(name=p.name, reason="X", request_id=rid()))
+    assert again.state == pb.PAYMENT_STATE_REFUNDED and again.failure_reason == "ORDER_EXPIRED"
+    assert len([k for k in pw.provider.refunds if k == p.name.removeprefix("payments/")]) == 1
+
+
+async def test_expired_order_cannot_be_paid_and_unknown_reference_is_404(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    bstub, pstub = stubs
+    u = user()
+    _, o = await ordered(booking, bstub, u, ("A-5-1",))
+    await bstub.ExpireOrder(bpb.ExpireOrderRequest(order=o.name))
+    assert await fails(pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()),
+                                           metadata=me(u))) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                                 "ORDER_NOT_PAYABLE")
+    assert (await fails(pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id="x"),
+                                            metadata=me(u))))[1] == "INVALID_REQUEST_ID"
+    body = model.webhook_body("evt_unknown", model.SUCCEEDED_TYPE, "sbx_nope", model.Money("KRW", 1))
+    assert await fails(pstub.HandleWebhook(webhook(body), metadata=signed(body))) == (
+        grpc.StatusCode.NOT_FOUND, "PAYMENT_NOT_FOUND")
+
+
+async def test_callback_racing_the_payment_row_is_retried_by_the_provider(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """With no delay the sandbox may call back before the payment row is written (the checkout
+    is opened first): the webhook answers 404, the provider re-sends, the purchase completes."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    event_id, o = await ordered(booking, bstub, u, ("A-6-1",))
+    pw.provider.plan(o.name, "approve", delay=0.0)
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+
+    async def confirmed() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+    await wait_for("order CONFIRMED", confirmed)
+    co = pw.provider.checkout(p.provider_reference)
+    assert co is not None and co.delivered
+    assert await seat_statuses(bstub, event_id, ("A-6-1",)) == {bpb.SEAT_STATUS_SOLD}
+
+
+async def test_order_ending_while_the_payment_is_created_is_not_left_pending(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The order expires (and payment has consumed OrderExpired) after CreatePayment read it as
+    payable but before the payment row is written: CreatePayment refuses, no PENDING payment is
+    left behind, the checkout is cancelled."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, o = await ordered(booking, bstub, u, ("A-7-1",))
+    real = pw.provider.create_checkout
+    refs: list[str] = []
+
+    async def slow_checkout(*args: Any, **kw: Any) -> str:
+        await bstub.ExpireOrder(bpb.ExpireOrderRequest(order=o.name))
+
+        async def ended() -> bool:
+            async with pw.payments.pool.connection() as conn:
+                cur = await conn.execute("SELECT 1 FROM ended_orders WHERE order_id = %s", (order_uuid(o),))
+                return await cur.fetchone() is not None
+        await wait_for("payment saw OrderExpired", ended)
+        ref = await real(*args, **kw)
+        refs.append(ref)
+        return ref
+
+    monkeypatch.setattr(pw.provider, "create_checkout", slow_checkout)
+    pw.provider.plan(o.name, "never")
+    assert await fails(pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()),
+                                           metadata=me(u))) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                                 "ORDER_NOT_PAYABLE")
+    assert refs and refs[0] in pw.provider.cancelled
+    async with pw.payments.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM payments WHERE order_id = %s", (order_uuid(o),))
+        assert (await cur.fetchone())[0] == 0  # type: ignore[index]
+
+
+async def test_concurrent_purchases_money_and_seats_agree(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """60 fans pay at once (every third declined): every succeeded payment has exactly one
+    CONFIRMED order, every failed one a CANCELLED order, and sold seats match the paid orders."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    event_id = await new_event(booking, sections=(("A", 10, 10, "VIP"), ("B", 10, 10, "R")))
+    fans = [(user(), (f"A-{i // 10 + 1}-{i % 10 + 1}", f"B-{i // 10 + 1}-{i % 10 + 1}")) for i in range(60)]
+
+    async def buy(i: int, u: str, seats: tuple[str, ...]) -> tuple[str, str, str]:
+        h = await bstub.CreateHold(bpb.CreateHoldRequest(parent=f"events/{event_id}", seat_ids=seats,
+                                                         request_id=rid()), metadata=fan(u, event_id))
+        o = await bstub.CreateOrder(bpb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                                    metadata=fan(u, event_id))
+        pw.provider.plan(o.name, "decline" if i % 3 == 0 else "approve", delay=0.05)
+        p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+        return u, o.name, p.name
+
+    t0 = time.monotonic()
+    bought = await asyncio.gather(*(buy(i, u, seats) for i, (u, seats) in enumerate(fans)))
+
+    async def settled() -> bool:
+        async with booking.booking.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM orders WHERE event_id = %s "
+                                     "AND state IN ('CONFIRMED', 'CANCELLED')", (event_id,))
+            return (await cur.fetchone())[0] == 60  # type: ignore[index,no-any-return]
+    await wait_for("every order settled", settled, patience=60)
+    print(f"60 concurrent purchases settled in {time.monotonic() - t0:.2f}s")
+    for i, (u, order, pay) in enumerate(bought):
+        p = await pstub.GetPayment(pb.GetPaymentRequest(name=pay), metadata=me(u))
+        o = await bstub.GetOrderForPayment(bpb.GetOrderForPaymentRequest(order=order))
+        if i % 3 == 0:
+            assert (p.state, o.state) == (pb.PAYMENT_STATE_FAILED, bpb.ORDER_STATE_CANCELLED)
+        else:
+            assert (p.state, o.state, o.payment) == (pb.PAYMENT_STATE_SUCCEEDED,
+                                                     bpb.ORDER_STATE_CONFIRMED, pay)
+    async with booking.booking.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*), count(DISTINCT seat_id) FROM sold_seats WHERE event_id = %s", (event_id,))
+        assert await cur.fetchone() == (80, 80)
+    statuses = await bstub.ListSeats(bpb.ListSeatsRequest(parent=f"events/{event_id}"))
+    counts = {s: sum(1 for x in statuses.seats if x.status == s) for s in (bpb.SEAT_STATUS_SOLD,
+                                                                          bpb.SEAT_STATUS_AVAILABLE)}
+    assert counts == {bpb.SEAT_STATUS_SOLD: 80, bpb.SEAT_STATUS_AVAILABLE: 120}
+
+
+async def test_nothing_was_parked_on_a_dlq(booking: BookingWired,
+                                           payment: tuple[PaymentWired, FakeEdge]) -> None:
+    assert booking.payment_consumer is not None and payment[0].consumer is not None
+    assert booking.payment_consumer.dlq_total == 0
+    assert payment[0].consumer.dlq_total == 0
+    assert payment[0].consumer.processed_total > 0
+
