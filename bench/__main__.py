@@ -11,6 +11,9 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
   event_get            GET /v1/events/{event} through the edge (cached at the edge)
   event_direct         the same body answered by a second Envoy's direct_response
                        (ratio event_get / event_direct)
+  queue_*              the waiting room (bench/queue.py): public status polls (edge cache),
+                       joins and queue/me of 200 fans, beside Envoy's direct answer of the
+                       same body and redis-benchmark running a join-shaped script
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import httpx
 from devstack import stack
 from devstack.layout import ROOT, Layout, layout
 
+from . import queue as queue_bench
 from . import wrk
 from .baseline import direct_envoy
 
 REPORTS = ROOT / "bench" / "reports"
 
 
-def _fixtures(lay: Layout) -> tuple[str, str]:
+def _fixtures(lay: Layout) -> tuple[str, str]:  # (admin token, event name)
     """An admin's token and a published event, made through the edge as the apps would."""
     from datetime import UTC, datetime
 
@@ -83,6 +87,7 @@ def measure(lay: Layout, seconds: int, connections: int) -> list[tuple[wrk.Resul
         same_size = wrk.run(f"event_direct ({len(body.content)} B)", f"{base}/event", **run)
         rows.append((same_size, None))
         rows.append((wrk.run("event_get (through the edge)", f"{edge}/v1/{event}", **run), same_size))
+    rows += queue_bench.measure(lay, {"authorization": f"Bearer {token}"}, seconds, connections)
     return rows
 
 

@@ -1,0 +1,121 @@
+"""The waiting room under load: status polls, joins and queue/me through the edge.
+
+Beside each figure: Envoy answering the same body itself (the edge's ceiling) and
+redis-benchmark running a script of the same shape as a join (Redis's ceiling), in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from google.protobuf import json_format
+
+from devstack.layout import Layout
+
+from . import wrk
+from .baseline import direct_envoy
+
+# The shape of a join: read the fan's ticket, take a number, write the ticket, count it; one
+# hash tag. (The real script also checks the room's config and state: more reads, same slot.)
+JOIN_SHAPE = (
+    "local s = redis.call('HGET', KEYS[2], 's') "
+    "if s then return s end "
+    "local n = redis.call('HINCRBY', KEYS[1], 'seq', 1) "
+    "redis.call('HSET', KEYS[2], 's', 'W', 'n', n) "
+    "redis.call('HINCRBY', KEYS[1], 'joined', 1) return n"
+)
+
+
+async def _fans(edge: str, n: int) -> list[str]:
+    """n new fans signed up and logged in through the edge; their access tokens."""
+    sem = asyncio.Semaphore(16)
+    stamp = time.strftime("%H%M%S")
+
+    async def one(client: httpx.AsyncClient, i: int) -> str:
+        email, password = f"bench-{stamp}-{i}@example.com", "bench fan password"
+        async with sem:
+            created = await client.post("/v1/users", json={"email": email, "password": password,
+                                                           "displayName": f"Fan {i}"})
+            created.raise_for_status()
+            session = await client.post("/v1/sessions", json={"email": email, "password": password})
+            session.raise_for_status()
+            return str(session.json()["accessToken"])
+
+    async with httpx.AsyncClient(base_url=edge, timeout=30) as client:
+        return list(await asyncio.gather(*(one(client, i) for i in range(n))))
+
+
+def _event(edge: str, admin_auth: dict[str, str]) -> str:
+    """A published event whose room is open and whose sale opened: joins queue FIFO."""
+    from svc_catalog.demo import demo_event
+
+    now = datetime.now(UTC)
+    body = json_format.MessageToDict(demo_event(now))
+    body.update(title=f"Bench Queue {time.strftime('%H%M%S')}",
+                queueOpenTime=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                saleOpenTime=(now + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    with httpx.Client(base_url=edge, timeout=15) as http:
+        created = http.post("/v1/events", json=body, headers=admin_auth)
+        created.raise_for_status()
+        name = str(created.json()["name"])
+        http.post(f"/v1/{name}:publish", json={}, headers=admin_auth).raise_for_status()
+        deadline = time.monotonic() + 20
+        while http.get(f"/v1/{name}/queue").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the waiting room never learned of the bench event")
+            time.sleep(0.2)
+    time.sleep(2.5)  # past the sale's opening
+    return name
+
+
+def redis_benchmark(lay: Layout, seconds: int, connections: int) -> wrk.Result:
+    tool = shutil.which("redis-benchmark")
+    if tool is None:
+        raise RuntimeError("redis-benchmark is missing (Debian package redis-tools)")
+    requests = 40_000 * seconds
+    out = subprocess.run(
+        [tool, "-p", str(lay.redis_port), "-c", str(connections), "-n", str(requests), "-r", "1000000",
+         "-q", "EVAL", JOIN_SHAPE, "2", "{q:bench}:st", "{q:bench}:u:__rand_int__"],
+        capture_output=True, text=True, timeout=seconds * 20 + 60, check=True,
+    ).stdout
+    rps = float(re.findall(r"([\d.]+) requests per second", out)[-1])
+    p50 = re.findall(r"p50=([\d.]+) msec", out)
+    return wrk.Result("redis-benchmark, join-shaped script", rps, float(p50[-1]) if p50 else float("nan"),
+                      float("nan"), requests, 0, 0)
+
+
+def measure(lay: Layout, admin_auth: dict[str, str], seconds: int, connections: int,
+            fans: int = 200) -> list[tuple[wrk.Result, wrk.Result | None]]:
+    run: dict[str, Any] = {"seconds": seconds, "connections": connections}
+    edge = lay.edge_url
+    event = _event(edge, admin_auth)
+    tokens = asyncio.run(_fans(edge, fans))
+    status_body = httpx.get(f"{edge}/v1/{event}/queue", timeout=10).text
+    rows: list[tuple[wrk.Result, wrk.Result | None]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = Path(tmp) / "tokens"
+        token_file.write_text("".join(f"Bearer {t}\n" for t in tokens))
+        rotate = ("authorization", token_file)
+        with direct_envoy(lay, {"/status": ("application/json", status_body)}) as base:
+            ceiling = wrk.run(f"queue_direct ({len(status_body)} B, Envoy answers)", f"{base}/status", **run)
+            rows.append((ceiling, None))
+            rows.append((wrk.run("queue_status (public, edge cache)", f"{edge}/v1/{event}/queue", **run),
+                         ceiling))
+            rows.append((wrk.run(f"queue_join ({fans} fans, POST)", f"{edge}/v1/{event}/queue:join",
+                                 method="POST", body="{}", rotate=rotate, **run), ceiling))
+            rows.append((wrk.run(f"queue_me ({fans} fans)", f"{edge}/v1/{event}/queue/me",
+                                 rotate=rotate, **run), ceiling))
+    joins = rows[2][0]
+    rows.append((redis_benchmark(lay, seconds, connections), None))
+    rows.append((wrk.Result("queue_join vs Redis alone", joins.requests_per_second, joins.p50_ms,
+                            joins.p99_ms, joins.requests, joins.non_2xx, joins.errors), rows[-1][0]))
+    return rows
