@@ -3,7 +3,7 @@
 Every figure stands beside a baseline measured in the same run on the same machine, because
 machines here are noisy: the ratio is what to compare between runs, not the raw figure.
 
-  edge_direct          GET /healthz, answered by Envoy itself (the edge's own ceiling)
+  edge_health          GET /healthz, answered by Envoy itself after the front-to-core hop
   events_no_token      GET /v1/events past the edge cache (cache-control: no-cache), no token
   events_with_token    the same with a user token: the cost of the JWT check at the edge
                        (ratio with_token / no_token)
@@ -71,7 +71,7 @@ def measure(lay: Layout, seconds: int, connections: int) -> list[tuple[wrk.Resul
     body = httpx.get(f"{edge}/v1/{event}", timeout=10)
     body.raise_for_status()
     rows: list[tuple[wrk.Result, wrk.Result | None]] = []
-    direct = wrk.run("edge_direct (Envoy answers)", f"{edge}/healthz", **run)
+    direct = wrk.run("edge_health (Envoy, no service)", f"{edge}/healthz", **run)
     rows.append((direct, None))
     # The JWT's cost on one route, both calls past the edge's cache (which would answer the
     # token-less one itself): the ratio is what the check costs the whole round trip.

@@ -49,12 +49,13 @@ class TooManyAttempts(DomainError):
 
 
 def client_address(forwarded_for: str | None, peer: str | None) -> str:
-    """The caller's address: the first entry of ``x-forwarded-for`` (the edge sets it), else the
+    """The caller's address: the LAST entry of ``x-forwarded-for`` (the one the edge appended
+    from the connection it accepted; earlier entries are whatever the client claimed), else the
     gRPC peer (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``, ``unix:...``) without its port."""
     if forwarded_for:
-        first = forwarded_for.split(",")[0].strip()
-        if first:
-            return _canonical_ip(first)
+        last = forwarded_for.split(",")[-1].strip()
+        if last:
+            return _canonical_ip(last)
     if not peer:
         return "unknown"
     kind, _, rest = peer.partition(":")

@@ -235,10 +235,12 @@ def test_too_many_attempts_says_when_to_retry() -> None:
 @pytest.mark.parametrize(
     ("xff", "peer", "client"),
     [
-        ("203.0.113.7, 10.0.0.1", "ipv4:127.0.0.1:5000", "203.0.113.7"),
+        # The edge appends the address it accepted the connection from; earlier entries are
+        # whatever the client sent, never trusted.
+        ("198.51.100.9, 203.0.113.7", "ipv4:127.0.0.1:5000", "203.0.113.7"),
         (" 203.0.113.7 ", None, "203.0.113.7"),
         ("203.0.113.7:4444", None, "203.0.113.7"),
-        ("[2001:db8:0:0::1]:443, 10.0.0.1", None, "2001:db8::1"),
+        ("10.0.0.1, [2001:db8:0:0::1]:443", None, "2001:db8::1"),
         ("2001:DB8::1", None, "2001:db8::1"),
         (None, "ipv4:192.0.2.1:5555", "192.0.2.1"),
         ("", "ipv6:[::1]:5555", "::1"),
