@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help venv gen install up down status demo test test-unit test-integration test-e2e \
+.PHONY: help venv gen install up down status test test-unit test-integration test-e2e \
         lint lint-protos breaking edge-validate bench clean
 
 help:  ## list the targets
