@@ -347,7 +347,8 @@ async def strict_stub(pg_dsn: str, redis_url: str) -> AsyncIterator[pb_grpc.Iden
 
 
 def from_address(ip: str) -> tuple[tuple[str, str], ...]:
-    return (("x-forwarded-for", f"{ip}, 10.0.0.1"),)
+    # What the edge forwards: whatever the client claimed first, the address it saw last.
+    return (("x-forwarded-for", f"10.0.0.1, {ip}"),)
 
 
 async def test_failed_logins_per_account_are_slowed_down_then_forgotten(
