@@ -157,6 +157,11 @@ def test_restart_and_down_leave_nothing(infra: Layout) -> None:
     client.set("devstack:survives", "yes")
     client.close()
     assert signal_proc(lay.run_dir, "redis", signal.SIGKILL) == first["redis"]
+    # SIGKILL is asynchronous: let the dead Redis let go of its port (a crash long before the
+    # next `up` is what this stands for), or the start would find the port held.
+    deadline = time.monotonic() + 10
+    while port_owner(lay.redis_port) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     stack.ensure_infra(lay)
     second = infra_pids(lay)
     assert second["redis"] != first["redis"]
