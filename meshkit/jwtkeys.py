@@ -23,15 +23,19 @@ token it signed has expired:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import enum
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Generic, Protocol, TypeVar
 
+import jwt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -255,3 +259,57 @@ def plan_maintenance(
     if now - nxt.created_at < policy.publish_ahead:
         return Plan(delete=delete)
     return Plan(delete=delete, retire=current.kid, promote=nxt.kid, create_next=True)
+
+
+class SignerSnapshot(Protocol):
+    @property
+    def loaded_at(self) -> float: ...  # time.monotonic() when it was read
+
+    @property
+    def current_kid(self) -> str: ...
+
+    @property
+    def jwks(self) -> tuple[dict[str, str], ...]: ...
+
+
+SnapT = TypeVar("SnapT", bound=SignerSnapshot)
+
+
+class CachedSigner(Generic[SnapT]):
+    """What a key store does with its keys once read: a snapshot re-read at most every
+    ``cache_seconds`` (one reader at a time), the published JWKS, and signing with the current
+    key. A store (identity's in PostgreSQL, the queue's in Redis) implements ``reload()``, which
+    sets ``_snap`` and keeps the current private key in ``_private``."""
+
+    def __init__(self, cache_seconds: float) -> None:
+        self.cache_seconds = cache_seconds
+        self._snap: SnapT | None = None
+        self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._reload_lock = asyncio.Lock()
+
+    async def reload(self) -> None:
+        raise NotImplementedError
+
+    async def _fresh(self) -> SnapT:
+        snap = self._snap
+        if snap is not None and time.monotonic() - snap.loaded_at < self.cache_seconds:
+            return snap
+        async with self._reload_lock:
+            snap = self._snap
+            if snap is None or time.monotonic() - snap.loaded_at >= self.cache_seconds:
+                await self.reload()
+                snap = self._snap
+        assert snap is not None
+        return snap
+
+    async def jwks(self) -> list[dict[str, str]]:
+        """The published public keys (current, next, retired within retention)."""
+        return [dict(k) for k in (await self._fresh()).jwks]
+
+    async def sign(self, claims: dict[str, Any]) -> str:
+        snap = await self._fresh()
+        key = self._private[snap.current_kid]
+        return jwt.encode(claims, key, algorithm=ALG, headers={"kid": snap.current_kid, "typ": "JWT"})
+
+    async def current_kid(self) -> str:
+        return (await self._fresh()).current_kid

@@ -9,7 +9,6 @@ of the table so signing costs no query.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,13 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from meshkit.jwtkeys import ALG, KeyStoreError, load_private, new_key, public_jwk, seal, unseal
+from meshkit.jwtkeys import ALG, CachedSigner, KeyStoreError, load_private, new_key, public_jwk, seal, unseal
 
 from ..domain.keys import (
     KeyInfo,
@@ -72,7 +69,7 @@ class RotationResult:
     deleted: tuple[str, ...]
 
 
-class KeyStore:
+class KeyStore(CachedSigner["_Snapshot"]):
     def __init__(
         self,
         pool: AsyncConnectionPool,
@@ -81,13 +78,10 @@ class KeyStore:
         policy: KeyPolicy,
         cache_seconds: float,
     ) -> None:
+        super().__init__(cache_seconds)
         self.pool = pool
         self.kek = kek
         self.policy = policy
-        self.cache_seconds = cache_seconds
-        self._snap: _Snapshot | None = None
-        self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
-        self._reload_lock = asyncio.Lock()
 
     # -- lifecycle --
 
@@ -217,26 +211,3 @@ class KeyStore:
         jwks = tuple(by_kid[k.kid].jwk for k in published([r.info for r in rows], now, self.policy))
         self._snap = _Snapshot(time.monotonic(), now, tuple(rows), row.info.kid, jwks)
 
-    async def _fresh(self) -> _Snapshot:
-        snap = self._snap
-        if snap is not None and time.monotonic() - snap.loaded_at < self.cache_seconds:
-            return snap
-        async with self._reload_lock:
-            snap = self._snap
-            if snap is None or time.monotonic() - snap.loaded_at >= self.cache_seconds:
-                await self.reload()
-                snap = self._snap
-        assert snap is not None
-        return snap
-
-    async def jwks(self) -> list[dict[str, str]]:
-        """The published public keys (current, next, retired within retention)."""
-        return [dict(k) for k in (await self._fresh()).jwks]
-
-    async def sign(self, claims: dict[str, Any]) -> str:
-        snap = await self._fresh()
-        key = self._private[snap.current_kid]
-        return jwt.encode(claims, key, algorithm=ALG, headers={"kid": snap.current_kid, "typ": "JWT"})
-
-    async def current_kid(self) -> str:
-        return (await self._fresh()).current_kid

@@ -10,7 +10,6 @@ create two key sets; the loser re-reads and re-plans. Time is Redis' clock.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -20,11 +19,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from meshkit.jwtkeys import (
-    ALG,
+    CachedSigner,
     KeyInfo,
     KeyPolicy,
     KeyState,
@@ -109,20 +105,17 @@ class RotationResult:
     deleted: tuple[str, ...]
 
 
-class AdmissionKeyStore:
+class AdmissionKeyStore(CachedSigner["_Snapshot"]):
     def __init__(
         self, redis: AnyRedis, key: str, *, kek: bytes | None, policy: KeyPolicy, cache_seconds: float
     ) -> None:
+        super().__init__(cache_seconds)
         self.redis = redis
         self.key = key
         self.kek = kek
         self.policy = policy
-        self.cache_seconds = cache_seconds
         self._read_script = redis.register_script(_READ)
         self._cas_script = redis.register_script(_CAS)
-        self._snap: _Snapshot | None = None
-        self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
-        self._reload_lock = asyncio.Lock()
 
     # -- storage --
 
@@ -215,23 +208,3 @@ class AdmissionKeyStore:
         jwks = tuple(by_kid[i.kid].jwk for i in published([k.info for k in keys], now, self.policy))
         self._snap = _Snapshot(time.monotonic(), row.info.kid, jwks)
 
-    async def _fresh(self) -> _Snapshot:
-        snap = self._snap
-        if snap is not None and time.monotonic() - snap.loaded_at < self.cache_seconds:
-            return snap
-        async with self._reload_lock:
-            snap = self._snap
-            if snap is None or time.monotonic() - snap.loaded_at >= self.cache_seconds:
-                await self.reload()
-                snap = self._snap
-        assert snap is not None
-        return snap
-
-    async def jwks(self) -> list[dict[str, str]]:
-        """The published public keys (current, next, retired within retention)."""
-        return [dict(k) for k in (await self._fresh()).jwks]
-
-    async def sign(self, claims: dict[str, Any]) -> str:
-        snap = await self._fresh()
-        key = self._private[snap.current_kid]
-        return jwt.encode(claims, key, algorithm=ALG, headers={"kid": snap.current_kid, "typ": "JWT"})
