@@ -248,8 +248,10 @@ def _prepare_kafka(layout: Layout) -> None:
     if not (data / "meta.properties").exists():
         shutil.rmtree(data, ignore_errors=True)  # never formatted, or a format cut short
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        run_checked(_java(layout, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                          "-c", str(props)), "Kafka storage format",
+        # `--cluster-id=<id>` in one word: a base64url id may begin with "-" (1 in 32), which
+        # the tool's argument parser would take for an option.
+        run_checked(_java(layout, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                          f"--config={props}"), "Kafka storage format",
                     log=log_path(layout.run_dir, "kafka"), cwd=home)
 
 

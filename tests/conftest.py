@@ -27,7 +27,11 @@ def lay() -> Layout:
 
 @pytest.fixture(scope="session")
 def infra(lay: Layout) -> Iterator[Layout]:
-    stack.ensure_infra(lay)
+    try:
+        stack.ensure_infra(lay)
+    except BaseException:
+        stack.down(lay)  # what did start must not outlive a failed setup
+        raise
     yield lay
     if not os.environ.get("TP_KEEP_STACK"):
         stack.down(lay)
