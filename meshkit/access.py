@@ -83,6 +83,20 @@ def caller(context: grpc.aio.ServicerContext) -> Caller:
     return caller_of(context.invocation_metadata())
 
 
+def single_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    """A metadata value present exactly once, else "" (a repeated header counts as absent)."""
+    values = [v if isinstance(v, str) else v.decode()
+              for k, v in (context.invocation_metadata() or ()) if k == key]
+    return values[0] if len(values) == 1 else ""
+
+
+def signed_in_user(context: grpc.aio.ServicerContext) -> str:
+    """The caller's user id in a USER/ADMIN/ADMITTED method (the interceptor already required it)."""
+    user = caller(context).user_id
+    assert user is not None
+    return user
+
+
 def check(level: int | None, caller: Caller) -> None:
     """Raise the DomainError the caller gets when ``level`` does not admit them."""
     if level in (USER, ADMITTED, ADMIN) and caller.user_id is None:

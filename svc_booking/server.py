@@ -44,19 +44,6 @@ _ORDER_STATE = {
 }
 
 
-def _single(context: Ctx, key: str) -> str:
-    """A metadata value present exactly once, else "" (a repeated claim header counts as absent)."""
-    values = [v if isinstance(v, str) else v.decode()
-              for k, v in (context.invocation_metadata() or ()) if k == key]
-    return values[0] if len(values) == 1 else ""
-
-
-def _user(context: Ctx) -> str:
-    user = access.caller(context).user_id
-    assert user is not None  # the interceptor let only signed-in callers through
-    return user
-
-
 def order_to_proto(o: Order) -> pb.Order:
     return pb.Order(
         name=o.name, state=_ORDER_STATE[o.state], amount=money(o.amount), seat_ids=o.seat_ids,
@@ -93,8 +80,9 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
 
     async def _admit(self, context: Ctx, event_id: str) -> str:
         """The caller's user id once their admission names them, this event, and is active."""
-        user = _user(context)
-        sub, event, jti = (_single(context, h) for h in (ADMISSION_SUB, ADMISSION_EVENT, ADMISSION_JTI))
+        user = access.signed_in_user(context)
+        sub, event, jti = (access.single_value(context, h)
+                           for h in (ADMISSION_SUB, ADMISSION_EVENT, ADMISSION_JTI))
         if not (sub and event and jti):
             raise PermissionDenied("NOT_ADMITTED", "an admission token for this event is needed")
         if sub != user:
@@ -184,7 +172,8 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
         return order_to_proto(order)
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: Ctx) -> pb.Order:
-        order = await self.booking.get_order(_user(context), model.parse_order_name(request.name))
+        user = access.signed_in_user(context)
+        order = await self.booking.get_order(user, model.parse_order_name(request.name))
         await context.send_initial_metadata(NO_STORE)
         return order_to_proto(order)
 
@@ -203,7 +192,7 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
             except ValueError:
                 raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid",
                                       metadata={"field": "page_token"}) from None
-        orders = await self.booking.list_orders(_user(context), after, size + 1)
+        orders = await self.booking.list_orders(access.signed_in_user(context), after, size + 1)
         out = pb.ListOrdersResponse(orders=[order_to_proto(o) for o in orders[:size]])
         if len(orders) > size:
             last = orders[size - 1]
@@ -214,7 +203,8 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
         return out
 
     async def CancelOrder(self, request: pb.CancelOrderRequest, context: Ctx) -> pb.Order:
-        order = await self.booking.cancel_order(_user(context), model.parse_order_name(request.name))
+        user = access.signed_in_user(context)
+        order = await self.booking.cancel_order(user, model.parse_order_name(request.name))
         return order_to_proto(order)
 
     async def GetOrderForPayment(self, request: pb.GetOrderForPaymentRequest, context: Ctx) -> pb.Order:

@@ -43,18 +43,6 @@ def payment_to_proto(p: Payment) -> pb.Payment:
                       create_time=_ts(p.create_time), update_time=_ts(p.update_time))
 
 
-def _single(context: Ctx, key: str) -> str:
-    values = [v if isinstance(v, str) else v.decode()
-              for k, v in (context.invocation_metadata() or ()) if k == key]
-    return values[0] if len(values) == 1 else ""
-
-
-def _user(context: Ctx) -> str:
-    user = access.caller(context).user_id
-    assert user is not None  # USER methods: the interceptor let only signed-in callers through
-    return user
-
-
 class PaymentServicer(pb_grpc.PaymentServiceServicer):
     def __init__(self, payments: Payments, *, outcome_header: bool = False) -> None:
         self.payments = payments
@@ -65,20 +53,21 @@ class PaymentServicer(pb_grpc.PaymentServiceServicer):
         request_id = model.parse_request_id(request.request_id)
         outcome: Outcome | None = None
         if self.outcome_header:
-            wanted = _single(context, OUTCOME_HEADER)
+            wanted = access.single_value(context, OUTCOME_HEADER)
             if wanted in OUTCOMES:
                 outcome = cast(Outcome, wanted)
-        p = await self.payments.create_payment(_user(context), order_id, request_id, outcome)
+        p = await self.payments.create_payment(access.signed_in_user(context), order_id, request_id, outcome)
         await context.send_initial_metadata(NO_STORE)
         return payment_to_proto(p)
 
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Ctx) -> pb.Payment:
-        p = await self.payments.get_payment(_user(context), model.parse_payment_name(request.name))
+        user = access.signed_in_user(context)
+        p = await self.payments.get_payment(user, model.parse_payment_name(request.name))
         await context.send_initial_metadata(NO_STORE)
         return payment_to_proto(p)
 
     async def HandleWebhook(self, request: pb.HandleWebhookRequest, context: Ctx) -> pb.HandleWebhookResponse:
-        signature = _single(context, model.SIGNATURE_HEADER)
+        signature = access.single_value(context, model.SIGNATURE_HEADER)
         p, _ = await self.payments.handle_webhook(request.http_body.data, signature)
         return pb.HandleWebhookResponse(payment=p.name, state=STATE[p.state])
 
