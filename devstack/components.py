@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import sys
 import uuid
 from collections.abc import Callable
@@ -119,9 +120,22 @@ def _chown(path: Path, user: str | None) -> None:
         shutil.chown(path, user, user)
 
 
+def _let_others_traverse(path: Path) -> None:
+    """PostgreSQL runs as its own user, who must be able to pass through every folder above its
+    data (a checkout under `mktemp -d`, mode 0700, is not passable). Add only the others' search
+    bit (no read: nothing is listed) where it is missing, and say so."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
+            print(f"devstack: let PostgreSQL's user pass through {folder} (o+x)")
+
+
 def _prepare_postgres(layout: Layout) -> None:
     data, sock, user = layout.run_dir / "postgres", layout.run_dir / "pgsock", _postgres_user()
     layout.run_dir.chmod(0o755)  # PostgreSQL's own user must reach its folders
+    if user is not None:
+        _let_others_traverse(layout.run_dir)
     sock.mkdir(parents=True, exist_ok=True)
     _chown(sock, user)
     if not (data / "PG_VERSION").exists():
