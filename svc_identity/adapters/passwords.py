@@ -1,9 +1,9 @@
 """argon2id password hashing, run on a small thread pool so the event loop never blocks on it.
 
 argon2-cffi releases the GIL while hashing, so the threads really run in parallel. The pool is
-small and fixed on purpose: each hash holds ``memory_cost`` KiB while it runs (64 MiB with the
-RFC 9106 low-memory profile), so a burst of sign-ups waits in the pool's queue instead of using
-a thread (and 64 MiB) each.
+small and fixed on purpose: each hash holds ``memory_cost`` KiB while it runs (19 MiB with the
+default settings), so a burst of sign-ups waits in the pool's queue instead of using a thread
+(and its memory) each.
 """
 
 from __future__ import annotations

@@ -263,7 +263,8 @@ def test_settings_defaults_and_limits() -> None:
     assert (s.jwt_issuer, s.jwt_audience) == ("ticketping-identity", "ticketping")
     assert s.access_token_ttl_seconds == 900
     assert s.key_publish_ahead_seconds == 120 and s.kek is None
-    assert (s.argon2_time_cost, s.argon2_memory_cost_kib, s.argon2_parallelism) == (3, 65536, 4)
+    # OWASP's argon2id configuration: m=19 MiB, t=2, p=1
+    assert (s.argon2_time_cost, s.argon2_memory_cost_kib, s.argon2_parallelism) == (2, 19456, 1)
     with pytest.raises(ValidationError):
         _settings(access_token_ttl_seconds=901)
     with pytest.raises(ValidationError):
