@@ -11,6 +11,7 @@ from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
 
 from meshkit import resources
 from meshkit.consumer import EventConsumer, is_database_unavailable
+from meshkit.db import close_pool, open_pool
 from meshkit.server import App, Registration, build_server
 
 from .adapters.booking import BookingClient
@@ -21,6 +22,9 @@ from .service import Payments, ProviderUnavailable
 
 SERVICE = "ticketping.payment.v1.PaymentService"
 MIGRATIONS = Path(__file__).parent / "adapters" / "migrations"
+# The sandbox PSP's own connections: the service calls it while holding one of its pool's (a refund
+# inside the webhook's transaction), so the two must not compete for the same ones.
+SANDBOX_POOL_SIZE = 4
 
 
 @dataclass
@@ -50,10 +54,14 @@ async def wire(settings: Settings) -> Wired:
         booking = BookingClient(settings.booking_addr, timeout=settings.booking_timeout_seconds)
         stack.push_async_callback(booking.close)
         secret = settings.payment_webhook_secret.get_secret_value().encode()
-        provider = SandboxProvider(settings.webhook_url, secret, delay=settings.sandbox_delay_seconds,
-                                   outcome=settings.sandbox_outcome,
+        sandbox_pool = await open_pool(settings.postgres_dsn, migrations=MIGRATIONS, min_size=1,
+                                       max_size=SANDBOX_POOL_SIZE, name="sandbox")
+        stack.push_async_callback(close_pool, sandbox_pool)
+        provider = SandboxProvider(sandbox_pool, settings.webhook_url, secret,
+                                   delay=settings.sandbox_delay_seconds, outcome=settings.sandbox_outcome,
                                    max_attempts=settings.sandbox_max_attempts)
         stack.push_async_callback(provider.close)
+        await provider.start()  # resumes the callbacks a previous process did not send
         payments = Payments(pool, booking, provider, webhook_secret=secret,
                             webhook_tolerance=settings.webhook_tolerance_seconds,
                             topic=settings.payment_topic)

@@ -9,8 +9,37 @@ callback to the webhook URL (through the edge, like any provider), re-sends it w
 it gets a 2xx, and re-sends the same event id each time. The outcome is per payment: ``approve``,
 ``decline`` or ``never`` (no callback at all), from the settings' default, a test hook
 (:meth:`SandboxProvider.plan`) or, when enabled, the caller's ``x-sandbox-outcome`` metadata.
-Its callbacks live in this process: a restart of svc_payment loses the ones not yet sent (the
-order then expires and the payment is cancelled: no money moved).
+
+Its state is in PostgreSQL (``sandbox_checkouts``, ``sandbox_refunds``: migration
+``0003_sandbox.sql``), not in the process, because a real PSP's state does not die with the
+merchant's process:
+
+* :meth:`~SandboxProvider.create_checkout` commits the checkout (amount, outcome, the callback's
+  event id, when it is due) before it returns. A kill -9 of svc_payment right after loses nothing.
+* Every replica runs one delivery loop. It claims due rows with ``FOR UPDATE SKIP LOCKED`` and, in
+  the same statement, moves their ``due_at`` one lease ahead (a visibility timeout, as in SQS): a
+  claimed callback is sent by that replica alone, and if the replica dies mid-send the row becomes
+  due again when the lease ends and whichever replica runs (the restarted one or another) re-sends
+  it. Each send runs in its own task with a deadline shorter than the lease; its result (delivered,
+  retry at now + backoff, given up) is written only if the claim is still the sender's. A replica
+  claims no more than it can send at once (``max_in_flight``), so no claimed callback waits in a
+  queue while its lease runs out.
+* Duplicates are possible (a crash after the merchant's 2xx but before it is recorded) and
+  harmless: the event id is stored, so every send of a callback carries the same id and the
+  webhook de-duplicates on it.
+* Wake-up: the loop sleeps until the earliest ``due_at`` in the table or ``poll_interval``,
+  whichever is sooner; a checkout created (or a send failed) in this process wakes it at once if
+  its callback is due earlier. A callback is therefore sent within milliseconds of its due time by
+  the replica that created it, and within ``poll_interval`` after its due time or lease by any
+  other replica if that one is gone.
+* Refunds are idempotent on their key across restarts and replicas; a cancellation is recorded
+  (``cancelled_at``) and, as at a real PSP, does not stop a callback already on its way.
+* :meth:`~SandboxProvider.close` releases the claims of sends it interrupts, so a graceful restart
+  re-sends them at once instead of after the lease.
+
+The sandbox uses its own small pool (see ``bootstrap.py``): the service calls it while holding a
+connection of its own pool (a refund inside the webhook's transaction), and sharing one pool could
+starve under load.
 """
 
 from __future__ import annotations
@@ -18,12 +47,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol, cast
 
 import httpx
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..domain.model import FAILED_TYPE, SIGNATURE_HEADER, SUCCEEDED_TYPE, Money, sign, webhook_body
 
@@ -31,6 +64,10 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["approve", "decline", "never"]
 OUTCOMES: tuple[str, ...] = ("approve", "decline", "never")
+
+MAX_BACKOFF = 30.0  # seconds between two sends of one callback, at most
+MIN_WAIT = 0.01  # the loop's shortest sleep: due rows held by another replica's claim in progress
+LEASE_MARGIN = 2.0  # a claim outlives the send's deadline by this much
 
 
 class ProviderError(RuntimeError):
@@ -54,14 +91,124 @@ class Provider(Protocol):
         ...
 
 
-@dataclass
-class _Checkout:
+@dataclass(frozen=True)
+class SandboxCheckout:
+    """A stored checkout, as the sandbox sees it (for tests and operators)."""
+
     reference: str
+    payment_id: uuid.UUID
+    order: str
     amount: Money
     outcome: Outcome
-    task: asyncio.Task[None] | None = None
-    delivered: bool = False
-    attempts: int = 0
+    event_id: str
+    created_at: datetime
+    due_at: datetime | None
+    attempts: int
+    delivered_at: datetime | None
+    given_up_at: datetime | None
+    cancelled_at: datetime | None
+    last_error: str
+
+    @property
+    def delivered(self) -> bool:
+        return self.delivered_at is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancelled_at is not None
+
+
+@dataclass(frozen=True)
+class SandboxRefund:
+    idempotency_key: str
+    refund_id: str
+    reference: str
+    amount: Money
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """One callback this replica holds until its lease ends."""
+
+    reference: str
+    event_id: str
+    outcome: Outcome
+    amount: Money
+    attempts: int  # including this one
+    claim: uuid.UUID
+
+
+_INSERT = """
+INSERT INTO sandbox_checkouts
+    (reference, payment_id, order_name, currency_code, units, nanos, outcome, event_id, due_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now() + %s::interval)
+ON CONFLICT (reference) DO NOTHING
+"""
+
+# Due rows nobody else is claiming right now, earliest first; each gets one more attempt and is
+# hidden from the others until the lease ends.
+_CLAIM = """
+WITH due AS (
+    SELECT reference FROM sandbox_checkouts
+    WHERE due_at <= now()
+    ORDER BY due_at
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sandbox_checkouts c
+SET attempts = c.attempts + 1, due_at = now() + %s::interval, claim = %s
+FROM due
+WHERE c.reference = due.reference
+RETURNING c.reference, c.event_id, c.outcome, c.currency_code, c.units, c.nanos, c.attempts
+"""
+
+# Seconds until the next row is due (negative: overdue), NULL if nothing is to be sent.
+_NEXT_DUE = """
+SELECT EXTRACT(EPOCH FROM min(due_at) - clock_timestamp())::float8
+FROM sandbox_checkouts WHERE due_at IS NOT NULL
+"""
+
+# Delivered is delivered, whoever sent it: a sender whose lease ran out still settles the row.
+_DELIVERED = """
+UPDATE sandbox_checkouts
+SET delivered_at = now(), due_at = NULL, claim = NULL, given_up_at = NULL, last_error = ''
+WHERE reference = %s AND delivered_at IS NULL
+"""
+
+_RETRY = """
+UPDATE sandbox_checkouts SET due_at = now() + %s::interval, claim = NULL, last_error = %s
+WHERE reference = %s AND claim = %s
+"""
+
+_GIVE_UP = """
+UPDATE sandbox_checkouts SET due_at = NULL, claim = NULL, given_up_at = now(), last_error = %s
+WHERE reference = %s AND claim = %s
+"""
+
+# close(): the sends it interrupted are due again at once (for the next replica to start).
+_RELEASE = """
+UPDATE sandbox_checkouts SET due_at = now(), claim = NULL
+WHERE reference = ANY(%s) AND claim = ANY(%s) AND delivered_at IS NULL
+"""
+
+_CANCEL = "UPDATE sandbox_checkouts SET cancelled_at = coalesce(cancelled_at, now()) WHERE reference = %s"
+
+_REFUND = """
+INSERT INTO sandbox_refunds (idempotency_key, refund_id, reference, currency_code, units, nanos)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING refund_id
+"""
+
+_CHECKOUT_COLUMNS = ("reference, payment_id, order_name, currency_code, units, nanos, outcome, event_id, "
+                     "created_at, due_at, attempts, delivered_at, given_up_at, cancelled_at, last_error")
+_REFUND_COLUMNS = "idempotency_key, refund_id, reference, currency_code, units, nanos, created_at"
+
+
+def _refund_of(row: Any) -> SandboxRefund:
+    key, refund_id, reference, currency, units, nanos, created = row
+    return SandboxRefund(key, refund_id, reference, Money(currency, units, nanos), created)
 
 
 class SandboxProvider:
@@ -69,6 +216,7 @@ class SandboxProvider:
 
     def __init__(
         self,
+        pool: AsyncConnectionPool,
         webhook_url: str,
         secret: bytes,
         *,
@@ -77,90 +225,272 @@ class SandboxProvider:
         max_attempts: int = 8,
         retry_backoff: float = 0.5,
         timeout: float = 5.0,
+        lease: float | None = None,
+        poll_interval: float = 0.5,
+        batch_size: int = 200,
+        max_in_flight: int = 64,
+        db_timeout: float = 5.0,
     ) -> None:
+        """``timeout`` bounds one send (connect to answer); ``lease`` (default timeout + 2 s) is how
+        long a claimed callback is hidden from the other replicas, so it must be longer. At most
+        ``max_in_flight`` sends run at once: the loop claims no more than it can send right away,
+        so a callback never waits out its lease in a queue of this process."""
+        lease = timeout + LEASE_MARGIN if lease is None else lease
+        if lease <= timeout:
+            raise ValueError("the lease must outlast a send's timeout")
+        self._pool = pool
         self.webhook_url = webhook_url
         self._secret = secret
         self.delay = delay
         self.outcome = outcome
         self.max_attempts = max_attempts
         self.retry_backoff = retry_backoff
-        self._client = httpx.AsyncClient(timeout=timeout)
-        self._checkouts: dict[str, _Checkout] = {}
+        self.timeout = timeout
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.db_timeout = db_timeout
+        # As many connections as sends: a send never queues inside httpx, eating its lease.
+        self._client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=max_in_flight))
         self._plans: dict[str, tuple[Outcome, float | None]] = {}
-        self.refunds: dict[str, tuple[str, Money]] = {}  # idempotency key -> (refund id, amount)
-        self.cancelled: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: dict[asyncio.Task[None], tuple[str, uuid.UUID]] = {}
+        self._wake = asyncio.Event()
+        self._wake_at = math.inf  # monotonic time the loop will look again; inf while it is awake
+        self._full = False  # the loop waits for a send to finish
+        self._closing = False
+        # Counters (this replica's), for metrics and tests.
+        self.sent_total = 0
+        self.delivered_total = 0
+        self.given_up_total = 0
 
-    # --- test hook -------------------------------------------------------------------------------
+    # --- test hooks --------------------------------------------------------------------------------
 
     def plan(self, order: str, outcome: Outcome, delay: float | None = None) -> None:
         """The next checkout of ``order`` ("orders/<id>") ends with ``outcome`` after ``delay``."""
         self._plans[order] = (outcome, delay)
 
-    def checkout(self, reference: str) -> _Checkout | None:
-        return self._checkouts.get(reference)
+    async def checkout(self, reference: str) -> SandboxCheckout | None:
+        async with self._pool.connection(timeout=self.db_timeout) as conn:
+            cur = await conn.execute(
+                f"SELECT {_CHECKOUT_COLUMNS} FROM sandbox_checkouts WHERE reference = %s", (reference,))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        (ref, pid, order, currency, units, nanos, outcome, event_id, created, due, attempts,
+         delivered, given_up, cancelled, error) = row
+        return SandboxCheckout(ref, pid, order, Money(currency, units, nanos), outcome, event_id, created,
+                               due, attempts, delivered, given_up, cancelled, error)
+
+    async def refund_of(self, idempotency_key: str) -> SandboxRefund | None:
+        async with self._pool.connection(timeout=self.db_timeout) as conn:
+            cur = await conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM sandbox_refunds WHERE idempotency_key = %s",
+                (idempotency_key,))
+            row = await cur.fetchone()
+        return _refund_of(row) if row else None
+
+    async def refunds_of(self, reference: str) -> list[SandboxRefund]:
+        async with self._pool.connection(timeout=self.db_timeout) as conn:
+            cur = await conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM sandbox_refunds WHERE reference = %s ORDER BY created_at",
+                (reference,))
+            return [_refund_of(r) for r in await cur.fetchall()]
 
     # --- Provider --------------------------------------------------------------------------------
 
     async def create_checkout(self, payment_id: uuid.UUID, order: str, amount: Money,
                               outcome: Outcome | None = None) -> str:
         reference = f"sbx_{payment_id.hex}"
-        if reference in self._checkouts:
-            return reference
-        planned, delay = self._plans.pop(order, (None, None))
+        plan = self._plans.pop(order, None)
+        planned, delay = plan if plan is not None else (None, None)
         chosen: Outcome = outcome or planned or self.outcome
-        co = _Checkout(reference, amount, chosen)
-        self._checkouts[reference] = co
-        if chosen != "never":
-            co.task = asyncio.create_task(
-                self._deliver(co, self.delay if delay is None else delay), name=f"sandbox-{reference}")
+        wait = self.delay if delay is None else delay
+        try:
+            async with self._pool.connection(timeout=self.db_timeout) as conn:
+                cur = await conn.execute(_INSERT, (
+                    reference, payment_id, order, amount.currency_code, amount.units, amount.nanos,
+                    chosen, f"evt_{uuid.uuid4().hex}",
+                    None if chosen == "never" else timedelta(seconds=wait)))
+                created = cur.rowcount == 1
+        except (psycopg.Error, PoolTimeout) as exc:
+            if plan is not None:
+                self._plans.setdefault(order, plan)
+            raise ProviderError(f"sandbox checkout failed: {exc}") from exc
+        if not created:  # a retry of a checkout made before: the plan is for the next one
+            if plan is not None:
+                self._plans.setdefault(order, plan)
+        elif chosen != "never":
+            self._expect(wait)
         return reference
 
     async def cancel(self, reference: str) -> None:
         # A real PSP cannot stop a customer who is already paying: the sandbox keeps its callback,
         # so a late success still arrives (and is refunded), as it would in production.
-        self.cancelled.add(reference)
+        try:
+            async with self._pool.connection(timeout=self.db_timeout) as conn:
+                await conn.execute(_CANCEL, (reference,))
+        except (psycopg.Error, PoolTimeout):
+            log.warning("sandbox cancel not recorded", exc_info=True, extra={"reference": reference})
 
     async def refund(self, reference: str, amount: Money, idempotency_key: str) -> str:
-        found = self.refunds.get(idempotency_key)
-        if found is None:
-            found = (f"sbx_re_{uuid.uuid4().hex}", amount)
-            self.refunds[idempotency_key] = found
+        try:
+            async with self._pool.connection(timeout=self.db_timeout) as conn:
+                cur = await conn.execute(_REFUND, (idempotency_key, f"sbx_re_{uuid.uuid4().hex}", reference,
+                                                   amount.currency_code, amount.units, amount.nanos))
+                row = await cur.fetchone()
+                created = row is not None
+                if row is None:  # asked before: the first refund's id (a new snapshot sees it)
+                    cur = await conn.execute("SELECT refund_id FROM sandbox_refunds "
+                                             "WHERE idempotency_key = %s", (idempotency_key,))
+                    row = await cur.fetchone()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise ProviderError(f"sandbox refund failed: {exc}") from exc
+        if row is None:
+            raise ProviderError("sandbox refund failed: the refund vanished")
+        if created:
             log.info("sandbox refund", extra={"reference": reference, "amount": amount.text(),
                                               "currency": amount.currency_code})
-        return found[0]
+        return str(row[0])
 
-    # --- the callback ------------------------------------------------------------------------------
+    # --- the delivery loop -------------------------------------------------------------------------
 
-    async def _deliver(self, co: _Checkout, delay: float) -> None:
-        await asyncio.sleep(delay)
-        kind = SUCCEEDED_TYPE if co.outcome == "approve" else FAILED_TYPE
-        body = webhook_body(f"evt_{uuid.uuid4().hex}", kind, co.reference, co.amount,
-                            "" if kind == SUCCEEDED_TYPE else "CARD_DECLINED")
-        backoff = self.retry_backoff
-        while co.attempts < self.max_attempts:
-            co.attempts += 1
-            headers = {SIGNATURE_HEADER: sign(self._secret, int(time.time()), body),
-                       "content-type": "application/json"}
+    async def start(self) -> None:
+        """Start delivering: callbacks left by an earlier process are resumed at once."""
+        if self._task is not None:
+            raise RuntimeError("sandbox provider already started")
+        self._closing = False
+        self._task = asyncio.create_task(self._run(), name="sandbox-delivery")
+
+    def _expect(self, seconds: float) -> None:
+        """A callback is due in ``seconds``: wake the loop if it would look later than that."""
+        if time.monotonic() + seconds < self._wake_at:
+            self._wake.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake_at = time.monotonic() + seconds
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake_at = math.inf
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            self._wake.clear()
+            room = min(self.batch_size, self.max_in_flight - len(self._inflight))
+            if room <= 0:
+                self._full = True  # the next send to finish wakes the loop
+                await self._sleep(self.poll_interval)
+                continue
             try:
+                claimed, next_in = await self._claim(room)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                backoff = min(0.5 * 2 ** (failures - 1), 10.0)
+                log.warning("sandbox delivery pass failed; retrying",
+                            extra={"error": repr(exc), "retry_in_s": backoff})
+                await self._sleep(backoff)
+                continue
+            for c in claimed:
+                task = asyncio.create_task(self._send(c), name=f"sandbox-{c.reference}")
+                self._inflight[task] = (c.reference, c.claim)
+                task.add_done_callback(self._forget)
+            if len(claimed) >= room:
+                continue  # likely more due: no sleep
+            wait = self.poll_interval if next_in is None else min(self.poll_interval, next_in)
+            await self._sleep(max(wait, MIN_WAIT))
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        if self._full:
+            self._full = False
+            self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sandbox send crashed", exc_info=task.exception())
+
+    async def _claim(self, limit: int) -> tuple[list[_Claimed], float | None]:
+        claim = uuid.uuid4()
+        async with self._pool.connection(timeout=self.db_timeout) as conn:
+            cur = await conn.execute(_CLAIM, (limit, timedelta(seconds=self.lease), claim))
+            rows = await cur.fetchall()
+            cur = await conn.execute(_NEXT_DUE)
+            nxt = await cur.fetchone()
+        claimed = [_Claimed(ref, event_id, cast(Outcome, outcome), Money(currency, units, nanos), attempts,
+                            claim)
+                   for ref, event_id, outcome, currency, units, nanos, attempts in rows]
+        return claimed, (None if nxt is None or nxt[0] is None else float(nxt[0]))
+
+    async def _send(self, c: _Claimed) -> None:
+        if c.attempts > self.max_attempts:
+            # The last attempt's sender died before it learned the answer: no more sends.
+            self.given_up_total += 1
+            log.error("sandbox webhook given up", extra={"reference": c.reference, "attempt": c.attempts})
+            await self._settle(_GIVE_UP, ("attempts exhausted", c.reference, c.claim), c)
+            return
+        kind = SUCCEEDED_TYPE if c.outcome == "approve" else FAILED_TYPE
+        body = webhook_body(c.event_id, kind, c.reference, c.amount,
+                            "" if kind == SUCCEEDED_TYPE else "CARD_DECLINED")
+        headers = {SIGNATURE_HEADER: sign(self._secret, int(time.time()), body),
+                   "content-type": "application/json"}
+        self.sent_total += 1
+        error = ""
+        try:
+            async with asyncio.timeout(self.timeout):  # the whole send, well inside the lease
                 resp = await self._client.post(self.webhook_url, content=body, headers=headers)
-                if 200 <= resp.status_code < 300:
-                    co.delivered = True
-                    return
+            if not 200 <= resp.status_code < 300:
+                error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 log.warning("sandbox webhook refused; will retry",
-                            extra={"reference": co.reference, "status": resp.status_code,
-                                   "body": resp.text[:300], "attempt": co.attempts})
-            except httpx.HTTPError as exc:
-                log.warning("sandbox webhook failed; will retry",
-                            extra={"reference": co.reference, "error": repr(exc), "attempt": co.attempts})
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-        log.error("sandbox webhook given up", extra={"reference": co.reference})
+                            extra={"reference": c.reference, "status": resp.status_code,
+                                   "body": resp.text[:300], "attempt": c.attempts})
+        except (httpx.HTTPError, TimeoutError) as exc:
+            error = repr(exc)
+            log.warning("sandbox webhook failed; will retry",
+                        extra={"reference": c.reference, "error": error, "attempt": c.attempts})
+        if not error:
+            self.delivered_total += 1
+            await self._settle(_DELIVERED, (c.reference,), c)
+        elif c.attempts >= self.max_attempts:
+            self.given_up_total += 1
+            log.error("sandbox webhook given up", extra={"reference": c.reference, "attempt": c.attempts})
+            await self._settle(_GIVE_UP, (error[:1000], c.reference, c.claim), c)
+        else:
+            backoff = min(self.retry_backoff * 2 ** (c.attempts - 1), MAX_BACKOFF)
+            await self._settle(_RETRY, (timedelta(seconds=backoff), error[:1000], c.reference, c.claim), c)
+            self._expect(backoff)
+
+    async def _settle(self, sql: str, params: tuple[Any, ...], c: _Claimed) -> None:
+        """Record a send's result. If that fails the lease runs out and the callback is sent again."""
+        try:
+            async with self._pool.connection(timeout=self.db_timeout) as conn:
+                await conn.execute(sql, params)
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("sandbox result not recorded; the callback will be sent again",
+                        extra={"reference": c.reference, "error": repr(exc)})
 
     async def close(self) -> None:
-        tasks = [co.task for co in self._checkouts.values() if co.task is not None and not co.task.done()]
-        for t in tasks:
+        """Stop delivering. Interrupted sends are released for the next replica to send at once."""
+        self._closing = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:  # let a claim in progress finish (its sends are released below)
+            _, pending = await asyncio.wait([task], timeout=self.db_timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        inflight = dict(self._inflight)
+        for t in inflight:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await asyncio.gather(*inflight, return_exceptions=True)
+        released = [held for t, held in inflight.items() if t.cancelled()]
+        if released:
+            try:
+                async with self._pool.connection(timeout=self.db_timeout) as conn:
+                    await conn.execute(_RELEASE, ([r for r, _ in released], [c for _, c in released]))
+            except (psycopg.Error, PoolTimeout):
+                log.warning("sandbox claims not released; they are sent again when their lease ends",
+                            exc_info=True, extra={"count": len(released)})
         await self._client.aclose()
