@@ -61,6 +61,15 @@ def from_ms(v: int | str) -> datetime:
     return datetime.fromtimestamp(int(v) / 1000, UTC)
 
 
+class _StateRebuilt(Exception):
+    """The live state a hold's script ran on is not the live state now (lost and rebuilt)."""
+
+    def __init__(self, live: str | None, made_on: str) -> None:
+        super().__init__(f"live state {live!r}, hold made on {made_on!r}")
+        self.live = live
+        self.made_on = made_on
+
+
 @dataclass(frozen=True)
 class PricedHold:
     hold: Hold
@@ -156,8 +165,45 @@ class Booking:
             await self.rebuild(layout)
 
     async def rebuild(self, layout: Layout) -> bool:
+        """Build the event's live state in Redis from PostgreSQL unless it is there; True if this
+        call built it.
+
+        One transaction holds the event's row FOR UPDATE from before the snapshot until the state
+        and its new stamp are written (db.lock_for_build): whatever changes holds or sales takes
+        the row FOR KEY SHARE, so it is in the snapshot or comes after the state is built. A hold
+        made on a state that was lost before its row was written sees another stamp and is made
+        again on this one (create_hold)."""
         t0 = time.perf_counter()
-        sold, holds, bought = await db.live_state(self.pool, layout.event_id)
+        event_id = layout.event_id
+        stamp = uuid.uuid4().hex
+        built = False
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                if await db.lock_for_build(conn, event_id) is None:
+                    raise model.event_not_found(event_id)
+                if await self.inventory.is_built(event_id):  # another replica built it meanwhile
+                    return False
+                sold, holds, bought = await db.live_state(conn, event_id)
+                snap = self._snapshot(layout, sold, holds, bought)
+                built = await self.inventory.rebuild(event_id, snap, ms(self.clock()),
+                                                     self._keep_ms, stamp)
+                if built:
+                    await db.set_live_stamp(conn, event_id, stamp)
+        except BaseException:
+            if built:  # written to Redis, but PostgreSQL does not vouch for it: build it again
+                with contextlib.suppress(Exception):
+                    await self.inventory.forget_build(event_id, stamp)
+            raise
+        log.info("live state rebuilt" if built else "live state was rebuilt by another replica",
+                 extra={"event": model.event_name(event_id), "sold": len(sold),
+                        "live_holds": len(holds), "stamp": stamp,
+                        "elapsed_ms": round((time.perf_counter() - t0) * 1000)})
+        return built
+
+    def _snapshot(
+        self, layout: Layout, sold: list[tuple[str, str]],
+        holds: list[tuple[uuid.UUID, str, list[str], datetime, uuid.UUID]], bought: dict[str, int],
+    ) -> inv.Snapshot:
         values = dict.fromkeys(layout.seat_map.seat_ids(), "A")
         deadlines: dict[str, int] = {}
         for seat, _ in sold:  # first: a sold seat is SOLD whatever hold still names it
@@ -173,13 +219,7 @@ class Booking:
                     values[s] = f"H{hold_id}"
                     counted += 1
             fans[user] = fans.get(user, 0) + counted
-        snap = inv.Snapshot(self.limit_of(layout), values, deadlines, fans, requests)
-        built = await self.inventory.rebuild(layout.event_id, snap, ms(self.clock()), self._keep_ms)
-        log.info("live state rebuilt" if built else "live state was rebuilt by another replica",
-                 extra={"event": model.event_name(layout.event_id), "sold": len(sold),
-                        "live_holds": len(holds),
-                        "elapsed_ms": round((time.perf_counter() - t0) * 1000)})
-        return built
+        return inv.Snapshot(self.limit_of(layout), values, deadlines, fans, requests)
 
     async def seat_statuses(self, event_id: str) -> tuple[Layout, dict[str, str]]:
         layout = await self.layout(event_id)
@@ -216,6 +256,18 @@ class Booking:
         unknown = layout.unknown(seats)
         if unknown:
             raise model.unknown_seats(unknown)
+        for _ in range(3):
+            placed = await self._place_hold(layout, user_id, seats, request_id)
+            if placed is not None:
+                return placed
+        raise DomainError("INVENTORY_UNAVAILABLE", "the seat state kept being rebuilt; retry")
+
+    async def _place_hold(self, layout: Layout, user_id: str, seats: tuple[str, ...],
+                          request_id: uuid.UUID) -> PricedHold | None:
+        """One attempt: the Redis script decides, then PostgreSQL writes the hold down. None if
+        the state the script ran on was lost and rebuilt before the row was written: the seats
+        were not held in the state that is live now, so the attempt is taken back."""
+        event_id = layout.event_id
         now = self.clock()
         expire = now + self.hold_ttl
         hold_id = uuid.uuid4()
@@ -235,23 +287,39 @@ class Booking:
             raise model.unknown_seats(res.values)
         if res.outcome != "OK":
             raise DomainError("INVENTORY_UNAVAILABLE", "the seat state could not be built; retry")
+        stamp = res.values[0]
         hold = Hold(hold_id, event_id, user_id, seats, expire, now)
         first = None
         try:
             async with self.pool.connection() as conn, conn.transaction():
+                live = await db.share_event(conn, event_id)  # no rebuild until this commits
+                if live != stamp:
+                    raise _StateRebuilt(live, stamp)
                 if await db.insert_hold(conn, hold, request_id):
                     await enqueue(conn, self.topic, messages.hold_created(hold))
                 else:  # a retry whose Redis request key was lost (restart): the first hold wins
                     first = await db.hold_by_request(conn, event_id, user_id, request_id)
+        except _StateRebuilt as lost:
+            log.warning("hold made on a live state that was lost and rebuilt; made again",
+                        extra={"event": model.event_name(event_id), "stamp": lost.made_on,
+                               "live_stamp": lost.live})
+            await self._take_back(hold, request_id)
+            return None
         except BaseException:
             # The promise could not be written down: take it back.
             with contextlib.suppress(Exception):
-                await self.inventory.release(event_id, str(hold_id), user_id, seats)
+                await self._take_back(hold, request_id)
             raise
         if first is not None:
-            await self.inventory.release(event_id, str(hold_id), user_id, seats)
+            await self._take_back(hold, request_id)
             return PricedHold(first, layout.amount(first.seat_ids))
         return PricedHold(hold, layout.amount(seats))
+
+    async def _take_back(self, hold: Hold, request_id: uuid.UUID) -> None:
+        """Undo a hold's Redis step that PostgreSQL never recorded, request key included (a retry
+        of the request is then a new attempt, not a replay of a hold that does not exist)."""
+        await self.inventory.release(hold.event_id, str(hold.hold_id), hold.user_id, hold.seat_ids,
+                                     request_id=str(request_id))
 
     async def _replay_hold(self, layout: Layout, user_id: str, hold_id: uuid.UUID) -> PricedHold:
         async with self.pool.connection() as conn:
@@ -271,6 +339,7 @@ class Booking:
             hold = await db.get_hold(conn, hold_id, lock=True)
             if hold is None or hold.user_id != user_id or hold.event_id != event_id:
                 raise model.hold_not_found(name)
+            await db.share_event(conn, event_id)  # released before or after a rebuild, not during
             if hold.state is HoldState.ORDERED:
                 order = await db.order_by_hold(conn, hold_id)
                 raise DomainError("HOLD_ORDERED", f"{name} was ordered: cancel the order instead",
@@ -342,6 +411,7 @@ class Booking:
             if order.state is not OrderState.PENDING_PAYMENT:
                 raise DomainError("ORDER_NOT_CANCELLABLE", f"{order.name} is {order.state.value}",
                                   metadata={"state": order.state.value})
+            await db.share_event(conn, order.event_id)
             order = await db.set_order_state(conn, order_id, OrderState.CANCELLED)
             await db.set_hold_state(conn, order.hold_id, HoldState.CANCELLED)
             await enqueue(conn, self.topic, messages.order_cancelled(order, reason))
@@ -402,6 +472,8 @@ class Booking:
         outcome = "released"
         async with self.pool.connection() as conn, conn.transaction():
             hold = await db.get_hold(conn, hold_id, lock=True)
+            if hold is not None:
+                await db.share_event(conn, event_id)
             if hold is not None and hold.state is HoldState.ACTIVE:
                 await db.set_hold_state(conn, hold_id, HoldState.EXPIRED)
                 await enqueue(conn, self.topic, messages.hold_expired(hold))

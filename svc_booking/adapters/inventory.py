@@ -1,7 +1,8 @@
 """The live seat state of each event in Redis, every key under one hash tag ``{inv:<event>}``.
 
 Keys (one slot per event, so every script works on Redis Cluster):
-  ``{inv:<e>}:meta``       hash: limit (seats per fan), built (ms): present iff the state is built
+  ``{inv:<e>}:meta``       hash: limit (seats per fan), built (ms), stamp (this build's id, also in
+                           PostgreSQL's events.live_stamp): present iff the state is built
   ``{inv:<e>}:seats``      hash: seat id -> "A" available | "H<hold id>" held | "S" sold
   ``{inv:<e>}:deadlines``  sorted set: hold id -> deadline (ms); the sweeper reads it
   ``{inv:<e>}:fans``       hash: user id -> seats counted against the per-fan limit
@@ -51,7 +52,7 @@ def request_key(event_id: str, user_id: str, request_id: str) -> str:
 @dataclass(frozen=True)
 class HoldResult:
     outcome: str  # OK, NOINV, DUP, UNKNOWN, TAKEN, LIMIT
-    values: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()  # OK: (stamp of the state the hold was made on,)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ class Snapshot:
     deadlines: dict[str, int]  # live hold id -> deadline ms
     fans: dict[str, int]  # user -> seats counted
     requests: dict[tuple[str, str], str]  # (user, request id) -> live hold id
+
+
+# Drop a build's meta (so the next call builds again) unless a newer build replaced it.
+_FORGET_BUILD = """
+if redis.call('HGET', KEYS[1], 'stamp') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _s(v: bytes | str) -> str:
@@ -77,6 +85,7 @@ class Inventory:
         self._sell = redis.register_script((LUA / "sell.lua").read_bytes())
         self._claim = redis.register_script((LUA / "claim_due.lua").read_bytes())
         self._rebuild = redis.register_script((LUA / "rebuild.lua").read_bytes())
+        self._forget = redis.register_script(_FORGET_BUILD)
 
     async def hold(
         self, event_id: str, user_id: str, hold_id: str, request_id: str, seats: Sequence[str],
@@ -89,9 +98,14 @@ class Inventory:
         values = tuple(_s(v) for v in out)
         return HoldResult(values[0], values[1:])
 
-    async def release(self, event_id: str, hold_id: str, user_id: str, seats: Sequence[str]) -> int:
+    async def release(self, event_id: str, hold_id: str, user_id: str, seats: Sequence[str],
+                      *, request_id: str | None = None) -> int:
+        """Free the hold's seats; with request_id, also forget that request (the hold is taken
+        back before it was written down: a retry of the request is a new attempt)."""
         keys = [seats_key(event_id), deadlines_key(event_id), fans_key(event_id),
                 hold_key(event_id, hold_id)]
+        if request_id is not None:
+            keys.append(request_key(event_id, user_id, request_id))
         return int(await self._release(keys=keys, args=[hold_id, user_id, *seats]))
 
     async def sell(self, event_id: str, hold_id: str, seats: Sequence[str]) -> int:
@@ -117,8 +131,9 @@ class Inventory:
             return None
         return {_s(k): _s(v) for k, v in raw.items()}
 
-    async def rebuild(self, event_id: str, snap: Snapshot, now_ms: int, keep_ms: int) -> bool:
-        """Write the snapshot unless the state exists; True if this call built it."""
+    async def rebuild(self, event_id: str, snap: Snapshot, now_ms: int, keep_ms: int,
+                      stamp: str) -> bool:
+        """Write the snapshot, stamped, unless the state exists; True if this call built it."""
         seat_args: list[str | int] = []
         for sid, v in snap.seat_values.items():
             seat_args += [sid, v]
@@ -129,8 +144,12 @@ class Inventory:
         for user, count in snap.fans.items():
             fan_args += [user, count]
         reqs = list(snap.requests.items())
-        args = [snap.limit, now_ms, len(seat_args), *seat_args, len(dl_args), *dl_args,
+        args = [snap.limit, now_ms, stamp, len(seat_args), *seat_args, len(dl_args), *dl_args,
                 len(fan_args), *fan_args, keep_ms, *(hid for _, hid in reqs)]
         keys = [meta_key(event_id), seats_key(event_id), deadlines_key(event_id), fans_key(event_id),
                 *(request_key(event_id, user, rid) for (user, rid), _ in reqs)]
         return bool(await self._rebuild(keys=keys, args=args))
+
+    async def forget_build(self, event_id: str, stamp: str) -> bool:
+        """The build with this stamp is not the live state any more: the next call rebuilds."""
+        return bool(await self._forget(keys=[meta_key(event_id)], args=[stamp]))

@@ -78,25 +78,46 @@ async def events_with_live_holds(pool: AsyncConnectionPool) -> list[str]:
         return [r[0] for r in await cur.fetchall()]
 
 
+async def lock_for_build(conn: Conn, event_id: str) -> str | None:
+    """Hold the event's row FOR UPDATE until the transaction ends (a build of its live state);
+    its current live_stamp, None if there is no such event.
+
+    Every write the build's snapshot must see (a hold's row, sold seats, a release) holds the row
+    FOR KEY SHARE (share_event, or the foreign key of its insert): it either committed before the
+    snapshot or waits for the build to be written, stamp and all."""
+    cur = await conn.execute("SELECT live_stamp FROM events WHERE event_id = %s FOR UPDATE",
+                             (event_id,))
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def share_event(conn: Conn, event_id: str) -> str | None:
+    """Hold the event's row FOR KEY SHARE until the transaction ends (no build meanwhile, see
+    lock_for_build); the live_stamp of the current build, None if there is no such event."""
+    cur = await conn.execute("SELECT live_stamp FROM events WHERE event_id = %s FOR KEY SHARE",
+                             (event_id,))
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def set_live_stamp(conn: Conn, event_id: str, stamp: str) -> None:
+    await conn.execute("UPDATE events SET live_stamp = %s WHERE event_id = %s", (stamp, event_id))
+
+
 async def live_state(
-    pool: AsyncConnectionPool, event_id: str
+    conn: Conn, event_id: str
 ) -> tuple[list[tuple[str, str]], list[tuple[uuid.UUID, str, list[str], datetime, uuid.UUID]],
            dict[str, int]]:
-    """(sold seats with their buyer, live holds, seats bought per user) in one snapshot."""
-    async with pool.connection() as conn:
-        await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
-        try:
-            async with conn.transaction():
-                cur = await conn.execute(
-                    "SELECT s.seat_id, o.user_id FROM sold_seats s JOIN orders o USING (order_id) "
-                    "WHERE s.event_id = %s", (event_id,))
-                sold = [(r[0], r[1]) for r in await cur.fetchall()]
-                cur = await conn.execute(
-                    "SELECT hold_id, user_id, seat_ids, expire_time, request_id FROM holds "
-                    "WHERE event_id = %s AND state IN ('ACTIVE', 'ORDERED')", (event_id,))
-                holds = [(r[0], r[1], list(r[2]), r[3], r[4]) for r in await cur.fetchall()]
-        finally:
-            await conn.set_isolation_level(None)
+    """(sold seats with their buyer, live holds, seats bought per user), read under
+    lock_for_build: nothing that changes them (hold, order, sale, release, expiry) runs meanwhile."""
+    cur = await conn.execute(
+        "SELECT s.seat_id, o.user_id FROM sold_seats s JOIN orders o USING (order_id) "
+        "WHERE s.event_id = %s", (event_id,))
+    sold = [(r[0], r[1]) for r in await cur.fetchall()]
+    cur = await conn.execute(
+        "SELECT hold_id, user_id, seat_ids, expire_time, request_id FROM holds "
+        "WHERE event_id = %s AND state IN ('ACTIVE', 'ORDERED')", (event_id,))
+    holds = [(r[0], r[1], list(r[2]), r[3], r[4]) for r in await cur.fetchall()]
     bought: dict[str, int] = {}
     for _, user in sold:
         bought[user] = bought.get(user, 0) + 1

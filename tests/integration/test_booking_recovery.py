@@ -10,9 +10,10 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,9 +26,10 @@ from ticketping.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 from meshkit.errors import error_info
 from meshkit.server import start
 from svc_booking.adapters.admission import StaticAdmission
-from svc_booking.adapters.inventory import Inventory
+from svc_booking.adapters.inventory import HoldResult, Inventory
 from svc_booking.bootstrap import Wired, wire
 from svc_booking.config import Settings
+from svc_booking.domain import model
 from svc_booking.service import Booking
 
 from .test_booking_support import Clock, fan, new_event
@@ -276,3 +278,49 @@ async def test_background_sweeper_expires_holds_in_real_time(
             assert await cur.fetchone() == ("EXPIRED",)
     finally:
         await w.app.stop(1.0)
+
+
+class LosesRedisAfterFirstHold(Inventory):
+    """Redis loses everything right after the first hold script succeeds, and another replica
+    rebuilds the state from PostgreSQL before this one has written the hold down there."""
+
+    def __init__(self, redis: Redis, lose: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(redis)
+        self.lose: Callable[[], Awaitable[None]] | None = lose
+
+    async def hold(self, *args: Any, **kwargs: Any) -> HoldResult:
+        res = await super().hold(*args, **kwargs)
+        if res.outcome == "OK" and self.lose is not None:
+            lose, self.lose = self.lose, None
+            await lose()
+        return res
+
+
+async def test_a_hold_lost_with_redis_before_its_row_was_written_is_never_given_twice(
+    wired: Wired, private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    other = wired.booking  # another replica: the sweeper or the next request rebuilds
+    await other.ensure_live(await other.layout(event_id))
+    redis = Redis.from_url(private_redis.url)
+
+    async def flush_and_rebuild() -> None:
+        await redis.flushall()
+        await other.ensure_live(await other.layout(event_id))  # PostgreSQL has no hold yet
+
+    first = Booking(other.pool, LosesRedisAfterFirstHold(redis, flush_and_rebuild))
+    try:
+        won = await first.create_hold("u-lost", event_id, ["A-1-1", "A-1-2"], uuid.uuid4())
+        assert "made again" in caplog.text  # the first attempt was taken back, not written down
+        # The fan holds exactly what the answer says, in Redis and in PostgreSQL, and nobody
+        # else can take it.
+        _, values = await other.seat_statuses(event_id)
+        assert values["A-1-1"] == values["A-1-2"] == f"H{won.hold.hold_id}"
+        with pytest.raises(model.SeatUnavailable):
+            await other.create_hold("u-next", event_id, ["A-1-2", "A-1-3"], uuid.uuid4())
+        async with other.pool.connection() as conn:
+            cur = await conn.execute("SELECT hold_id, seat_ids FROM holds WHERE event_id = %s "
+                                     "AND state IN ('ACTIVE', 'ORDERED')", (event_id,))
+            assert await cur.fetchall() == [(won.hold.hold_id, ["A-1-1", "A-1-2"])]
+    finally:
+        await redis.aclose()

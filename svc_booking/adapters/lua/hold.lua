@@ -2,8 +2,10 @@
 -- KEYS: 1 meta, 2 seats, 3 deadlines, 4 fans, 5 request key, 6 hold key   (all {inv:<event>})
 -- ARGV: 1 user, 2 hold id, 3 now ms, 4 expire ms, 5 keep ms (request key / hold record), 6.. seats
 -- Seat values: "A" available, "H<hold id>" held (hold or unpaid order), "S" sold.
--- Returns {"OK"} | {"NOINV"} (no live state: rebuild it) | {"DUP", hold id} | {"UNKNOWN", seats...}
---       | {"TAKEN", seats...} | {"LIMIT", used, limit}
+-- Returns {"OK", stamp} | {"NOINV"} (no live state: rebuild it) | {"DUP", hold id}
+--       | {"UNKNOWN", seats...} | {"TAKEN", seats...} | {"LIMIT", used, limit}
+-- stamp: the build of the live state this hold was made on (meta's `stamp`, '' if none); booking
+-- writes the hold down only while PostgreSQL's events.live_stamp is the same.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOINV'} end
 local prev = redis.call('GET', KEYS[5])
 if prev then return {'DUP', prev} end
@@ -33,4 +35,4 @@ redis.call('HSET', KEYS[6], 'user', ARGV[1], 'seats', table.concat(seats, ','), 
            'created', ARGV[3])
 redis.call('PEXPIRE', KEYS[6], ARGV[5])
 redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[5])
-return {'OK'}
+return {'OK', redis.call('HGET', KEYS[1], 'stamp') or ''}

@@ -1,5 +1,6 @@
 -- Release a hold's seats (delete, cancel, expiry): only seats still held by this hold change.
--- KEYS: 1 seats, 2 deadlines, 3 fans, 4 hold key
+-- KEYS: 1 seats, 2 deadlines, 3 fans, 4 hold key, [5 request key: forgotten if it names this hold,
+--       when the hold is taken back before it was written down, so a retry is a new attempt]
 -- ARGV: 1 hold id, 2 user, 3.. seats
 -- Returns the number of seats made AVAILABLE.
 local held = 'H' .. ARGV[1]
@@ -16,4 +17,5 @@ if freed > 0 then
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[4])
+if KEYS[5] and redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
 return freed
