@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import uuid
 from collections.abc import Iterator
 
@@ -23,3 +24,17 @@ def fresh_database(lay: Layout) -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def overlapping_picks(fans: int, rows: int = 10, seats_per_row: int = 10, *, seed: int = 6,
+                      section: str = "A") -> list[list[str]]:
+    """What a crowd picks in a race for one section: most fans go for the first rows, two or
+    three adjacent seats each, so picks overlap heavily (seeded: the same crowd every run)."""
+    rnd = random.Random(seed)
+    picks: list[list[str]] = []
+    for _ in range(fans):
+        row = min(int(rnd.expovariate(0.5)) + 1, rows)
+        n = rnd.choice((2, 3))
+        first = rnd.randint(1, seats_per_row - n + 1)
+        picks.append([f"{section}-{row}-{first + k}" for k in range(n)])
+    return picks

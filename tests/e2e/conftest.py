@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -14,6 +15,29 @@ import pytest
 
 from devstack.components import service_env
 from devstack.layout import ROOT, Layout
+
+
+class _Bounded(httpx.AsyncHTTPTransport):
+    """A transport that lets at most `connections` requests at a time into its connection pool.
+
+    httpcore matches every waiting request against every connection each time one changes: a
+    thousand requests waiting in the pool at once cost tens of seconds of CPU. Waiting here
+    instead costs nothing, and the pool still has all its connections busy."""
+
+    def __init__(self, connections: int) -> None:
+        super().__init__(limits=httpx.Limits(max_connections=connections,
+                                             max_keepalive_connections=connections))
+        self._slots = asyncio.Semaphore(connections)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        async with self._slots:
+            return await super().handle_async_request(request)
+
+
+def crowd_client(base_url: str, connections: int = 32, timeout: float = 30.0) -> httpx.AsyncClient:
+    """An AsyncClient for many fans at once (asyncio.gather over hundreds of requests), with a
+    bounded connection pool."""
+    return httpx.AsyncClient(base_url=base_url, transport=_Bounded(connections), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +63,42 @@ def new_email(prefix: str = "fan") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}@example.com"
 
 
+def _credentials(email: str, password: str) -> dict[str, str]:
+    return {"email": email, "password": password}
+
+
 def log_in(http: httpx.Client, email: str, password: str) -> httpx.Response:
-    return http.post("/v1/sessions", json={"email": email, "password": password})
+    return http.post("/v1/sessions", json=_credentials(email, password))
 
 
-def sign_up(http: httpx.Client, email: str | None = None, password: str = "correct horse battery") -> Fan:
-    email = email or new_email()
-    created = http.post("/v1/users", json={"email": email, "password": password, "displayName": "Fan"})
-    assert created.status_code == 200, created.text
-    session = log_in(http, email, password)
+PASSWORD = "correct horse battery"
+
+
+def _new_user(email: str, password: str) -> dict[str, str]:
+    return {**_credentials(email, password), "displayName": "Fan"}
+
+
+def _signed_up(user_id: str, session: httpx.Response, email: str, password: str) -> Fan:
     assert session.status_code == 200, session.text
     body = session.json()
-    return Fan(created.json()["id"], email, password, body["accessToken"], body["refreshToken"])
+    return Fan(user_id, email, password, body["accessToken"], body["refreshToken"])
+
+
+def sign_up(http: httpx.Client, email: str | None = None, password: str = PASSWORD) -> Fan:
+    email = email or new_email()
+    created = http.post("/v1/users", json=_new_user(email, password))
+    assert created.status_code == 200, created.text
+    return _signed_up(created.json()["id"], log_in(http, email, password), email, password)
+
+
+async def sign_up_async(client: httpx.AsyncClient, email: str | None = None,
+                        password: str = PASSWORD) -> Fan:
+    """sign_up for tests that sign up many fans at once (an AsyncClient with a bounded pool)."""
+    email = email or new_email()
+    created = await client.post("/v1/users", json=_new_user(email, password))
+    assert created.status_code == 200, created.text
+    session = await client.post("/v1/sessions", json=_credentials(email, password))
+    return _signed_up(created.json()["id"], session, email, password)
 
 
 def identity_command(

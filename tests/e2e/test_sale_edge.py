@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import jwt
@@ -16,32 +18,57 @@ from .test_catalog_edge import _iso, create_and_publish, event_json
 pytestmark = pytest.mark.e2e
 
 
-def _sale(http: httpx.Client, admin: Fan, opens_in: float = 4.0) -> str:
+def _sale(http: httpx.Client, admin: Fan, opens_in: float = 4.0, *, rows: int = 2,
+          seats_per_row: int = 10, room: dict | None = None, **event: object) -> str:
+    """A published event (section A of rows x seats_per_row VIP seats at KRW 1000) whose waiting
+    room is open; `room` (maxActive, admitRatePerSecond, ...) is PATCHed by the admin before
+    anyone joins; `event` overrides fields of the event's JSON."""
     now = datetime.now(UTC)
     body = event_json(queueOpenTime=_iso(now), saleOpenTime=_iso(now + timedelta(seconds=opens_in)),
-                      seatMap={"sections": [{"name": "A", "rows": 2, "seatsPerRow": 10, "tier": "VIP"}]},
-                      priceTiers=[{"name": "VIP", "price": {"currencyCode": "KRW", "units": "1000"}}])
-    event = create_and_publish(http, admin, body)["name"]
+                      seatMap={"sections": [{"name": "A", "rows": rows, "seatsPerRow": seats_per_row,
+                                             "tier": "VIP"}]},
+                      priceTiers=[{"name": "VIP", "price": {"currencyCode": "KRW", "units": "1000"}}],
+                      **event)
+    name = create_and_publish(http, admin, body)["name"]
     deadline = time.monotonic() + 15  # the queue learns of the event from Kafka
-    while http.get(f"/v1/{event}/queue").status_code != 200:
+    while http.get(f"/v1/{name}/queue").status_code != 200:
         assert time.monotonic() < deadline, "the waiting room never learned of the event"
         time.sleep(0.2)
-    return event
+    if room:
+        changed = http.patch(f"/v1/{name}/queue", params={"updateMask": ",".join(room)}, json=room,
+                             headers=admin.auth)
+        assert changed.status_code == 200, changed.text
+    return name
+
+
+def _active(me: httpx.Response) -> dict | None:
+    """The fan's ticket if queue/me answered ACTIVE (with the admission token), else None."""
+    assert me.status_code == 200, me.text
+    ticket = me.json()
+    return ticket if ticket["state"].endswith("ACTIVE") else None
 
 
 def _admitted(http: httpx.Client, fan: Fan, event: str, within: float = 30.0) -> dict:
     deadline = time.monotonic() + within
-    while True:
-        me = http.get(f"/v1/{event}/queue/me", headers=fan.auth)
-        assert me.status_code == 200, me.text
-        ticket = me.json()
-        if ticket["state"].endswith("ACTIVE"):
-            return ticket
-        assert time.monotonic() < deadline, f"never admitted: {ticket}"
+    while (ticket := _active(http.get(f"/v1/{event}/queue/me", headers=fan.auth))) is None:
+        assert time.monotonic() < deadline, f"{fan.id} never admitted to {event}"
         time.sleep(0.3)
+    return ticket
 
 
-def _hold(http: httpx.Client, fan: Fan, event: str, token: str, seats: list[str]) -> httpx.Response:
+async def _admitted_async(client: httpx.AsyncClient, fan: Fan, event: str,
+                          within: float = 30.0) -> dict:
+    """_admitted for many fans at once: queue/me until ACTIVE (that read claims the turn)."""
+    deadline = time.monotonic() + within
+    while (ticket := _active(await client.get(f"/v1/{event}/queue/me", headers=fan.auth))) is None:
+        assert time.monotonic() < deadline, f"{fan.id} never admitted to {event}"
+        await asyncio.sleep(0.3)
+    return ticket
+
+
+def _hold(http: httpx.Client | httpx.AsyncClient, fan: Fan, event: str, token: str,
+          seats: list[str]) -> Any:
+    """POST the hold; with an AsyncClient, the awaitable of its response."""
     return http.post(f"/v1/{event}/holds", json={"seatIds": seats, "requestId": str(uuid.uuid4())},
                      headers={**fan.auth, "x-admission-token": token})
 

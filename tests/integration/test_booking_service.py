@@ -7,7 +7,6 @@ checks the real gRPC adapter against a queue that answers UNIMPLEMENTED or activ
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from svc_booking.bootstrap import Wired, wire
 from svc_booking.config import Settings
 from svc_booking.service import Booking
 
+from ..support import overlapping_picks
 from .test_booking_support import Clock, event_published, fan, new_event, publish
 
 pytestmark = pytest.mark.integration
@@ -161,14 +161,7 @@ async def test_seat_map_copy_is_shared_for_its_short_life(wired: Wired) -> None:
 
 async def test_1000_fans_race_for_100_seats(wired: Wired, stub: pb_grpc.BookingServiceStub) -> None:
     event_id = await new_event(wired, sections=(("A", 10, 10, "VIP"),), limit=4)
-    rnd = random.Random(6)
-    # Overlapping picks: most fans go for the first rows, two or three adjacent seats each.
-    picks: list[list[str]] = []
-    for _ in range(1000):
-        row = min(int(rnd.expovariate(0.5)) + 1, 10)
-        n = rnd.choice((2, 3))
-        first = rnd.randint(1, 10 - n + 1)
-        picks.append([f"A-{row}-{first + k}" for k in range(n)])
+    picks = overlapping_picks(1000, 10, 10)
 
     async def one(i: int) -> tuple[int, pb.Hold | str]:
         try:
