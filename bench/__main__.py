@@ -14,6 +14,10 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
   queue_*              the waiting room (bench/queue.py): public status polls (edge cache),
                        joins and queue/me of 200 fans, beside Envoy's direct answer of the
                        same body and redis-benchmark running a join-shaped script
+  booking_hold*        holds under contention (bench/booking.py): 200 admitted fans hold two
+                       random adjacent seats of one event's front rows; answers per status
+                       (409 = contention, an answer), beside redis-benchmark running booking's
+                       own hold script (ratio booking_hold / Redis alone)
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import httpx
 from devstack import stack
 from devstack.layout import ROOT, Layout, layout
 
+from . import booking as booking_bench
 from . import queue as queue_bench
 from . import wrk
 from .baseline import direct_envoy
@@ -88,6 +93,7 @@ def measure(lay: Layout, seconds: int, connections: int) -> list[tuple[wrk.Resul
         rows.append((same_size, None))
         rows.append((wrk.run("event_get (through the edge)", f"{edge}/v1/{event}", **run), same_size))
     rows += queue_bench.measure(lay, {"authorization": f"Bearer {token}"}, seconds, connections)
+    rows += booking_bench.measure(lay, {"authorization": f"Bearer {token}"}, seconds, connections)
     return rows
 
 

@@ -77,20 +77,25 @@ def _event(edge: str, admin_auth: dict[str, str]) -> str:
     return name
 
 
-def redis_benchmark(lay: Layout, seconds: int, connections: int) -> wrk.Result:
+def redis_benchmark(lay: Layout, seconds: int, connections: int, *,
+                    name: str = "redis-benchmark, join-shaped script",
+                    command: tuple[str, ...] = ("EVAL", JOIN_SHAPE, "2", "{q:bench}:st",
+                                                "{q:bench}:u:__rand_int__"),
+                    keyspace: int = 1_000_000) -> wrk.Result:
+    """redis-benchmark sending `command` (a script: EVAL or EVALSHA) to the stack's Redis; every
+    __rand_int__ in it is a random number below `keyspace`, drawn anew for each request."""
     tool = shutil.which("redis-benchmark")
     if tool is None:
         raise RuntimeError("redis-benchmark is missing (Debian package redis-tools)")
     requests = 40_000 * seconds
     out = subprocess.run(
-        [tool, "-p", str(lay.redis_port), "-c", str(connections), "-n", str(requests), "-r", "1000000",
-         "-q", "EVAL", JOIN_SHAPE, "2", "{q:bench}:st", "{q:bench}:u:__rand_int__"],
+        [tool, "-p", str(lay.redis_port), "-c", str(connections), "-n", str(requests),
+         "-r", str(keyspace), "-q", *command],
         capture_output=True, text=True, timeout=seconds * 20 + 60, check=True,
     ).stdout
     rps = float(re.findall(r"([\d.]+) requests per second", out)[-1])
     p50 = re.findall(r"p50=([\d.]+) msec", out)
-    return wrk.Result("redis-benchmark, join-shaped script", rps, float(p50[-1]) if p50 else float("nan"),
-                      float("nan"), requests, 0, 0)
+    return wrk.Result(name, rps, float(p50[-1]) if p50 else float("nan"), float("nan"), requests, 0, 0)
 
 
 def measure(lay: Layout, admin_auth: dict[str, str], seconds: int, connections: int,

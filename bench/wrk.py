@@ -6,7 +6,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,11 +23,15 @@ class Result:
     requests: int
     non_2xx: int
     errors: int
+    # Responses per HTTP status, when run(count_statuses=True) asked wrk's script to count them.
+    statuses: dict[int, int] = field(default_factory=dict)
 
     def row(self, baseline: Result | None = None) -> str:
         ratio = f"{self.requests_per_second / baseline.requests_per_second:6.2f}" if baseline else "   -  "
+        answers = ("  statuses " + " ".join(f"{k}:{v}" for k, v in sorted(self.statuses.items()))
+                   if self.statuses else f"  non-2xx {self.non_2xx}")
         return (f"{self.name:<34} {self.requests_per_second:>10.0f} req/s  p50 {self.p50_ms:7.2f} ms"
-                f"  p99 {self.p99_ms:7.2f} ms  ratio {ratio}  non-2xx {self.non_2xx}")
+                f"  p99 {self.p99_ms:7.2f} ms  ratio {ratio}{answers}")
 
 
 def _ms(text: str) -> float:
@@ -34,32 +39,64 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
+# Counts responses per status in every thread; done() prints the sums as "status <code> <n>".
+_COUNT_STATUSES = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do total[code] = (total[code] or 0) + n end
+  end
+  for code, n in pairs(total) do io.write(string.format("status %d %d\\n", code, n)) end
+end
+"""
+
+
 def _lua(method: str, body: str | None, headers: dict[str, str],
-         rotate: tuple[str, Path] | None = None) -> str:
+         rotate: tuple[str | Sequence[str], Path] | None = None, body_script: str | None = None,
+         count_statuses: bool = False) -> str:
     lines = [f'wrk.method = "{method}"']
     if body is not None:
         lines.append(f"wrk.body = [[{body}]]")
     for k, v in headers.items():
         lines.append(f'wrk.headers["{k}"] = "{v}"')
+    per_request: list[str] = []
     if rotate is not None:
-        # One header value per request, in turn, from a file (e.g. many fans' tokens).
-        header, path = rotate
+        # One line per request, in turn, from a file; a line holds one value per header,
+        # tab-separated (e.g. many fans' user token and admission token).
+        names, path = rotate
+        names = (names,) if isinstance(names, str) else tuple(names)
         lines += [
-            "local values, i = {}, 0",
-            f'for line in io.lines("{path}") do values[#values + 1] = line end',
-            "request = function()",
-            "  i = i % #values + 1",
-            f'  wrk.headers["{header}"] = values[i]',
-            "  return wrk.format()",
+            "local rows, i = {}, 0",
+            f'for line in io.lines("{path}") do',
+            "  local row = {}",
+            '  for v in (line .. "\\t"):gmatch("([^\\t]*)\\t") do row[#row + 1] = v end',
+            "  rows[#rows + 1] = row",
             "end",
         ]
+        per_request += ["  i = i % #rows + 1"]
+        per_request += [f'  wrk.headers["{h}"] = rows[i][{n}]' for n, h in enumerate(names, 1)]
+    if body_script is not None:
+        lines.append(body_script)  # defines body(): each request's body
+        per_request.append("  wrk.body = body()")
+    if per_request:
+        lines += ["request = function()", *per_request, "  return wrk.format()", "end"]
+    if count_statuses:
+        lines.append(_COUNT_STATUSES)
     return "\n".join(lines) + "\n"
 
 
 def run(name: str, url: str, *, seconds: int = 5, connections: int = 50, threads: int = 1,
         method: str = "GET", body: str | None = None,
-        headers: dict[str, str] | None = None, rotate: tuple[str, Path] | None = None) -> Result:
-    """rotate=(header, file): each request sends the next line of file as that header."""
+        headers: dict[str, str] | None = None, rotate: tuple[str | Sequence[str], Path] | None = None,
+        body_script: str | None = None, count_statuses: bool = False) -> Result:
+    """rotate=(header, file): each request sends the next line of file as that header;
+    rotate=((header, header2, ...), file): the next line holds tab-separated values, one for each.
+    body_script: Lua defining ``function body()``, called for each request's body (random seats).
+    count_statuses: Result.statuses holds the responses per status (a 409 is an answer)."""
     host = urlparse(url).hostname or ""
     if not (host == "localhost" or host.startswith("127.")):
         raise ValueError(f"benchmarks only target loopback, not {host}")
@@ -67,7 +104,7 @@ def run(name: str, url: str, *, seconds: int = 5, connections: int = 50, threads
     if wrk is None:
         raise RuntimeError("wrk is missing: `make install` (Debian package wrk)")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_lua(method, body, headers or {}, rotate))
+        script.write(_lua(method, body, headers or {}, rotate, body_script, count_statuses))
     try:
         out = subprocess.run(
             [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
@@ -86,4 +123,5 @@ def run(name: str, url: str, *, seconds: int = 5, connections: int = 50, threads
         p99_ms=_ms(pct.get("99", "")), requests=total,
         non_2xx=int(non2xx.group(1)) if non2xx else 0,
         errors=sum(int(x) for x in errs.groups()) if errs else 0,
+        statuses={int(c): int(n) for c, n in re.findall(r"^status (\d+) (\d+)$", out, re.M)},
     )
