@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 PYTEST_ARGS ?=
 
 .PHONY: help venv gen install up down status test test-unit test-integration test-e2e \
-        lint lint-protos breaking edge-validate bench clean
+        lint lint-protos breaking edge-validate bench demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -52,7 +52,7 @@ edge-validate: gen  ## envoy --mode validate over every config the project produ
 
 lint: venv  ## ruff and mypy
 	.venv/bin/ruff check .
-	.venv/bin/mypy meshkit devstack edge bench svc_identity svc_catalog svc_queue svc_booking svc_payment
+	.venv/bin/mypy meshkit devstack edge bench svc_identity svc_catalog svc_queue svc_booking svc_payment flashsale
 
 test-unit: gen
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
@@ -65,6 +65,10 @@ test-e2e: gen install
 
 test: gen install lint lint-protos breaking  ## lints, then unit, integration (real servers), e2e (through Envoy)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+DEMO_ARGS ?=
+demo: gen  ## a flash sale against `make up`'s mesh (2,000 fans, 500 seats; DEMO_ARGS="--fans 5000 ...")
+	$(PY) -m flashsale $(DEMO_ARGS)
 
 bench: gen install  ## benchmarks; figures and ratios printed and written to bench/reports/
 	$(PY) -m bench

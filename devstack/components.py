@@ -367,8 +367,10 @@ def service_env(layout: Layout, svc: Service) -> dict[str, str]:
         env["TP_BOOKING_ADDR"] = f"127.0.0.1:{layout.service('booking').grpc_port}"
         env["TP_PAYMENT_WEBHOOK_SECRET"] = local_key(layout, "payment-webhook-secret")
         env["TP_WEBHOOK_URL"] = f"{layout.edge_url}/v1/payments/webhook"
-        if layout.profile == "test":  # quick callbacks; tests pick an outcome per payment
-            env.update(TP_SANDBOX_DELAY_SECONDS="0.2", TP_SANDBOX_OUTCOME_HEADER="true")
+        # Local stacks only: a caller may pick the sandbox's outcome (tests, `make demo`'s declines).
+        env["TP_SANDBOX_OUTCOME_HEADER"] = "true"
+        if layout.profile == "test":  # quick callbacks
+            env["TP_SANDBOX_DELAY_SECONDS"] = "0.2"
     return env
 
 
