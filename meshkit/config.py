@@ -27,6 +27,10 @@ class ServiceSettings(BaseSettings):
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str = "http://127.0.0.1:4317"
     kafka_bootstrap: str | None = None
+    # Most PostgreSQL connections one replica keeps (services without a database ignore it). A
+    # sale's burst of holds, orders and confirmations each want one; at 10, requests and the
+    # event consumers queued for connections and confirmations took seconds.
+    postgres_pool_size: int = Field(default=24, ge=2, le=200)
 
 
 S = TypeVar("S", bound=ServiceSettings)

@@ -117,6 +117,7 @@ class EventConsumer:
         retry_backoff: float = 0.2,
         dlq_suffix: str = ".dlq",
         max_batch: int = 100,
+        max_concurrency: int = 4,
         client_id: str | None = None,
         is_transient: Callable[[BaseException], bool] = is_database_unavailable,
         after_commit: AfterCommitHook | None = None,
@@ -133,6 +134,9 @@ class EventConsumer:
         self.retry_backoff = retry_backoff
         self.dlq_suffix = dlq_suffix
         self.max_batch = max_batch
+        # Records handled at once (each from its own partition). Each holds a pooled connection
+        # for its transaction and the handler may take another: keep 2 x this under the pool size.
+        self.max_concurrency = max_concurrency
         self._client_id = client_id or f"meshkit-{group_id}"
         self._is_transient = is_transient
         self._after_commit = after_commit
@@ -284,31 +288,34 @@ class EventConsumer:
         longer waits in one line: what several replicas would do anyway, inside one.
         """
         generation = self._generation
+        slots = asyncio.Semaphore(self.max_concurrency)
         try:
             async with asyncio.TaskGroup() as group:
                 for records in batch.values():
-                    group.create_task(self._handle_partition(records, generation))
+                    group.create_task(self._handle_partition(records, generation, slots))
         except BaseExceptionGroup as failed:
             other = failed.subgroup(lambda e: not isinstance(e, _Abandon))
             if other is not None:
                 raise other.exceptions[0] from failed
             raise _Abandon() from None
 
-    async def _handle_partition(self, records: list[ConsumerRecord[Any, Any]], generation: int) -> None:
+    async def _handle_partition(self, records: list[ConsumerRecord[Any, Any]], generation: int,
+                                slots: asyncio.Semaphore) -> None:
         for rec in records:
-            if self._stopping or self._generation != generation:
-                # Stopping, or a rebalance happened: drop the rest of this batch. Whoever owns each
-                # partition now (maybe us) fetches again from the offset committed then.
-                return
-            self._in_hand += 1
-            try:
-                await self._handle_record(rec)
-                self._done[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
-            finally:
-                self._in_hand -= 1
-                if self._in_hand == 0:
-                    async with self._idle:
-                        self._idle.notify_all()
+            async with slots:
+                if self._stopping or self._generation != generation:
+                    # Stopping, or a rebalance happened: drop the rest of this batch. Whoever owns
+                    # each partition now (maybe us) fetches again from the offset committed then.
+                    return
+                self._in_hand += 1
+                try:
+                    await self._handle_record(rec)
+                    self._done[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+                finally:
+                    self._in_hand -= 1
+                    if self._in_hand == 0:
+                        async with self._idle:
+                            self._idle.notify_all()
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Rebalance: start no more records, let those in hand finish, commit what was handled,

@@ -5,7 +5,13 @@ Served on the service's metrics port (``TP_METRICS_PORT``) at ``/metrics``.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 STARTED = Counter(
     "grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method"]
@@ -50,3 +56,41 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
     """Start the /metrics HTTP endpoint in a background thread; return the bound port."""
     server, _thread = start_http_server(port, addr=host)
     return int(server.server_address[1])
+
+
+class _PoolCollector(Collector):
+    """psycopg_pool's own counters, read at each scrape: is the service waiting for connections?"""
+
+    def __init__(self) -> None:
+        self.pools: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gauges = {"pool_max": "most connections", "pool_size": "connections open",
+                  "pool_available": "connections idle", "requests_waiting": "requests waiting now"}
+        names = {"requests_waiting": "pool_requests_waiting"}
+        counters = {"requests_num": ("meshkit_db_pool_requests", "connections asked for"),
+                    "requests_queued": ("meshkit_db_pool_requests_queued", "requests that had to wait"),
+                    "requests_wait_ms": ("meshkit_db_pool_wait_milliseconds", "time spent waiting")}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for key, text in gauges.items():
+            name = f"meshkit_db_{names.get(key, key)}"
+            families[key] = GaugeMetricFamily(name, f"PostgreSQL pool: {text}.", labels=["pool"])
+        for key, (metric, text) in counters.items():
+            families[key] = CounterMetricFamily(metric, f"PostgreSQL pool: {text}.", labels=["pool"])
+        seen: dict[str, int] = {}
+        for pool in list(self.pools):
+            seen[pool.name] = seen.get(pool.name, 0) + 1
+            label = pool.name if seen[pool.name] == 1 else f"{pool.name}#{seen[pool.name]}"
+            stats = pool.get_stats()
+            for key, family in families.items():
+                family.add_metric([label], stats.get(key, 0))
+        yield from families.values()
+
+
+_POOLS = _PoolCollector()
+REGISTRY.register(_POOLS)
+
+
+def watch_pool(pool: Any) -> None:
+    """Export ``pool``'s use (a psycopg_pool pool) on /metrics while it lives."""
+    _POOLS.pools.add(pool)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from . import metrics
 from . import redis as redis_
 from .db import close_pool, open_pool
 from .outbox import OutboxRelay
 
 
-async def postgres(stack: contextlib.AsyncExitStack, dsn: str, migrations: Path):  # type: ignore[no-untyped-def]
-    """A pool with meshkit's and the service's migrations applied."""
-    pool = await open_pool(dsn, migrations=migrations)
+async def postgres(stack: contextlib.AsyncExitStack, dsn: str, migrations: Path,  # type: ignore[no-untyped-def]
+                   *, size: int = 10):
+    """A pool of at most ``size`` connections with meshkit's and the service's migrations applied;
+    its use is exported as Prometheus gauges (meshkit_db_pool_*)."""
+    pool = await open_pool(dsn, migrations=migrations, max_size=size)
     stack.push_async_callback(close_pool, pool)
+    metrics.watch_pool(pool)
     return pool
 
 

@@ -44,7 +44,8 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
     """Everything booking needs, started; ``admission`` replaces the queue client (tests)."""
     stack = contextlib.AsyncExitStack()
     try:
-        pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS)
+        pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS,
+                                          size=settings.postgres_pool_size)
         redis = await resources.redis(stack, settings.redis_url, cluster=settings.redis_cluster)
         await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
         notifier: QueueNotifier | None = None

@@ -30,7 +30,8 @@ class Wired:
 async def wire(settings: Settings) -> Wired:
     stack = contextlib.AsyncExitStack()
     try:
-        pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS)
+        pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS,
+                                          size=settings.postgres_pool_size)
         await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
         catalog = Catalog(
             EventRepository(pool),

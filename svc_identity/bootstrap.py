@@ -64,7 +64,8 @@ async def open_identity(
             "TP_KEY_CACHE_SECONDS: a rotation may sign with a key the edge has not fetched yet",
             extra={"publish_ahead_seconds": settings.key_publish_ahead_seconds},
         )
-    pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS)
+    pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS,
+                                          size=settings.postgres_pool_size)
     keys = key_store(pool, settings)
     if serving:
         await keys.ensure()

@@ -49,7 +49,8 @@ def _transient(exc: BaseException) -> bool:
 async def wire(settings: Settings) -> Wired:
     stack = contextlib.AsyncExitStack()
     try:
-        pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS)
+        pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS,
+                                          size=settings.postgres_pool_size)
         await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
         booking = BookingClient(settings.booking_addr, timeout=settings.booking_timeout_seconds)
         stack.push_async_callback(booking.close)

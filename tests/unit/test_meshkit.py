@@ -124,3 +124,24 @@ def test_access_levels_come_from_the_contract():
     with pytest.raises(PermissionDenied):
         access.check(level, access.Caller("u1", "USER"))
     access.check(level, access.Caller("u1", "ADMIN"))
+
+
+def test_a_pools_use_is_exported_on_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from meshkit import metrics
+
+    class FakePool:
+        name = "unit-pool"
+
+        def get_stats(self) -> dict[str, int]:
+            return {"pool_max": 24, "pool_size": 5, "pool_available": 1, "requests_waiting": 3,
+                    "requests_num": 40, "requests_queued": 7, "requests_wait_ms": 1234}
+
+    pool = FakePool()
+    metrics.watch_pool(pool)
+    text = generate_latest().decode()
+    assert 'meshkit_db_pool_max{pool="unit-pool"} 24.0' in text
+    assert 'meshkit_db_pool_requests_waiting{pool="unit-pool"} 3.0' in text
+    assert 'meshkit_db_pool_wait_milliseconds_total{pool="unit-pool"} 1234.0' in text
+    assert 'meshkit_db_pool_requests_queued_total{pool="unit-pool"} 7.0' in text
