@@ -18,6 +18,9 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
                        random adjacent seats of one event's front rows; answers per status
                        (409 = contention, an answer), beside redis-benchmark running booking's
                        own hold script (ratio booking_hold / Redis alone)
+  purchases            one event's sale through the edge (bench/purchases.py, the `make demo`
+                       simulator): tickets and purchases per minute, webhook -> CONFIRMED
+                       p50/p99, beside the goal (10,000 tickets/min) and pretix's 300-400
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ from devstack import stack
 from devstack.layout import ROOT, Layout, layout
 
 from . import booking as booking_bench
+from . import purchases as purchases_bench
 from . import queue as queue_bench
 from . import wrk
 from .baseline import direct_envoy
 
 REPORTS = ROOT / "bench" / "reports"
+BENCH_ADMIN = ("bench-admin@example.com", "bench admin password")
 
 
 def _fixtures(lay: Layout) -> tuple[str, str]:  # (admin token, event name)
@@ -53,7 +58,7 @@ def _fixtures(lay: Layout) -> tuple[str, str]:  # (admin token, event name)
     from devstack.demo import DemoAccount, ensure_account
     from svc_catalog.demo import demo_event
 
-    admin = DemoAccount("ADMIN", "bench-admin@example.com", "bench admin password")
+    admin = DemoAccount("ADMIN", *BENCH_ADMIN)
     ensure_account(lay, admin)
     with httpx.Client(base_url=lay.edge_url, timeout=15) as http:
         session = http.post("/v1/sessions", json={"email": admin.email, "password": admin.password})
@@ -102,19 +107,26 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--keep", action="store_true", help="leave the test stack running")
+    ap.add_argument("--purchase-fans", type=int, default=800, help="fans of the purchases scenario (0: skip)")
+    ap.add_argument("--purchase-seats", type=int, default=1600, help="seats of the purchases scenario")
     args = ap.parse_args()
     lay = layout("test")
     stack.ensure_infra(lay)
     stack.start_services(lay)
     stack.start_edge(lay)
+    sale: dict[str, Any] | None = None
     try:
         rows = measure(lay, args.seconds, args.connections)
+        if args.purchase_fans:
+            sale = purchases_bench.measure(lay, BENCH_ADMIN, args.purchase_fans, args.purchase_seats)
     finally:
         if not args.keep:
             stack.down(lay)
     print(f"\n{'scenario':<34} {'throughput':>16}  latency                      vs baseline")
     for result, baseline in rows:
         print(result.row(baseline))
+    if sale is not None:
+        print("\n" + purchases_bench.render(sale))
     REPORTS.mkdir(parents=True, exist_ok=True)
     out: Path = REPORTS / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps({
@@ -123,6 +135,7 @@ def main() -> None:
         "results": [{**asdict(r), "baseline": b.name if b else None,
                      "ratio_to_baseline": r.requests_per_second / b.requests_per_second if b else None}
                     for r, b in rows],
+        "purchases": sale,
     }, indent=2))
     print(f"\nreport: {out.relative_to(ROOT)}")
 

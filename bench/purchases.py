@@ -1,0 +1,62 @@
+"""Completed purchases through the edge: one event's sale, as many fans as the room admits at once.
+
+flashsale drives it (the same simulator as `make demo`): every fan signs in, joins, is admitted,
+holds 1-4 seats, orders and pays; the sandbox PSP approves after its delay (0.2 s in the test
+profile) and the fan waits for CONFIRMED. The room admits fast enough not to be the limit, so the
+figure is what booking, payment, Kafka and the edge carry together on this machine.
+
+  tickets per minute         seats in CONFIRMED orders / (last confirmation - sale opening)
+  purchases per minute       the same, in orders
+  webhook -> CONFIRMED       the payment's webhook time to the order's confirmation, from the
+                             servers' own timestamps (p50, p99)
+Beside them: pretix's documented 300-400 tickets per minute per event, and the goal of 10,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from devstack.layout import Layout
+from flashsale import report
+from flashsale.sale import FanPool, SaleConfig, run
+
+PRETIX_TICKETS_PER_MINUTE = 400  # pretix's documentation: 300-400 per minute per event
+GOAL_TICKETS_PER_MINUTE = 10_000
+
+
+def measure(lay: Layout, admin: tuple[str, str], fans: int = 800, seats: int = 1600) -> dict[str, Any]:
+    cfg = SaleConfig(fans=fans, seats=seats, admit_rate=1000, max_active=fans, early_share=0.0,
+                     lead_seconds=3, arrival_seconds=1, decline_share=0.0, connections=256,
+                     give_up_seconds=3, max_seconds=300, seed=5)
+    result = asyncio.run(run(lay.edge_url, admin, cfg, pool=FanPool(None), fresh_fans=True))
+    s = report.summary(result, asyncio.run(report.check(result)))
+    purchases = s["orders"].get("CONFIRMED", 0)
+    tpm = s["tickets_per_minute"] or 0.0
+    minutes = s["tickets_confirmed"] / tpm if tpm else float("nan")
+    return {
+        "fans": fans, "seats": seats,
+        "tickets_confirmed": s["tickets_confirmed"],
+        "tickets_per_minute": tpm,
+        "purchases_per_minute": purchases / minutes if tpm else 0.0,
+        "ratio_to_goal": tpm / GOAL_TICKETS_PER_MINUTE,
+        "ratio_to_pretix": tpm / PRETIX_TICKETS_PER_MINUTE,
+        "webhook_to_confirmed_ms": s["webhook_to_confirmed_ms"],
+        "steps_ms": s["steps_ms"],
+        "oversold": s["oversold"],
+        "paid_without_confirmation": s["paid_without_confirmation"],
+        "errors": s["errors"][:5],
+    }
+
+
+def render(m: dict[str, Any]) -> str:
+    w = m["webhook_to_confirmed_ms"]
+    return "\n".join([
+        f"purchases ({m['fans']} fans, {m['seats']} seats, through the edge)",
+        f"  tickets per minute      {m['tickets_per_minute']:8.0f}   goal {GOAL_TICKETS_PER_MINUTE}"
+        f" (ratio {m['ratio_to_goal']:.2f});"
+        f" pretix ~{PRETIX_TICKETS_PER_MINUTE} (ratio {m['ratio_to_pretix']:.0f})",
+        f"  purchases per minute    {m['purchases_per_minute']:8.0f}",
+        f"  webhook -> CONFIRMED    p50 {w['p50']:.0f} ms  p99 {w['p99']:.0f} ms  (n {w['n']})",
+        f"  oversold {m['oversold']}, paid without confirmation {m['paid_without_confirmation']}",
+    ] + [f"  error: {e}" for e in m["errors"]])
