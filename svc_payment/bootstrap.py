@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
 
-from meshkit import resources
+from meshkit import metrics, resources
 from meshkit.consumer import EventConsumer, is_database_unavailable
 from meshkit.db import close_pool, open_pool
 from meshkit.server import App, Registration, build_server
@@ -24,7 +24,7 @@ SERVICE = "ticketping.payment.v1.PaymentService"
 MIGRATIONS = Path(__file__).parent / "adapters" / "migrations"
 # The sandbox PSP's own connections: the service calls it while holding one of its pool's (a refund
 # inside the webhook's transaction), so the two must not compete for the same ones.
-SANDBOX_POOL_SIZE = 4
+SANDBOX_POOL_SIZE = 8
 
 
 @dataclass
@@ -58,6 +58,7 @@ async def wire(settings: Settings) -> Wired:
         sandbox_pool = await open_pool(settings.postgres_dsn, migrations=MIGRATIONS, min_size=1,
                                        max_size=SANDBOX_POOL_SIZE, name="sandbox")
         stack.push_async_callback(close_pool, sandbox_pool)
+        metrics.watch_pool(sandbox_pool)
         provider = SandboxProvider(sandbox_pool, settings.webhook_url, secret,
                                    delay=settings.sandbox_delay_seconds, outcome=settings.sandbox_outcome,
                                    max_attempts=settings.sandbox_max_attempts)
