@@ -4,6 +4,10 @@
 seats with overlapping picks; some winners order and pay. Nothing may be held by two fans, held
 in part, or sold twice, and held + sold never exceeds the inventory: in the answers, in the seat
 map and in PostgreSQL.
+
+Then Redis is flushed in the middle of a sale: booking rebuilds from PostgreSQL, the waiting
+room's loss shuts the booking routes (never a pass), and once admissions are back no seat sold
+or held before is given again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from devstack.layout import Layout
 
 from ..support import overlapping_picks
 from .conftest import Fan, crowd_client, sign_up_async
-from .test_sale_edge import _admitted_async, _hold, _sale
+from .test_sale_edge import _admitted_async, _hold, _sale, _until
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +46,15 @@ def seat_map(http: httpx.Client, event: str) -> dict[str, str]:
     resp = http.get(f"/v1/{event}/seats", headers={"cache-control": "no-cache"})
     assert resp.status_code == 200, resp.text
     return {s["seatId"]: s["status"].removeprefix("SEAT_STATUS_") for s in resp.json()["seats"]}
+
+
+def seat_map_once_sold(http: httpx.Client, event: str, sold: set[str]) -> dict[str, str]:
+    """The seat map once it shows these seats SOLD: an order reads CONFIRMED as soon as
+    PostgreSQL committed the sale, and booking marks the seats in Redis right after."""
+    def shows_sold() -> dict[str, str] | None:
+        seats = seat_map(http, event)
+        return seats if sold <= {s for s, st in seats.items() if st == "SOLD"} else None
+    return _until(shows_sold, within=5.0, every=0.1)
 
 
 def live_and_sold(lay: Layout, event: str) -> tuple[Counter[str], Counter[str]]:
@@ -160,7 +173,7 @@ async def test_1000_admitted_fans_race_for_100_seats(http: httpx.Client, admin: 
 
     bought = {s for o in orders for s in o["seatIds"]}
     assert bought == {s for _, hold in buyers for s in hold["seatIds"]}
-    seats = seat_map(http, event)
+    seats = seat_map_once_sold(http, event, bought)
     assert {s for s, st in seats.items() if st == "SOLD"} == bought
     assert {s for s, st in seats.items() if st == "HELD"} == set(owner) - bought
     held, sold = live_and_sold(mesh, event)
@@ -247,7 +260,7 @@ async def test_redis_flushed_mid_sale_never_sells_a_seat_twice(http: httpx.Clien
         await order_and_pay(client, buyer, buyer_token, (await hold(0, ["A-1-1", "A-1-2"]))["name"])
         unpaid = await order(client, payer, payer_token, (await hold(1, ["A-1-3", "A-1-4"]))["name"])
         held = await hold(2, ["A-1-5"])
-        before = statuses(seat_map(http, event))
+        before = statuses(seat_map_once_sold(http, event, {"A-1-1", "A-1-2"}))
         assert (before["SOLD"], before["HELD"]) == ({"A-1-1", "A-1-2"}, {"A-1-3", "A-1-4", "A-1-5"})
 
         room = flush_mid_sale(mesh, event)
@@ -268,7 +281,7 @@ async def test_redis_flushed_mid_sale_never_sells_a_seat_twice(http: httpx.Clien
         assert no_order.status_code == 403, no_order.text
         # Paying needs no admission: the unpaid order is paid, its seats sold once.
         await pay(client, payer, unpaid)
-        after = statuses(seat_map(http, event))
+        after = statuses(seat_map_once_sold(http, event, {"A-1-1", "A-1-2", "A-1-3", "A-1-4"}))
         assert (after["SOLD"], after["HELD"]) == ({"A-1-1", "A-1-2", "A-1-3", "A-1-4"}, {"A-1-5"})
 
         # The waiting room comes back as it was (booking's state is the rebuilt one) and the
@@ -286,7 +299,7 @@ async def test_redis_flushed_mid_sale_never_sells_a_seat_twice(http: httpx.Clien
                   for i, h in won[:3]]
 
     sold_now = after["SOLD"] | {s for o in bought for s in o["seatIds"]}
-    final = statuses(seat_map(http, event))
+    final = statuses(seat_map_once_sold(http, event, sold_now))
     assert final["SOLD"] == sold_now
     assert final["HELD"] == {"A-1-5"} | (set(owner) - sold_now)
     live, sold = live_and_sold(mesh, event)
