@@ -30,7 +30,10 @@ def infra(lay: Layout) -> Iterator[Layout]:
     try:
         stack.ensure_infra(lay)
     except BaseException:
-        stack.down(lay)  # what did start must not outlive a failed setup
+        # What did start must not outlive a failed setup, unless the stack is meant to be kept:
+        # then it may be another run's, still in use (a failed check is no reason to kill it).
+        if not os.environ.get("TP_KEEP_STACK"):
+            stack.down(lay)
         raise
     yield lay
     if not os.environ.get("TP_KEEP_STACK"):
