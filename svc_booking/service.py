@@ -278,7 +278,7 @@ class Booking:
                 break
             await self.ensure_live(layout)
         if res.outcome == "DUP":
-            return await self._replay_hold(layout, user_id, uuid.UUID(res.values[0]))
+            return await self._replay_hold(layout, user_id, uuid.UUID(res.values[0]), request_id)
         if res.outcome == "TAKEN":
             raise model.SeatUnavailable(res.values)
         if res.outcome == "LIMIT":
@@ -297,41 +297,96 @@ class Booking:
                     raise _StateRebuilt(live, stamp)
                 if await db.insert_hold(conn, hold, request_id):
                     await enqueue(conn, self.topic, messages.hold_created(hold))
-                else:  # a retry whose Redis request key was lost (restart): the first hold wins
+                else:  # a retry wrote this hold down first (_adopt), or a retry whose Redis
+                    # request key was lost (restart) made another: the first hold wins
                     first = await db.hold_by_request(conn, event_id, user_id, request_id)
         except _StateRebuilt as lost:
+            kept = await self._take_back(hold, request_id)
+            if kept is not None:  # a retry wrote it down, on the state it was made on, before that was lost
+                return PricedHold(kept, layout.amount(kept.seat_ids))
             log.warning("hold made on a live state that was lost and rebuilt; made again",
                         extra={"event": model.event_name(event_id), "stamp": lost.made_on,
                                "live_stamp": lost.live})
-            await self._take_back(hold, request_id)
             return None
         except BaseException:
-            # The promise could not be written down: take it back.
+            # The promise could not be written down: take it back (unless a retry wrote it down).
+            # If even that fails, the hold stays in Redis alone, as after a crash: a retry of the
+            # request writes it down (_adopt), or the sweeper releases it at its deadline.
             with contextlib.suppress(Exception):
                 await self._take_back(hold, request_id)
             raise
         if first is not None:
-            await self._take_back(hold, request_id)
+            if first.hold_id != hold_id:
+                await self._take_back(hold, request_id)
             return PricedHold(first, layout.amount(first.seat_ids))
         return PricedHold(hold, layout.amount(seats))
 
-    async def _take_back(self, hold: Hold, request_id: uuid.UUID) -> None:
+    async def _take_back(self, hold: Hold, request_id: uuid.UUID | None) -> Hold | None:
         """Undo a hold's Redis step that PostgreSQL never recorded, request key included (a retry
-        of the request is then a new attempt, not a replay of a hold that does not exist)."""
-        await self.inventory.release(hold.event_id, str(hold.hold_id), hold.user_id, hold.seat_ids,
-                                     request_id=str(request_id))
+        of the request is then a new attempt, not a replay of a hold that does not exist).
 
-    async def _replay_hold(self, layout: Layout, user_id: str, hold_id: uuid.UUID) -> PricedHold:
+        Unless it was recorded after all, by a retry of the request (_adopt): then nothing is
+        undone and its row is returned. The check and the undo hold the hold's lock, as _adopt
+        does, so a hold is never both written down by a retry and taken back."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await db.lock_hold_id(conn, hold.hold_id)
+            written = await db.get_hold(conn, hold.hold_id)
+            if written is None:
+                await self.inventory.release(hold.event_id, str(hold.hold_id), hold.user_id, hold.seat_ids,
+                                             request_id=None if request_id is None else str(request_id))
+        return written
+
+    async def _replay_hold(self, layout: Layout, user_id: str, hold_id: uuid.UUID,
+                           request_id: uuid.UUID) -> PricedHold | None:
+        """A retry: the hold the request made, as written down; None if it is gone and the
+        request is to be made again."""
         async with self.pool.connection() as conn:
             hold = await db.get_hold(conn, hold_id)
-        if hold is None:  # the first attempt is still writing it: answer from Redis
-            rec = await self.inventory.hold_record(layout.event_id, str(hold_id))
-            if not rec or rec.get("user") != user_id:
-                raise DomainError("REQUEST_IN_PROGRESS", "the first request with this request_id "
-                                  "has not finished; retry")
-            hold = Hold(hold_id, layout.event_id, user_id, tuple(rec["seats"].split(",")),
-                        from_ms(rec["exp"]), from_ms(rec["created"]))
-        return PricedHold(hold, layout.amount(hold.seat_ids))
+        if hold is None:
+            hold = await self._adopt(layout, user_id, hold_id, request_id)
+        return None if hold is None else PricedHold(hold, layout.amount(hold.seat_ids))
+
+    async def _adopt(self, layout: Layout, user_id: str, hold_id: uuid.UUID,
+                     request_id: uuid.UUID) -> Hold | None:
+        """A retry found the hold its request made in Redis but not in PostgreSQL: the first
+        attempt is still writing it down, or died between the two (a kill -9, a lost connection),
+        and answering from Redis would promise a hold that may never exist. So the retry writes it
+        down itself, as the first attempt would have (the row and HoldCreated). A first attempt
+        still alive writes the same row: whichever inserts second finds it there (the primary key)
+        and answers that hold; and a first attempt that gives up takes its hold back only under
+        the hold's lock, which this holds, and only if no row was written.
+
+        Only a hold that is live in the state PostgreSQL vouches for is written down: every seat
+        held by it in the build whose stamp is events.live_stamp (the event's row is shared, so
+        no rebuild meanwhile). Otherwise it is gone (taken back, released at its deadline, lost
+        with Redis): what is left of it goes, request key included, and None says to make the
+        request again."""
+        event_id = layout.event_id
+        async with self.pool.connection() as conn, conn.transaction():
+            live = await db.share_event(conn, event_id)
+            await db.lock_hold_id(conn, hold_id)
+            written = await db.get_hold(conn, hold_id)
+            if written is not None:  # the first attempt wrote it meanwhile
+                return written
+            rec = await self.inventory.hold_record(event_id, str(hold_id))
+            seats = tuple(filter(None, rec.get("seats", "").split(",")))
+            if rec.get("user") == user_id and live is not None \
+                    and await self.inventory.held_stamp(event_id, str(hold_id), seats) == live:
+                hold = Hold(hold_id, event_id, user_id, seats, from_ms(rec["exp"]), from_ms(rec["created"]))
+                if await db.insert_hold(conn, hold, request_id):
+                    await enqueue(conn, self.topic, messages.hold_created(hold))
+                    log.warning("a retry found its hold in Redis alone and wrote it down",
+                                extra={"hold": hold.name})
+                    return hold
+                # Written down meanwhile by the first attempt, or another hold of this request is
+                # (its request key was lost): that one, and this one goes unless it is that one.
+                first = await db.hold_by_request(conn, event_id, user_id, request_id)
+                if first is not None and first.hold_id == hold_id:
+                    return first
+            else:
+                first = None
+            await self.inventory.release(event_id, str(hold_id), user_id, seats, request_id=str(request_id))
+        return first
 
     async def delete_hold(self, user_id: str, event_id: str, hold_id: uuid.UUID) -> None:
         name = model.hold_name(event_id, hold_id)
@@ -489,7 +544,9 @@ class Booking:
         if hold is None:  # never written to PostgreSQL (a crash right after the script)
             rec = await self.inventory.hold_record(event_id, str(hold_id))
             user, seats = rec.get("user", ""), tuple(filter(None, rec.get("seats", "").split(",")))
-            await self.inventory.release(event_id, str(hold_id), user, seats)
+            orphan = Hold(hold_id, event_id, user, seats, self.clock(), self.clock())
+            if await self._take_back(orphan, None) is not None:  # a retry just wrote it down
+                return await self.expire_hold(event_id, hold_id)
             return "orphan_released"
         if hold.state is HoldState.SOLD:
             await self.inventory.sell(event_id, str(hold_id), hold.seat_ids)

@@ -73,6 +73,17 @@ return 0
 """
 
 
+# The stamp of the build in which every given seat is held by this hold; nil if one is not (or
+# the state has no build).
+_HELD_STAMP = """
+local held = 'H' .. ARGV[1]
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) ~= held then return false end
+end
+return redis.call('HGET', KEYS[1], 'stamp') or false
+"""
+
+
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -86,6 +97,7 @@ class Inventory:
         self._claim = redis.register_script((LUA / "claim_due.lua").read_bytes())
         self._rebuild = redis.register_script((LUA / "rebuild.lua").read_bytes())
         self._forget = redis.register_script(_FORGET_BUILD)
+        self._held_stamp = redis.register_script(_HELD_STAMP)
 
     async def hold(
         self, event_id: str, user_id: str, hold_id: str, request_id: str, seats: Sequence[str],
@@ -120,6 +132,14 @@ class Inventory:
     async def hold_record(self, event_id: str, hold_id: str) -> dict[str, str]:
         raw = await self.redis.hgetall(hold_key(event_id, hold_id))  # type: ignore[misc]
         return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def held_stamp(self, event_id: str, hold_id: str, seats: Sequence[str]) -> str | None:
+        """The stamp of the live state if every seat in ``seats`` is held by this hold in it;
+        None if one is not, or the state is not built."""
+        if not seats:
+            return None
+        out = await self._held_stamp(keys=[meta_key(event_id), seats_key(event_id)], args=[hold_id, *seats])
+        return None if out is None else _s(out)
 
     async def is_built(self, event_id: str) -> bool:
         return bool(await self.redis.exists(meta_key(event_id)))

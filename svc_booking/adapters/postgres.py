@@ -159,6 +159,13 @@ async def hold_by_request(conn: Conn, event_id: str, user_id: str, request_id: u
     return _hold(row) if row else None
 
 
+async def lock_hold_id(conn: Conn, hold_id: uuid.UUID) -> None:
+    """Serialize, per hold id, until the transaction ends, a retry writing down the hold its
+    request's first attempt left in Redis alone, and whoever takes back a hold that has no row
+    (that first attempt, the sweeper): the row may not exist yet, hence an advisory lock."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"hold:{hold_id}",))
+
+
 async def set_hold_state(conn: Conn, hold_id: uuid.UUID, state: HoldState) -> None:
     await conn.execute("UPDATE holds SET state = %s, update_time = now() WHERE hold_id = %s",
                        (state.value, hold_id))

@@ -324,3 +324,113 @@ async def test_a_hold_lost_with_redis_before_its_row_was_written_is_never_given_
             assert await cur.fetchall() == [(won.hold.hold_id, ["A-1-1", "A-1-2"])]
     finally:
         await redis.aclose()
+
+
+class Died(Exception):
+    """Stands for a kill -9: raised past every handler, so nothing after the script runs."""
+
+
+class DiesAfterHoldScript(Inventory):
+    """The first hold script succeeds, then its process dies before the row is written down."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.dead = False
+
+    async def hold(self, *args: Any, **kwargs: Any) -> HoldResult:
+        res = await super().hold(*args, **kwargs)
+        if res.outcome == "OK" and not self.dead:
+            self.dead = True
+            raise Died
+        return res
+
+
+class PausesAfterHoldScript(Inventory):
+    """The first hold script succeeds, then its attempt stalls (a slow replica) until released."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.scripted = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def hold(self, *args: Any, **kwargs: Any) -> HoldResult:
+        res = await super().hold(*args, **kwargs)
+        if res.outcome == "OK" and not self.scripted.is_set():
+            self.scripted.set()
+            await self.resume.wait()
+        return res
+
+
+async def _hold_rows(w: Wired, event_id: str) -> list[tuple[uuid.UUID, list[str], str]]:
+    async with w.booking.pool.connection() as conn:
+        cur = await conn.execute("SELECT hold_id, seat_ids, state FROM holds WHERE event_id = %s",
+                                 (event_id,))
+        return list(await cur.fetchall())
+
+
+async def _hold_created(w: Wired, hold_id: uuid.UUID) -> int:
+    async with w.booking.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM outbox WHERE key = %s", (str(hold_id),))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_a_retry_writes_down_the_hold_its_dead_first_attempt_left_in_redis_alone(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    """A kill -9 between the hold script and the row: the fan's retry (same request id) must get
+    a hold that exists, not a promise answered from Redis that no row will ever back."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    live = wired.booking
+    await live.ensure_live(await live.layout(event_id))
+    redis = Redis.from_url(private_redis.url)
+    dead = Booking(live.pool, DiesAfterHoldScript(redis))
+    request = uuid.uuid4()
+    try:
+        with pytest.raises(Died):
+            await dead.create_hold("u-died", event_id, ["A-1-1", "A-1-2"], request)
+        _, values = await live.seat_statuses(event_id)
+        assert values["A-1-1"] == values["A-1-2"] != "A"
+        assert await _hold_rows(wired, event_id) == []  # in Redis alone
+
+        retried = await live.create_hold("u-died", event_id, ["A-1-1", "A-1-2"], request)
+        assert values["A-1-1"] == f"H{retried.hold.hold_id}"  # the hold the first attempt made
+        assert await _hold_rows(wired, event_id) == [(retried.hold.hold_id, ["A-1-1", "A-1-2"], "ACTIVE")]
+        assert await _hold_created(wired, retried.hold.hold_id) == 1
+        again = await live.create_hold("u-died", event_id, ["A-1-1", "A-1-2"], request)
+        assert again.hold.hold_id == retried.hold.hold_id
+        order = await live.create_order("u-died", event_id, retried.hold.hold_id, uuid.uuid4())
+        assert order.seat_ids == ("A-1-1", "A-1-2")
+        with pytest.raises(model.SeatUnavailable):
+            await live.create_hold("u-next", event_id, ["A-1-2", "A-1-3"], uuid.uuid4())
+    finally:
+        await redis.aclose()
+
+
+async def test_a_slow_first_attempt_and_its_retry_write_one_hold_and_take_nothing_back(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    live = wired.booking
+    await live.ensure_live(await live.layout(event_id))
+    redis = Redis.from_url(private_redis.url)
+    stalls = PausesAfterHoldScript(redis)
+    slow = Booking(live.pool, stalls)
+    request = uuid.uuid4()
+    try:
+        first = asyncio.create_task(slow.create_hold("u-slow", event_id, ["A-1-3", "A-1-4"], request))
+        await stalls.scripted.wait()
+        retried = await live.create_hold("u-slow", event_id, ["A-1-3", "A-1-4"], request)
+        stalls.resume.set()
+        answered = await first
+        assert answered.hold.hold_id == retried.hold.hold_id
+        # Written once, announced once, and still held in Redis: the first attempt found the row
+        # its retry wrote and took nothing back.
+        assert await _hold_rows(wired, event_id) == [(retried.hold.hold_id, ["A-1-3", "A-1-4"], "ACTIVE")]
+        assert await _hold_created(wired, retried.hold.hold_id) == 1
+        _, values = await live.seat_statuses(event_id)
+        assert values["A-1-3"] == values["A-1-4"] == f"H{retried.hold.hold_id}"
+    finally:
+        await redis.aclose()
+
