@@ -457,45 +457,62 @@ class Booking:
 
     async def cancel_order(self, user_id: str, order_id: uuid.UUID,
                            reason: str = "USER_CANCELLED") -> Order:
+        """Cancel an unpaid order: one transaction (CANCELLED, its hold too, OrderCancelled), then
+        its seats released in Redis. Cancelling it again (the fan's retry, PaymentFailed
+        redelivered after a crash between that commit and the release) changes nothing in
+        PostgreSQL but releases again (idempotent: only seats still held by its hold), or the seats
+        would stay held until the hold's deadline. OrderCancelled ends the fan's session."""
+        replay = False
         async with self.pool.connection() as conn, conn.transaction():
             order = await db.get_order(conn, order_id, lock=True)
             if order is None or order.user_id != user_id:
                 raise model.order_not_found(f"orders/{order_id}")
             if order.state is OrderState.CANCELLED:
-                return order
-            if order.state is not OrderState.PENDING_PAYMENT:
+                replay = True
+            elif order.state is not OrderState.PENDING_PAYMENT:
                 raise DomainError("ORDER_NOT_CANCELLABLE", f"{order.name} is {order.state.value}",
                                   metadata={"state": order.state.value})
-            await db.share_event(conn, order.event_id)
-            order = await db.set_order_state(conn, order_id, OrderState.CANCELLED)
-            await db.set_hold_state(conn, order.hold_id, HoldState.CANCELLED)
-            await enqueue(conn, self.topic, messages.order_cancelled(order, reason))
+            else:
+                await db.share_event(conn, order.event_id)
+                order = await db.set_order_state(conn, order_id, OrderState.CANCELLED)
+                await db.set_hold_state(conn, order.hold_id, HoldState.CANCELLED)
+                await enqueue(conn, self.topic, messages.order_cancelled(order, reason))
         await self.inventory.release(order.event_id, str(order.hold_id), user_id, order.seat_ids)
-        if self.queue is not None:
+        if self.queue is not None and not replay:
             await self.queue.end_session(order.event_id, user_id, confirmed=False)
         return order
 
     async def confirm_order(self, order_id: uuid.UUID, payment: str) -> Order:
+        """Sell the order to its payment: one transaction (sold_seats, CONFIRMED, OrderConfirmed),
+        then its seats SOLD in Redis and the waiting room told.
+
+        Confirming again with the same payment (PaymentSucceeded redelivered: its consumer's mark
+        commits after this returns, so a crash between this commit and the steps after it brings
+        it back) changes nothing in PostgreSQL but redoes the Redis step and the sold-out signal,
+        both idempotent, which the crash may have cut off: otherwise the seat map would show sold
+        seats HELD until the hold's deadline. The fan's session was ended by OrderConfirmed."""
         name = f"orders/{order_id}"
         now = self.clock()
+        replay = False
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 order = await db.get_order(conn, order_id, lock=True)
                 if order is None:
                     raise model.order_not_found(name)
                 if order.state is OrderState.CONFIRMED:
-                    if order.payment == payment:
-                        return order
-                    raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {order.payment}",
-                                      metadata={"payment": order.payment})
-                if order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
+                    if order.payment != payment:
+                        raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {order.payment}",
+                                          metadata={"payment": order.payment})
+                    replay = True
+                elif order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
                     raise DomainError("ORDER_NOT_PAYABLE",
                                       f"{name} is {order.state.value}: refund the payment",
                                       metadata={"state": order.state.value})
-                await db.insert_sold(conn, order.event_id, order.seat_ids, order_id)
-                order = await db.set_order_state(conn, order_id, OrderState.CONFIRMED, payment)
-                await db.set_hold_state(conn, order.hold_id, HoldState.SOLD)
-                await enqueue(conn, self.topic, messages.order_confirmed(order))
+                else:
+                    await db.insert_sold(conn, order.event_id, order.seat_ids, order_id)
+                    order = await db.set_order_state(conn, order_id, OrderState.CONFIRMED, payment)
+                    await db.set_hold_state(conn, order.hold_id, HoldState.SOLD)
+                    await enqueue(conn, self.topic, messages.order_confirmed(order))
                 sold_out = await db.sold_out(conn, order.event_id)
         except psycopg.errors.UniqueViolation:
             # sold_seats' primary key: one of these seats is sold already. No double sale.
@@ -503,7 +520,8 @@ class Booking:
                               "refund the payment", metadata={"cause": "SEAT_ALREADY_SOLD"}) from None
         await self.inventory.sell(order.event_id, str(order.hold_id), order.seat_ids)
         if self.queue is not None:
-            await self.queue.end_session(order.event_id, order.user_id, confirmed=True)
+            if not replay:
+                await self.queue.end_session(order.event_id, order.user_id, confirmed=True)
             if sold_out:
                 await self.queue.mark_sold_out(order.event_id)
         return order

@@ -2,8 +2,9 @@
 
 Consumed from ``ticketping.payment.v1`` by meshkit's EventConsumer (group ``<consumer_group>.payment``,
 de-duplicated on the envelope's event id). The work itself is Booking's own idempotent use cases
-(each in its own transaction, then its Redis and waiting-room steps), so a redelivery after a crash
-between them and the de-duplication mark changes nothing:
+(each in its own transaction, then its Redis and waiting-room steps), and the de-duplication mark
+commits only after they return: a redelivery after a crash in between changes nothing in
+PostgreSQL and redoes the Redis step the crash may have cut off (seats SOLD, or released):
 
 * PaymentSucceeded → ``confirm_order`` (sold_seats under PRIMARY KEY (event_id, seat_id),
   OrderConfirmed). If booking answers ORDER_NOT_PAYABLE (the deadline passed, the order was
@@ -96,11 +97,11 @@ class PaymentEvents:
                     extra={"order": current.name, "state": current.state.value, "cause": cause})
 
     async def _failed(self, order: Order, msg: ev.PaymentFailed) -> None:
-        if order.state is not OrderState.PENDING_PAYMENT:
-            return
+        if order.state not in (OrderState.PENDING_PAYMENT, OrderState.CANCELLED):
+            return  # CANCELLED again: its seats are released again, in case a crash cut that off
         try:
             await self.booking.cancel_order(order.user_id, order.order_id, reason="PAYMENT_FAILED")
-            self.cancelled += 1
+            self.cancelled += order.state is OrderState.PENDING_PAYMENT
         except DomainError as err:
             if err.reason != "ORDER_NOT_CANCELLABLE":  # raced with expiry: nothing left to do
                 raise

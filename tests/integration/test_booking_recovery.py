@@ -21,15 +21,19 @@ import pytest_asyncio
 from redis.asyncio import Redis
 from ticketping.booking.v1 import booking_service_pb2 as pb
 from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
+from ticketping.events.v1 import events_pb2 as ev
 from ticketping.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 
 from meshkit.errors import error_info
+from meshkit.events import new_envelope
 from meshkit.server import start
 from svc_booking.adapters.admission import StaticAdmission
 from svc_booking.adapters.inventory import HoldResult, Inventory
+from svc_booking.adapters.payment_events import PaymentEvents
 from svc_booking.bootstrap import Wired, wire
 from svc_booking.config import Settings
 from svc_booking.domain import model
+from svc_booking.domain.model import Order, OrderState
 from svc_booking.service import Booking
 
 from .test_booking_support import Clock, fan, new_event
@@ -434,3 +438,87 @@ async def test_a_slow_first_attempt_and_its_retry_write_one_hold_and_take_nothin
     finally:
         await redis.aclose()
 
+
+class DiesAtRedisStep(Inventory):
+    """The first sell (or release) after a commit never happens: the process died in between."""
+
+    def __init__(self, redis: Redis, step: str) -> None:
+        super().__init__(redis)
+        self.step = step
+
+    async def sell(self, *args: Any, **kwargs: Any) -> int:
+        if self.step == "sell":
+            raise Died
+        return await super().sell(*args, **kwargs)
+
+    async def release(self, *args: Any, **kwargs: Any) -> int:
+        if self.step == "release":
+            raise Died
+        return await super().release(*args, **kwargs)
+
+
+async def _ordered(live: Booking, event_id: str, user: str, seats: list[str]) -> Order:
+    priced = await live.create_hold(user, event_id, seats, uuid.uuid4())
+    return await live.create_order(user, event_id, priced.hold.hold_id, uuid.uuid4())
+
+
+async def test_payment_succeeded_redelivered_after_a_crash_marks_the_seats_sold(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    """A kill -9 after the sale committed but before Redis heard of it: the redelivered
+    PaymentSucceeded confirms nothing twice but makes the seats SOLD (not HELD until the
+    hold's deadline)."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    live = wired.booking
+    order = await _ordered(live, event_id, "u-sold", ["A-1-1", "A-1-2"])
+    redis = Redis.from_url(private_redis.url)
+    try:
+        with pytest.raises(Died):
+            await Booking(live.pool, DiesAtRedisStep(redis, "sell")).confirm_order(order.order_id,
+                                                                                   "payments/p1")
+        _, values = await live.seat_statuses(event_id)
+        assert values["A-1-1"] == f"H{order.hold_id}"  # sold in PostgreSQL, held in Redis
+        again = await live.confirm_order(order.order_id, "payments/p1")  # the redelivery
+        assert again.state is OrderState.CONFIRMED
+        _, values = await live.seat_statuses(event_id)
+        assert values["A-1-1"] == values["A-1-2"] == "S"
+        assert await _outbox_of(wired, order.order_id, "order_confirmed") == 1
+    finally:
+        await redis.aclose()
+
+
+async def test_payment_failed_redelivered_after_a_crash_frees_the_seats(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    """The same for a declined card: the cancel committed, the release was cut off; the
+    redelivered PaymentFailed frees the seats at once."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    live = wired.booking
+    order = await _ordered(live, event_id, "u-declined", ["A-1-3", "A-1-4"])
+    redis = Redis.from_url(private_redis.url)
+    try:
+        with pytest.raises(Died):
+            await Booking(live.pool, DiesAtRedisStep(redis, "release")).cancel_order(
+                "u-declined", order.order_id, reason="PAYMENT_FAILED")
+        _, values = await live.seat_statuses(event_id)
+        assert values["A-1-3"] == f"H{order.hold_id}"  # cancelled in PostgreSQL, held in Redis
+        failed = new_envelope("payment", str(order.order_id), ev.PaymentFailed(
+            payment="payments/p2", order=order.name, user_id="u-declined", reason="CARD_DECLINED"))
+        async with live.pool.connection() as conn:
+            await PaymentEvents(live).handle(failed, conn)  # the redelivery
+        _, values = await live.seat_statuses(event_id)
+        assert values["A-1-3"] == values["A-1-4"] == "A"
+        assert await _outbox_of(wired, order.order_id, "order_cancelled") == 1
+        priced = await live.create_hold("u-next", event_id, ["A-1-3", "A-1-4"], uuid.uuid4())
+        assert priced.hold.seat_ids == ("A-1-3", "A-1-4")
+    finally:
+        await redis.aclose()
+
+
+async def _outbox_of(w: Wired, order_id: uuid.UUID, event_type: str) -> int:
+    async with w.booking.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM outbox WHERE key = %s AND headers->>'event_type' = %s",
+                                 (str(order_id), event_type))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
