@@ -167,8 +167,9 @@ class Edge:
 
 
 async def call(http: Edge, method: str, url: str, fan: Fan | None = None,
-               progress: Progress | None = None, attempts: int = 8, **kw: Any) -> Reply:
-    """One request; transient failures are retried with backoff (the caller keeps `requestId`)."""
+               progress: Progress | None = None, attempts: int = 12, **kw: Any) -> Reply:
+    """One request; transient failures are retried with backoff (the caller keeps `requestId`),
+    for about half a minute: long enough for a crashed service to be restarted."""
     delay = 0.2
     for attempt in range(attempts):
         try:
