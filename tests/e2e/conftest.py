@@ -10,8 +10,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import httpx
 import pytest
+from ticketping.identity.v1 import identity_service_pb2 as identity_pb
+from ticketping.identity.v1 import identity_service_pb2_grpc as identity_grpc
 
 from devstack.components import service_env
 from devstack.layout import ROOT, Layout
@@ -99,6 +102,30 @@ async def sign_up_async(client: httpx.AsyncClient, email: str | None = None,
     assert created.status_code == 200, created.text
     session = await client.post("/v1/sessions", json=_credentials(email, password))
     return _signed_up(created.json()["id"], session, email, password)
+
+
+async def sign_up_many(lay: Layout, n: int, in_flight: int = 24) -> list[Fan]:
+    """n new fans, each signed up and logged in at the edge: for tests that need thousands.
+
+    The same two calls as sign_up (CreateUser, CreateSession) and the same tokens, over the
+    edge's native gRPC port: measured here, an httpx request costs the test's own process about
+    3 ms of CPU and a gRPC call 0.6 ms, and that CPU is taken from identity's password hashes on
+    a 2-core machine. `in_flight` a few more than identity's hashing threads keeps them busy;
+    more only queue."""
+    gate = asyncio.Semaphore(in_flight)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{lay.edge_port}") as channel:
+        stub = identity_grpc.IdentityServiceStub(channel)
+
+        async def one() -> Fan:
+            email = new_email()
+            async with gate:
+                user = await stub.CreateUser(identity_pb.CreateUserRequest(
+                    email=email, password=PASSWORD, display_name="Fan"), timeout=60)
+                session = await stub.CreateSession(identity_pb.CreateSessionRequest(
+                    email=email, password=PASSWORD), timeout=60)
+            return Fan(user.id, email, PASSWORD, session.access_token, session.refresh_token)
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
 def identity_command(

@@ -1,0 +1,81 @@
+"""The waiting room through the edge, as a sale's first minute hits it: 5,000 signed-up fans join at
+once, each with their own token, and every one gets a different number, with none missing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+
+import httpx
+import pytest
+
+from devstack.layout import Layout
+
+from .conftest import Fan, crowd_client, sign_up_many
+from .test_sale_edge import _sale
+
+pytestmark = pytest.mark.e2e
+
+FANS = 5_000
+# 64 joins in flight at the edge at once, a real race at the room's counter, over four pools of
+# 16 connections: httpx's CPU per request grows with its pool (it matches every waiting request
+# against every connection), about 3 ms at 16 connections and 8 ms at 64 on this machine, which
+# would make the test's own client the slowest part of the mesh.
+POOLS, POOL_CONNECTIONS = 4, 16
+REJOINS = 500
+
+
+async def _join_all(pools: list[httpx.AsyncClient], event: str, fans: list[Fan]) -> list[dict]:
+    """Every fan POSTs queue:join at once (spread over the pools); their tickets, in order."""
+    answers = await asyncio.gather(*(pools[i % len(pools)].post(
+        f"/v1/{event}/queue:join", json={}, headers=f.auth) for i, f in enumerate(fans)))
+    refused = [r for r in answers if r.status_code != 200]
+    assert not refused, f"{len(refused)} joins refused, e.g. {refused[0].status_code} {refused[0].text}"
+    return [r.json() for r in answers]
+
+
+def _status_counting(http: httpx.Client, event: str, waiting: int, within: float = 5.0) -> dict:
+    """The public room status (the edge's cached answer) once it counts `waiting` fans."""
+    deadline = time.monotonic() + within
+    while (status := http.get(f"/v1/{event}/queue").json())["waitingCount"] != str(waiting):
+        assert time.monotonic() < deadline, f"the status never counted {waiting} waiting: {status}"
+        time.sleep(0.3)
+    return status
+
+
+# About a minute on a quiet machine, mostly identity hashing 10,000 passwords; several on a busy one.
+@pytest.mark.timeout(900)
+async def test_5000_fans_join_at_once_through_the_edge(http: httpx.Client, admin: Fan, mesh: Layout):
+    # The sale opens before anyone joins (numbers in join order, no lottery), and the paused room
+    # admits nobody while the test looks.
+    event = _sale(http, admin, opens_in=1, room={"paused": True})
+    t0 = time.monotonic()
+    fans = await sign_up_many(mesh, FANS)
+    signed_up = time.monotonic() - t0
+    assert len({f.id for f in fans}) == FANS
+
+    async with contextlib.AsyncExitStack() as stack:
+        pools = [await stack.enter_async_context(crowd_client(mesh.edge_url, POOL_CONNECTIONS))
+                 for _ in range(POOLS)]
+        t1 = time.monotonic()
+        tickets = await _join_all(pools, event, fans)
+        joined = time.monotonic() - t1
+        numbers = [int(t["number"]) for t in tickets]
+        assert sorted(numbers) == list(range(1, FANS + 1)), "a duplicate or a gap"
+        assert all(t["state"] == "QUEUE_TICKET_STATE_WAITING" and int(t["position"]) == n
+                   for t, n in zip(tickets, numbers, strict=True))
+
+        # Fans who join again (at once, too) keep their place; so their own tickets say.
+        picked = random.sample(range(FANS), REJOINS)
+        again = await _join_all(pools, event, [fans[i] for i in picked])
+        assert [int(t["number"]) for t in again] == [numbers[i] for i in picked]
+        mine = await asyncio.gather(*(pools[0].get(f"/v1/{event}/queue/me", headers=fans[i].auth)
+                                      for i in picked[:100]))
+        assert [int(m.json()["number"]) for m in mine] == [numbers[i] for i in picked[:100]]
+
+    status = _status_counting(http, event, FANS)
+    assert (status["servingNumber"], status["activeCount"], status["paused"]) == ("0", "0", True)
+    print(f"\n{FANS} fans signed up in {signed_up:.1f}s; {FANS} joins at once through the edge in "
+          f"{joined:.1f}s ({FANS / joined:.0f}/s)")
