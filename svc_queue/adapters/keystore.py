@@ -6,6 +6,12 @@ associated data; ``TP_KEY_ENCRYPTION_KEY``), its state and times. The lifecycle 
 rotate, retire, drop) is meshkit's (``meshkit/jwtkeys.py``), the same rules as identity's user-token
 keys. Changes are compare-and-set (a Lua script): replicas starting or rotating together never
 create two key sets; the loser re-reads and re-plans. Time is Redis' clock.
+
+If Redis loses the key set (FLUSHALL, failover to an empty replica), the next read of any replica
+that had read it puts back the set it last saw, as it was (same kids, private halves still
+sealed), by the same compare-and-set: the keys the edge and booking already trust (the edge caches
+the JWKS for 30 s) keep verifying what is signed next. Only if no running replica ever read the
+set is a fresh one made, at once, rather than at the next maintenance.
 """
 
 from __future__ import annotations
@@ -116,14 +122,28 @@ class AdmissionKeyStore(CachedSigner["_Snapshot"]):
         self.policy = policy
         self._read_script = redis.register_script(_READ)
         self._cas_script = redis.register_script(_CAS)
+        self._last_seen = ""  # the stored key set as last read (JSON), to put back if it vanishes
 
     # -- storage --
 
     async def _read(self) -> tuple[str, list[_Key], datetime]:
+        text, now = await self._read_raw()
+        if not text and self._last_seen:
+            # The key set vanished from Redis: put back the one we last saw (another replica
+            # may have done so first; then the compare-and-set changes nothing).
+            if int(await self._cas_script(keys=[self.key], args=["", self._last_seen])):
+                log.warning("admission key set was missing from Redis; restored the one last read",
+                            extra={"kids": [k.info.kid for k in _parse(self._last_seen)]})
+            text, now = await self._read_raw()
+        keys = _parse(text)
+        if text:
+            self._last_seen = text
+        return text, keys, now
+
+    async def _read_raw(self) -> tuple[str, datetime]:
         raw, sec, usec = await self._read_script(keys=[self.key])
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        now = datetime.fromtimestamp(int(sec) + int(usec) / 1e6, UTC)
-        return text, _parse(text), now
+        return text, datetime.fromtimestamp(int(sec) + int(usec) / 1e6, UTC)
 
     def _apply(self, keys: list[_Key], plan: Plan, now: datetime) -> list[_Key]:
         for note in plan.notes:
@@ -198,6 +218,9 @@ class AdmissionKeyStore(CachedSigner["_Snapshot"]):
 
     async def reload(self) -> None:
         _, keys, now = await self._read()
+        if not keys:  # gone from Redis and never read by this replica: a fresh set, now
+            await self._change(lambda infos, at: plan_ensure(infos, at, self.policy))
+            _, keys, now = await self._read()
         current = [k for k in keys if k.info.state is KeyState.CURRENT]
         if not current:
             raise KeyStoreError("no current admission key")
