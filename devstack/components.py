@@ -354,6 +354,8 @@ def service_env(layout: Layout, svc: Service) -> dict[str, str]:
     if svc.name == "queue":
         # Encrypts the admission-token private keys stored in Redis (svc_queue/README.md).
         env["TP_KEY_ENCRYPTION_KEY"] = local_key(layout, "queue-key-encryption-key")
+        # A room lost from Redis is rebuilt from catalog's GetEvent (svc_queue/recovery.py).
+        env["TP_CATALOG_ADDR"] = f"127.0.0.1:{layout.service('catalog').grpc_port}"
         if layout.profile == "test":
             # longer than the edge's JWKS cache (30 s), short enough for a rotation test
             env["TP_KEY_PUBLISH_AHEAD_SECONDS"] = "35"

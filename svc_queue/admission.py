@@ -11,6 +11,10 @@ once a second. A room leaves it once its show has started. A room nobody waits i
 has not opened) says so in its tick's answer and is ticked again at most a second later, so rooms
 published weeks ahead cost almost nothing; a join or an admin change on this replica "pokes" its
 room back to every tick at once.
+
+A registered room whose keys are gone is rebuilt from catalog when the event is still published
+(``recover``, svc_queue/recovery.py), and leaves the registry otherwise. While catalog cannot be
+reached it stays registered and is looked at again a second later.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter
 
@@ -55,11 +60,13 @@ class AdmissionLoop:
     def __init__(
         self, rooms: RoomStore, registry: RoomRegistry, *, tick_seconds: float,
         refresh_seconds: float = 1.0, concurrency: int = 32,
+        recover: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.rooms = rooms
         self.registry = registry
         self.tick_seconds = tick_seconds
         self.refresh_seconds = refresh_seconds
+        self.recover = recover  # a missing room: rebuild it from catalog? (True: rebuilt)
         self._limit = asyncio.Semaphore(concurrency)
         self._events: list[str] = []
         self._events_at = float("-inf")
@@ -113,6 +120,15 @@ class AdmissionLoop:
             self._due.pop(event_id, None)
         if result.admitted:
             ADMITTED.inc(result.admitted)
+        if result.missing and self.recover is not None:
+            try:
+                if await self.recover(event_id):
+                    return result  # rebuilt: ticked again next round
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # catalog unreachable: keep the room, look again in a second
+                self._due[event_id] = time.monotonic() + 1.0
+                return result
         if result.missing or result.closed:
             await self.registry.remove(event_id)
             log.info("room no longer ticked", extra={"event_id": event_id, "closed": result.closed,

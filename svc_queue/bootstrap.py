@@ -1,7 +1,8 @@
 """How svc_queue is put together: its resources, its use cases, its servicer, its server.
 
 Redis (single node or cluster) holds everything: the rooms (one hash tag per event), the room
-registry and the admission-token keys. Two background tasks run in every replica: the admission
+registry and the admission-token keys. A room lost from Redis is rebuilt from catalog
+(svc_queue/recovery.py, when TP_CATALOG_ADDR is set). Two background tasks run in every replica: the admission
 loop (svc_queue/admission.py) and the Kafka consumer (EventPublished from catalog; OrderConfirmed
 and OrderCancelled from booking), plus the key maintenance (automatic rotation when configured).
 """
@@ -22,12 +23,14 @@ from meshkit import resources
 from meshkit.jwtkeys import KeyPolicy
 from meshkit.server import App, Registration, build_server
 
+from .adapters.catalog import CatalogClient
 from .adapters.events import RedisEventConsumer
 from .adapters.keystore import AdmissionKeyStore
 from .adapters.rooms import RoomStore
 from .admission import AdmissionLoop, RoomRegistry
 from .config import Settings
 from .domain.room import RoomDefaults
+from .recovery import RoomRecovery
 from .server import QueueServicer
 from .service import Queue, TokenSettings
 
@@ -87,6 +90,15 @@ async def wire(settings: Settings) -> Wired:
             max_session_ttl_ms=round(settings.max_session_ttl_seconds * 1000),
             poke=loop.poke,
         )
+        if settings.catalog_addr:
+            catalog = CatalogClient(settings.catalog_addr, timeout=settings.catalog_timeout_seconds)
+            stack.push_async_callback(catalog.close)
+            queue.recovery = RoomRecovery(
+                catalog, queue.event_published,
+                absent_seconds=settings.catalog_not_found_cache_seconds,
+                max_remembered=settings.catalog_not_found_cache_size,
+            )
+            loop.recover = queue.recover_room
         if settings.admission_loop:
             _background(stack, loop.run, "queue-admission")
         _background(stack, lambda: _maintain_keys(keys, settings), "queue-key-maintenance")

@@ -28,6 +28,16 @@ class Settings(ServiceSettings):
     catalog_topic: str = Field(default="ticketping.catalog.v1", min_length=1)
     booking_topic: str = Field(default="ticketping.booking.v1", min_length=1)
 
+    # --- catalog: rebuilds a room lost from Redis (svc_queue/recovery.py) ---
+    # host:port of CatalogService. Unset: a room missing from Redis stays 404 until catalog
+    # publishes the event again.
+    catalog_addr: str | None = None
+    catalog_timeout_seconds: float = Field(default=1.0, gt=0, le=30)
+    # An id catalog does not know (or not published) is remembered this long...
+    catalog_not_found_cache_seconds: float = Field(default=5.0, ge=0, le=600)
+    # ... in a table of at most this many ids (the oldest go first).
+    catalog_not_found_cache_size: int = Field(default=10_000, ge=1)
+
     # --- admission ---
     admission_loop: bool = True  # every replica runs one; any number may
     admission_tick_seconds: float = Field(default=0.15, ge=0.005, le=1.0)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from prometheus_client import Counter
 from ticketping.events.v1 import events_pb2 as ev
@@ -18,6 +19,7 @@ from .adapters.keystore import AdmissionKeyStore
 from .adapters.rooms import RoomStore
 from .admission import RoomRegistry
 from .domain.room import (
+    EventNotFound,
     RoomChange,
     RoomDefaults,
     RoomStatus,
@@ -26,10 +28,12 @@ from .domain.room import (
     admission_claims,
     parse_event_name,
 )
+from .recovery import CatalogUnavailable, RoomRecovery
 
 log = logging.getLogger(__name__)
 
 CLAIMED = Counter("queue_claimed_total", "Turns claimed (fans who became ACTIVE).")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,17 +55,36 @@ class Queue:
         self.defaults = defaults
         self.max_session_ttl_ms = max_session_ttl_ms
         self.poke = poke  # tells this replica's admission loop that a room needs a tick now
+        # Rebuilds a room lost from Redis from catalog (None: no catalog configured, a missing
+        # room stays 404). Set after construction: it calls back into event_published.
+        self.recovery: RoomRecovery | None = None
+
+    async def recover_room(self, event_id: str) -> bool:
+        """The room is missing: rebuild it if catalog says the event is published (True)."""
+        return self.recovery is not None and await self.recovery.recover(event_id)
+
+    async def _in_room(self, event_id: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a room operation; if the room is missing and catalog rebuilds it, once more."""
+        try:
+            return await op()
+        except EventNotFound:
+            if not await self.recover_room(event_id):
+                raise
+        return await op()
 
     # -- fans -------------------------------------------------------------------------------
 
     async def join(self, event_id: str, user_id: str) -> Ticket:
-        ticket = await self.rooms.join(event_id, user_id)
+        ticket = await self._in_room(event_id, lambda: self.rooms.join(event_id, user_id))
         self.poke(event_id)
         return ticket
 
     async def ticket(self, event_id: str, user_id: str) -> Ticket:
         """The fan's ticket; if their turn has come (within the claim window), this read claims
         it: ACTIVE, with an admission token (the same token on every later read)."""
+        return await self._in_room(event_id, lambda: self._ticket(event_id, user_id))
+
+    async def _ticket(self, event_id: str, user_id: str) -> Ticket:
         for _ in range(3):
             reply = await self.rooms.ticket(event_id, user_id, str(uuid.uuid4()))
             ticket = reply.ticket
@@ -82,20 +105,21 @@ class Queue:
         raise RuntimeError("the fan's session kept changing while its token was being stored")
 
     async def leave(self, event_id: str, user_id: str) -> Ticket:
-        return await self.rooms.leave(event_id, user_id)
+        return await self._in_room(event_id, lambda: self.rooms.leave(event_id, user_id))
 
     # -- the room ---------------------------------------------------------------------------
 
     async def status(self, event_id: str) -> RoomStatus:
-        return await self.rooms.status(event_id)
+        return await self._in_room(event_id, lambda: self.rooms.status(event_id))
 
     async def update(self, event_id: str, change: RoomChange) -> RoomStatus:
-        status = await self.rooms.update(event_id, change.fields())
+        fields = change.fields()
+        status = await self._in_room(event_id, lambda: self.rooms.update(event_id, fields))
         self.poke(event_id)
         return status
 
     async def mark_sold_out(self, event_id: str) -> RoomStatus:
-        return await self.rooms.mark_sold_out(event_id)
+        return await self._in_room(event_id, lambda: self.rooms.mark_sold_out(event_id))
 
     # -- booking ----------------------------------------------------------------------------
 
@@ -104,7 +128,13 @@ class Queue:
         return ended
 
     async def check(self, event_id: str, user_id: str, jti: str) -> int | None:
-        return await self.rooms.check(event_id, user_id, jti)
+        """The session's deadline (ms) if active, else None (also for a room that does not
+        exist: booking only needs "not admitted"). A missing room is rebuilt on the way; the
+        answer is "not active" whatever catalog says, since a lost session stays lost."""
+        try:
+            return await self._in_room(event_id, lambda: self.rooms.check(event_id, user_id, jti))
+        except (EventNotFound, CatalogUnavailable):
+            return None
 
     async def jwks(self) -> list[dict[str, str]]:
         return await self.keys.jwks()

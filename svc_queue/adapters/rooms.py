@@ -136,9 +136,15 @@ class RoomStore:
         return None if kept is None else _text(kept)
 
     async def check(self, event_id: str, user_id: str, jti: str) -> int | None:
-        """The session's deadline (ms) if ``jti`` is the user's active session, else None."""
-        active, exp = await self._run("check", [ticket_key(event_id, user_id)], [jti])
-        return int(exp) if int(active) else None
+        """The session's deadline (ms) if ``jti`` is the user's active session, else None.
+        Raises EventNotFound when the answer is "no" and the room itself does not exist."""
+        active, exp, room = await self._run(
+            "check", [ticket_key(event_id, user_id), RoomKeys.of(event_id).cfg], [jti])
+        if int(active):
+            return int(exp)
+        if not int(room):
+            raise EventNotFound(event_id)
+        return None
 
     async def end_session(
         self, event_id: str, user_id: str, *, to: str = "D", marker: str | None = None,
