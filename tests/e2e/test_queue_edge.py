@@ -1,17 +1,21 @@
 """The waiting room through the edge, as a sale's first minute hits it: 5,000 signed-up fans join at
-once, each with their own token, and every one gets a different number, with none missing."""
+once, each with their own token, and every one gets a different number, with none missing; a crowd
+polling the room's status costs the queue one call per second, however many poll."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
+import uuid
 
 import httpx
 import pytest
 
 from devstack.layout import Layout
+from edge.config import CORE_CLUSTER
 
 from .conftest import Fan, crowd_client, sign_up_many
 from .test_sale_edge import _sale
@@ -50,11 +54,13 @@ def _status_counting(http: httpx.Client, event: str, waiting: int, within: float
 async def test_5000_fans_join_at_once_through_the_edge(http: httpx.Client, admin: Fan, mesh: Layout):
     # The sale opens before anyone joins (numbers in join order, no lottery), and the paused room
     # admits nobody while the test looks.
-    event = _sale(http, admin, opens_in=1, room={"paused": True})
+    opens_at = time.time() + 3
+    event = _sale(http, admin, opens_in=3, room={"paused": True})
     t0 = time.monotonic()
     fans = await sign_up_many(mesh, FANS)
     signed_up = time.monotonic() - t0
     assert len({f.id for f in fans}) == FANS
+    await asyncio.sleep(max(0.0, opens_at - time.time()))
 
     async with contextlib.AsyncExitStack() as stack:
         pools = [await stack.enter_async_context(crowd_client(mesh.edge_url, POOL_CONNECTIONS))
@@ -79,3 +85,65 @@ async def test_5000_fans_join_at_once_through_the_edge(http: httpx.Client, admin
     assert (status["servingNumber"], status["activeCount"], status["paused"]) == ("0", "0", True)
     print(f"\n{FANS} fans signed up in {signed_up:.1f}s; {FANS} joins at once through the edge in "
           f"{joined:.1f}s ({FANS / joined:.0f}/s)")
+
+
+async def _core_log_mark(client: httpx.AsyncClient, lay: Layout, path: str) -> int:
+    """Send `path` with a marker past both caches; once the edge's core has logged it, the
+    size of that log: every call that reached the core before it is logged before it."""
+    mark = f"{path}?mark={uuid.uuid4().hex}"
+    assert (await client.get(mark, headers={"cache-control": "no-cache"})).status_code == 200
+    log = lay.logs_dir / f"{CORE_CLUSTER}-access.log"
+    deadline = time.monotonic() + 15  # Envoy writes its access log out about every second
+    while (at := (data := log.read_bytes()).find(f'"{mark}"'.encode())) < 0:
+        assert time.monotonic() < deadline, "the core never logged the marker"
+        await asyncio.sleep(0.2)
+    return data.index(b"\n", at) + 1
+
+
+def _core_calls(lay: Layout, path: str, start: int, end: int) -> int:
+    """Calls for exactly `path` that reached the edge's core, logged between two marks."""
+    with (lay.logs_dir / f"{CORE_CLUSTER}-access.log").open("rb") as log:
+        log.seek(start)
+        lines = log.read(end - start).splitlines()
+    return sum(json.loads(line)["path"] == path for line in lines if line.strip())
+
+
+async def _burst(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], request: bytes) -> set[int]:
+    """The same GET on every connection within a millisecond (httpx would spread them over
+    tens); the status codes answered."""
+    for _, writer in conns:
+        writer.write(request)
+
+    async def answer(reader: asyncio.StreamReader) -> int:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        await reader.readexactly(length)
+        return int(head.split()[1])
+
+    return set(await asyncio.gather(*(answer(r) for r, _ in conns)))
+
+
+async def test_a_crowd_polling_the_status_costs_the_queue_one_call_per_answer(
+        http: httpx.Client, admin: Fan, mesh: Layout):
+    """A cached answer expires for every poller at the same moment. The pollers' next requests
+    all miss at once, and the edge still sends the queue one call for them, not one each."""
+    event = _sale(http, admin, opens_in=3)
+    path = f"/v1/{event}/queue"
+    request = f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".encode()
+    pollers, bursts = 50, 3
+    conns = [await asyncio.open_connection("127.0.0.1", mesh.edge_port) for _ in range(pollers)]
+    marker = httpx.AsyncClient(base_url=mesh.edge_url, timeout=15)
+    try:
+        assert await _burst(conns, request) == {200}  # the answer is cached now
+        start = await _core_log_mark(marker, mesh, path)
+        for _ in range(bursts):
+            # max-age=1, counted in whole seconds from the answer's Date: stale within 2 s.
+            await asyncio.sleep(2.1)
+            assert await _burst(conns, request) == {200}
+        end = await _core_log_mark(marker, mesh, path)
+    finally:
+        await marker.aclose()
+        for _, writer in conns:
+            writer.close()
+    calls = _core_calls(mesh, path, start, end)
+    assert 1 <= calls <= bursts, f"{pollers} pollers missing at once made {calls} calls in {bursts} bursts"

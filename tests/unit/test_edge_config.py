@@ -10,7 +10,15 @@ import pytest
 import yaml
 
 from devstack.layout import DESCRIPTOR_SET, layout
-from edge.config import TRUSTED_HEADER_PREFIXES, TRUSTED_HEADERS, build, write_config
+from edge.config import (
+    CACHE_VALIDATORS,
+    CORE_CLUSTER,
+    FILL_CLUSTER,
+    TRUSTED_HEADER_PREFIXES,
+    TRUSTED_HEADERS,
+    build,
+    write_config,
+)
 
 ENVOY = Path(sys.executable).parent / "envoy"
 
@@ -50,6 +58,39 @@ def test_filter_chain_order_and_sanitizing():
     transcoder = _filters(cfg)[-4]["typed_config"]
     assert transcoder["convert_grpc_status"] is True
     assert set(transcoder["services"]) == {s.proto_service for s in layout("dev").services}
+
+
+def _routes(cfg: dict, listener: str = "edge") -> list[dict]:
+    (found,) = [lis for lis in cfg["static_resources"]["listeners"] if lis["name"] == listener]
+    hcm = found["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def test_the_fronts_cache_misses_are_collapsed_in_edge_fill():
+    cfg = build(layout("dev"), DESCRIPTOR_SET)
+    fill = [f["name"].rsplit(".", 1)[-1] for f in _filters(cfg, FILL_CLUSTER)]
+    # Only the router behind the cache: cache_v2 sends its own upstream requests past the rest.
+    assert fill == ["header_mutation", "cache_v2", "router"]
+    mutations = _filters(cfg, FILL_CLUSTER)[0]["typed_config"]["mutations"]
+    assert {m["remove"] for m in mutations["request_mutations"]} == set(CACHE_VALIDATORS)
+    assert "if-modified-since" in CACHE_VALIDATORS
+    assert [r["route"]["cluster"] for r in _routes(cfg, FILL_CLUSTER)] == [CORE_CLUSTER]
+
+    first, health, fresh, rest = _routes(cfg)
+    assert first["route"]["cluster"] == FILL_CLUSTER
+    headers = {h["name"]: h for h in first["match"]["headers"]}
+    assert headers[":method"]["string_match"] == {"exact": "GET"}
+    for token in ("authorization", "x-admission-token", "cache-control"):
+        assert headers[token]["present_match"] is False
+    assert headers[":path"]["invert_match"] and headers["content-type"]["invert_match"]
+    # Nothing to collapse: health answers and requests that ask for a fresh answer.
+    assert health["match"] == {"prefix": "/healthz"} and health["route"]["cluster"] == CORE_CLUSTER
+    assert fresh["route"]["cluster"] == CORE_CLUSTER
+    assert [h for h in fresh["match"]["headers"] if h["name"] != "cache-control"] == [
+        h for h in first["match"]["headers"] if h["name"] not in ("cache-control", ":path")]
+    # Everything else (tokens, writes, native gRPC) is never stored.
+    assert rest["route"]["cluster"] == CORE_CLUSTER
+    assert rest["typed_per_filter_config"]["envoy.filters.http.cache"]["disabled"] is True
 
 
 def test_admin_on_loopback_and_upstreams_guarded():
