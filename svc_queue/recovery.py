@@ -133,6 +133,8 @@ class RoomRecovery:
             return Outcome.ABSENT
         await self.rebuild(msg)  # the EventPublished handler, as if catalog had sent it again
         LOOKUPS.labels(Outcome.REBUILT.value).inc()
-        log.warning("waiting room rebuilt from catalog (its Redis keys were gone); "
-                    "tickets and sessions it held are lost", extra={"event_id": event_id})
+        # Its keys were lost (any tickets and sessions with them), or catalog's EventPublished
+        # has not been consumed yet (then Kafka's copy changes nothing).
+        log.warning("waiting room missing from Redis: rebuilt from catalog",
+                    extra={"event_id": event_id})
         return Outcome.REBUILT
