@@ -66,6 +66,10 @@ FILL_PORT_SHIFT = 3
 # fill cache would take such a request as uncacheable and pass every one through, so they are
 # dropped there: the services never answer 304 anyway, a full 200 is always the answer.
 CACHE_VALIDATORS = ("if-none-match", "if-modified-since")
+# The transcoded gRPC call's own headers, meaningless to a REST client: dropped from what the
+# front stores, as its cache sends every stored header again with every hit (these three cost
+# a cached poll about 3% of its instructions, callgrind).
+TRANSPORT_HEADERS = ("grpc-status", "grpc-message", "grpc-accept-encoding")
 USER_JWKS_PATH = "/v1/internal/identity/jwks"
 USER_JWKS_METHOD = "/ticketping.identity.v1.IdentityService/GetSigningKeys"
 ADMISSION_JWKS_PATH = "/v1/internal/queue/jwks"
@@ -470,7 +474,10 @@ def _fill_mutations() -> dict[str, Any]:
         "name": "envoy.filters.http.header_mutation",
         "typed_config": {
             "@type": f"{_TYPES}.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [{"remove": h} for h in CACHE_VALIDATORS]},
+            "mutations": {
+                "request_mutations": [{"remove": h} for h in CACHE_VALIDATORS],
+                "response_mutations": [{"remove": h} for h in TRANSPORT_HEADERS],
+            },
         },
     }
 

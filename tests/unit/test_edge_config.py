@@ -14,6 +14,7 @@ from edge.config import (
     CACHE_VALIDATORS,
     CORE_CLUSTER,
     FILL_CLUSTER,
+    TRANSPORT_HEADERS,
     TRUSTED_HEADER_PREFIXES,
     TRUSTED_HEADERS,
     build,
@@ -74,6 +75,8 @@ def test_the_fronts_cache_misses_are_collapsed_in_edge_fill():
     mutations = _filters(cfg, FILL_CLUSTER)[0]["typed_config"]["mutations"]
     assert {m["remove"] for m in mutations["request_mutations"]} == set(CACHE_VALIDATORS)
     assert "if-modified-since" in CACHE_VALIDATORS
+    assert {m["remove"] for m in mutations["response_mutations"]} == set(TRANSPORT_HEADERS)
+    assert not any(h.startswith("cache-") or h in ("content-type", "date") for h in TRANSPORT_HEADERS)
     assert [r["route"]["cluster"] for r in _routes(cfg, FILL_CLUSTER)] == [CORE_CLUSTER]
 
     first, health, fresh, rest = _routes(cfg)
