@@ -441,7 +441,7 @@ def envoy(layout: Layout) -> Component:
     return Component(
         spec=ProcSpec("envoy", argv, cwd=layout.run_dir, stop_timeout=10),
         ports=(layout.edge_port, layout.edge_inner_port, layout.edge_keys_port,
-               layout.envoy_admin_port),
+               layout.edge_fill_port, layout.envoy_admin_port),
         probe=partial(probes.envoy_ready, layout.envoy_admin_port,
                       [s.grpc_port for s in layout.services]),
         timeout=60,

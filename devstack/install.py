@@ -1,7 +1,7 @@
 """`python -m devstack install`: put every tool the local platform needs on this machine.
 
 Idempotent and fast when everything is there (only file checks). What it may install:
-  apt:   redis-server redis-tools postgresql (and a JRE, Maven, npm if those are missing)
+  apt:   redis-server redis-tools postgresql wrk (and a JRE, Maven, npm if those are missing)
   Maven: Kafka 3.9.1 (kafka_2.13) + slf4j-reload4j into .cache/kafka/libs (devstack/kafka/pom.xml)
   npm:   @bufbuild/buf into .cache/npm
 """
@@ -32,6 +32,7 @@ _APT: tuple[tuple[str, str], ...] = (
     ("default-jre-headless", "java"),
     ("maven", "mvn"),
     ("npm", "npm"),
+    ("wrk", "wrk"),  # make bench's load generator
 )
 
 

@@ -48,6 +48,7 @@ class Layout:
     edge_port: int
     edge_inner_port: int  # loopback: the transcoding, token-checking core behind the caching front
     edge_keys_port: int  # loopback: the JWKS routes Envoy's jwt_authn fetches
+    edge_fill_port: int  # loopback: where the front cache's misses are collapsed (edge/config.py)
     envoy_admin_port: int
     redis_port: int
     postgres_port: int
@@ -141,6 +142,7 @@ def layout(profile: str | None = None) -> Layout:
         edge_port=8080 + off,
         edge_inner_port=8081 + off,
         edge_keys_port=8082 + off,
+        edge_fill_port=8083 + off,
         envoy_admin_port=9901 + off,
         redis_port=6390 + off,
         postgres_port=5440 + off,

@@ -59,9 +59,8 @@ MAX_REQUEST_BYTES = 256 * 1024
 # The loopback listeners behind the public one, as clusters of the same Envoy.
 CORE_CLUSTER = "edge_core"
 KEYS_CLUSTER = "edge_keys"
-# The front's cache misses go to this loopback listener, on the edge's port + FILL_PORT_SHIFT.
+# The front's cache misses go to this loopback listener (devstack's layout.edge_fill_port).
 FILL_CLUSTER = "edge_fill"
-FILL_PORT_SHIFT = 3
 # What a cache adds to revalidate a stale copy. The front's cache sends them on its misses; the
 # fill cache would take such a request as uncacheable and pass every one through, so they are
 # dropped there: the services never answer 304 anyway, a full 200 is always the answer.
@@ -483,7 +482,7 @@ def _fill_mutations() -> dict[str, Any]:
 
 
 def fill_port(lay: Layout) -> int:
-    return lay.edge_port + FILL_PORT_SHIFT
+    return lay.edge_fill_port
 
 
 def _fill_listener(lay: Layout) -> dict[str, Any]:
