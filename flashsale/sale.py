@@ -559,12 +559,12 @@ class Sale:
 
     async def _settled(self, fan: Fan) -> str:
         """Poll the order until the payment's outcome has reached it (0.3 s, then backing off
-        to 2 s: the order is read from booking's database, not from a cache)."""
+        to 1 s: the order is read from booking's database, not from a cache)."""
         deadline = time.monotonic() + 120
         pause = 0.3
         while time.monotonic() < deadline:
             await asyncio.sleep(pause * self.rng.uniform(0.8, 1.2))
-            pause = min(pause * 1.5, 2.0)
+            pause = min(pause * 1.5, 1.0)
             resp = await self._call(fan, "GET", f"/v1/{fan.order}", headers=fan.auth)
             if resp.status_code == 200:
                 state = state_of(resp.json()["state"])
