@@ -53,6 +53,10 @@ class SaleConfig:
     connections: int = 256  # HTTP connections to the edge, shared by all fans
     give_up_seconds: float = 10.0  # an admitted fan who sees no free seat this long leaves
     max_seconds: float = 900.0  # the whole sale, from the opening
+    # How picky fans are: about this many of the best free blocks are in the running for each
+    # pick (more after each lost race). Small: everyone wants the front rows, as at a real
+    # on-sale; very large: picks spread over the whole map (the bench's purchase capacity).
+    pick_spread: float = 4.0
     seed: int | None = None
 
 
@@ -386,6 +390,8 @@ def pick(free: list[str], want: int, rng: random.Random, spread: float = 4.0) ->
                 blocks.append(row_seats[i:i + want])
     if blocks:
         spread = max(spread, len(blocks) / 8)  # many fans, many free blocks: not all on one
+        if spread >= len(blocks):
+            return rng.choice(blocks)
         return blocks[min(int(rng.expovariate(1 / spread)), len(blocks) - 1)]
     return free[:want]
 
@@ -537,7 +543,7 @@ class Sale:
                 continue
             no_free_since = None
             want = min(fan.wanted, len(free))
-            choice = pick(free, want, self.rng, spread=4.0 * (1 + fan.conflicts))
+            choice = pick(free, want, self.rng, spread=self.cfg.pick_spread * (1 + fan.conflicts))
             resp = await self._call(fan, "POST", f"/v1/{self.event}/holds", headers=admitted,
                                     json={"seatIds": choice, "requestId": str(uuid.uuid4())})
             if resp.status_code == 200:
