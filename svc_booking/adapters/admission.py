@@ -52,13 +52,15 @@ class QueueAdmission:
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self.max_cached = max_cached
-        self._cache: dict[tuple[str, str, str], float] = {}
+        # (event, user) -> (jti, until): one live session per fan and event, so ending it is one
+        # pop, not a scan of every cached session.
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
 
     async def is_active(self, event_id: str, user_id: str, jti: str) -> bool:
-        key = (event_id, user_id, jti)
+        key = (event_id, user_id)
         now = time.monotonic()
-        until = self._cache.get(key)
-        if until is not None and until > now:
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == jti and cached[1] > now:
             return True
         try:
             resp = await self._stub.CheckAdmission(
@@ -70,10 +72,10 @@ class QueueAdmission:
             return False  # UNIMPLEMENTED, NOT_FOUND, PERMISSION_DENIED, ...: fail closed
         if resp.active and self.cache_seconds > 0:
             if len(self._cache) >= self.max_cached:
-                self._cache = {k: v for k, v in self._cache.items() if v > now}
+                self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
                 if len(self._cache) >= self.max_cached:
                     self._cache.clear()
-            self._cache[key] = now + self.cache_seconds
+            self._cache[key] = (jti, now + self.cache_seconds)
         return bool(resp.active)
 
     async def end_session(self, event_id: str, user_id: str, confirmed: bool) -> None:
@@ -86,7 +88,7 @@ class QueueAdmission:
         except grpc.aio.AioRpcError as err:
             log.warning("EndSession failed; the session ends with its TTL",
                         extra={"event": event_id, "code": err.code().name})
-        self._cache = {k: v for k, v in self._cache.items() if k[:2] != (event_id, user_id)}
+        self._cache.pop((event_id, user_id), None)
 
     async def mark_sold_out(self, event_id: str) -> None:
         try:

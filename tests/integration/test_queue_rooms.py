@@ -678,16 +678,26 @@ async def test_bookings_admission_client_works_against_the_real_queue(
     await until(lambda: served(stub, event_id, 1))
     jti = _jti(await me(stub, event_id, "buyer"))
     client = QueueAdmission(f"127.0.0.1:{wired.app.port}", timeout=2.0, cache_seconds=0)
+    cached = QueueAdmission(f"127.0.0.1:{wired.app.port}", timeout=2.0, cache_seconds=60)
     try:
+        # The cache answers for the session it saw, never for another token of the same fan, and
+        # ending the session drops it at once.
+        assert await cached.is_active(event_id, "buyer", jti)
+        assert await cached.is_active(event_id, "buyer", jti)
+        assert not await cached.is_active(event_id, "buyer", "another-jti")
+        await cached.end_session(event_id, "other-fan", confirmed=False)
+        assert await cached.is_active(event_id, "buyer", jti)
         assert await client.is_active(event_id, "buyer", jti)
         assert not await client.is_active(event_id, "next", jti)
-        await client.end_session(event_id, "buyer", confirmed=True)
+        await cached.end_session(event_id, "buyer", confirmed=True)
+        assert not await cached.is_active(event_id, "buyer", jti)
         assert not await client.is_active(event_id, "buyer", jti)
         await until(lambda: served(stub, event_id, 2), within=2)  # the freed slot goes on at once
         await client.mark_sold_out(event_id)
         assert (await room(stub, event_id)).sold_out
     finally:
         await client.close()
+        await cached.close()
 
 
 async def test_identitys_jwks_client_gets_the_admission_keys(wired: Wired) -> None:
