@@ -198,6 +198,11 @@ class Booking:
                  extra={"event": model.event_name(event_id), "sold": len(sold),
                         "live_holds": len(holds), "stamp": stamp,
                         "elapsed_ms": round((time.perf_counter() - t0) * 1000)})
+        all_sold = not set(layout.seat_map.seat_ids()) - {seat for seat, _ in sold}
+        if built and all_sold and self.queue is not None:
+            # Whatever lost this state may have lost the room's sold-out mark too (one Redis): say
+            # it again, or a room rebuilt from catalog would admit fans to an empty house.
+            await self.queue.mark_sold_out(event_id)
         return built
 
     def _snapshot(

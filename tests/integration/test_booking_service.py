@@ -449,6 +449,11 @@ async def test_selling_the_last_seat_tells_the_waiting_room(
         await stub.ConfirmOrder(pb.ConfirmOrderRequest(order=o.name, payment=f"payments/{user}",
                                                        request_id=rid()), metadata=INTERNAL)
     assert admission.sold_out.count(event_id) == 1
+    # Redis loses the live state (and with it, maybe, the room's sold-out mark): the rebuild from
+    # PostgreSQL finds every seat sold and tells the waiting room again.
+    await _drop_live_state(wired, event_id)
+    assert set((await statuses(stub, event_id)).values()) == {pb.SEAT_STATUS_SOLD}
+    assert admission.sold_out.count(event_id) == 2
 
 
 # --- Redis loses its state -------------------------------------------------------------------
