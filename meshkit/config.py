@@ -9,8 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .jwtkeys import decode_kek
 
 
 class ServiceSettings(BaseSettings):
@@ -51,3 +53,36 @@ def load(cls: type[S], **overrides: object) -> S:
             lines.append(f"  TP_{field.upper()}: {err['msg']}")
         print("\n".join(lines), file=sys.stderr)
         raise SettingsError(2) from None
+
+
+class SigningKeySettings(BaseModel):
+    """The settings of a service that signs ES256 JWTs with keys it stores itself (identity's user
+    tokens in PostgreSQL, the queue's admission tokens in Redis). Mix in beside ServiceSettings."""
+
+    # 32 bytes, base64 or base64url (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`).
+    # Encrypts the stored private keys (AES-256-GCM). Unset: stored unencrypted (a warning at start).
+    key_encryption_key: SecretStr | None = None
+    # A `next` key signs only after it has been published this long (Envoy caches the JWKS for up
+    # to ~60 s and does not refetch on an unknown kid).
+    key_publish_ahead_seconds: int = Field(default=120, ge=0)
+    # Rotate automatically once the current key has signed this long (None: only on command).
+    key_rotation_interval_seconds: int | None = Field(default=None, gt=0)
+    # How long a replica trusts its in-memory copy of the keys before reading them again (so a
+    # rotation by another replica is seen within this time).
+    key_cache_seconds: float = Field(default=10.0, ge=0, le=60)
+    # Verifiers' clock skew allowance: a retired key stays published this much past its last token.
+    jwt_clock_skew_seconds: int = Field(default=60, ge=0, le=600)
+
+    @field_validator("key_encryption_key")
+    @classmethod
+    def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() != "":
+            decode_kek(value.get_secret_value())
+        return value
+
+    @property
+    def kek(self) -> bytes | None:
+        """The key-encryption key as 32 raw bytes, or None when none is configured."""
+        if self.key_encryption_key is None or self.key_encryption_key.get_secret_value() == "":
+            return None
+        return decode_kek(self.key_encryption_key.get_secret_value())

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from meshkit import access
-from meshkit.config import ServiceSettings
+from meshkit.config import ServiceSettings, SigningKeySettings
 from meshkit.jwtkeys import decode_kek
 
 from .domain.tokens import MAX_ACCESS_TTL_SECONDS
@@ -20,7 +20,7 @@ __all__ = ["Settings", "decode_kek"]
 _ARGON2_TIME_COST, _ARGON2_MEMORY_KIB, _ARGON2_PARALLELISM = 2, 19 * 1024, 1
 
 
-class Settings(ServiceSettings):
+class Settings(ServiceSettings, SigningKeySettings):
     service_name: str = "identity"
     postgres_dsn: str = Field(min_length=1)
     redis_url: str = Field(min_length=1)
@@ -33,21 +33,9 @@ class Settings(ServiceSettings):
     jwt_audience: str = Field(default=access.USER_TOKEN_AUDIENCE, min_length=1)  # "ticketping"
     access_token_ttl_seconds: int = Field(default=MAX_ACCESS_TTL_SECONDS, ge=30, le=MAX_ACCESS_TTL_SECONDS)
     refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
-    # Verifiers' clock skew allowance: a retired key stays published this much past its last token.
-    jwt_clock_skew_seconds: int = Field(default=60, ge=0, le=600)
-
-    # --- signing keys ---
-    # 32 bytes, base64 or base64url (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`).
-    # Encrypts the private keys stored in PostgreSQL (AES-256-GCM). Unset: stored unencrypted.
-    key_encryption_key: SecretStr | None = None
-    # A `next` key is promoted to `current` only after it has been published this long (Envoy
-    # caches the JWKS for up to ~60 s and does not refetch on an unknown kid).
-    key_publish_ahead_seconds: int = Field(default=120, ge=0)
-    # Rotate automatically once the current key has signed this long (None: only `rotate-keys`).
-    key_rotation_interval_seconds: int | None = Field(default=None, gt=0)
-    # How long a replica trusts its in-memory copy of the key table before reading it again (so a
-    # rotation by another replica or by `rotate-keys` is seen within this time).
-    key_cache_seconds: float = Field(default=10.0, ge=0, le=60)
+    # --- signing keys (stored in PostgreSQL; rotated by `rotate-keys` or the interval) ---
+    # key_encryption_key, key_publish_ahead_seconds, key_rotation_interval_seconds,
+    # key_cache_seconds, jwt_clock_skew_seconds: SigningKeySettings.
 
     # --- QueueService, for the admission-token keys merged into /.well-known/jwks.json ---
     queue_addr: str | None = None  # host:port; unset: the public JWKS holds identity's keys only
@@ -73,13 +61,6 @@ class Settings(ServiceSettings):
     # A Redis call of the throttle slower than this is skipped (logins keep working, logged).
     throttle_timeout_seconds: float = Field(default=0.5, gt=0)
 
-    @field_validator("key_encryption_key")
-    @classmethod
-    def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and value.get_secret_value() != "":
-            decode_kek(value.get_secret_value())
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.argon2_memory_cost_kib < 8 * self.argon2_parallelism:
@@ -87,10 +68,3 @@ class Settings(ServiceSettings):
         if self.login_backoff_max_seconds < self.login_backoff_base_seconds:
             raise ValueError("login_backoff_max_seconds must be >= login_backoff_base_seconds")
         return self
-
-    @property
-    def kek(self) -> bytes | None:
-        """The key-encryption key as 32 raw bytes, or None when none is configured."""
-        if self.key_encryption_key is None or self.key_encryption_key.get_secret_value() == "":
-            return None
-        return decode_kek(self.key_encryption_key.get_secret_value())

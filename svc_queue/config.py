@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from meshkit.config import ServiceSettings
-from meshkit.jwtkeys import decode_kek
+from meshkit.config import ServiceSettings, SigningKeySettings
 
 from .domain.room import ADMISSION_AUDIENCE, ADMISSION_ISSUER, MAX_ADMIT_RATE
 
 
-class Settings(ServiceSettings):
+class Settings(ServiceSettings, SigningKeySettings):
     service_name: str = "queue"
     redis_url: str = Field(min_length=1)
     redis_cluster: bool = False
@@ -55,34 +54,13 @@ class Settings(ServiceSettings):
     # --- admission tokens (ES256 JWTs) ---
     admission_issuer: str = Field(default=ADMISSION_ISSUER, min_length=1)
     admission_audience: str = Field(default=ADMISSION_AUDIENCE, min_length=1)
-    # 32 bytes, base64 or base64url: encrypts the private keys stored in Redis (AES-256-GCM).
-    # Unset: stored unencrypted (a warning at start).
-    key_encryption_key: SecretStr | None = None
-    # A `next` key signs only after it has been published this long (verifiers cache the JWKS).
-    key_publish_ahead_seconds: int = Field(default=120, ge=0)
-    # Rotate automatically once the current key has signed this long (None: never).
-    key_rotation_interval_seconds: int | None = Field(default=None, gt=0)
-    key_cache_seconds: float = Field(default=10.0, ge=0, le=60)
-    jwt_clock_skew_seconds: int = Field(default=60, ge=0, le=600)
-
-    @field_validator("key_encryption_key")
-    @classmethod
-    def _kek_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and value.get_secret_value() != "":
-            decode_kek(value.get_secret_value())
-        return value
+    # The signing keys (stored in Redis, encrypted with key_encryption_key): SigningKeySettings.
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.session_ttl_seconds > self.max_session_ttl_seconds:
             raise ValueError("session_ttl_seconds must not exceed max_session_ttl_seconds")
         return self
-
-    @property
-    def kek(self) -> bytes | None:
-        if self.key_encryption_key is None or self.key_encryption_key.get_secret_value() == "":
-            return None
-        return decode_kek(self.key_encryption_key.get_secret_value())
 
     @property
     def registry_key(self) -> str:
