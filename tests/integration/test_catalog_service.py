@@ -411,7 +411,14 @@ async def test_reads_are_served_from_memory_and_see_writes_at_once(
     stub: pb_grpc.CatalogServiceStub, wired: Wired
 ) -> None:
     repo = wired.catalog.repo
+    heard = wired.listener.notifications
     event = await published(stub, new_event("Cached"))
+    # This process hears its own writes' NOTIFY too, a moment later, and drops its cache then: wait
+    # for both (create, publish), or a late one would empty the cache warmed below.
+    deadline = time.monotonic() + 10
+    while wired.listener.notifications < heard + 2:
+        assert time.monotonic() < deadline, "the writes' notifications never arrived"
+        await asyncio.sleep(0.02)
     req = pb.GetEventRequest(name=event.name)
     await stub.GetEvent(req)
     await stub.ListEvents(pb.ListEventsRequest())

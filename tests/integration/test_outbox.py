@@ -307,7 +307,9 @@ async def test_crash_between_db_commit_and_offset_commit_keeps_every_effect_exac
     task.cancel()  # the kill: no graceful stop, no offset commit
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    assert len(await effects(pool, g)) == crash_after
+    # The hung record's own effect is in; records of other partitions, handled side by side, may
+    # have committed theirs in the moment before the kill (their offsets were not committed).
+    assert len(await effects(pool, g)) >= crash_after
 
     second = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], recorder(g))
     async with running(second):
