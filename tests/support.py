@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import uuid
@@ -38,3 +39,11 @@ def overlapping_picks(fans: int, rows: int = 10, seats_per_row: int = 10, *, see
         first = rnd.randint(1, seats_per_row - n + 1)
         picks.append([f"{section}-{row}-{first + k}" for k in range(n)])
     return picks
+
+
+async def read_http_request(reader: asyncio.StreamReader) -> tuple[dict[str, str], bytes]:
+    """One HTTP/1.1 request from a test's little webhook receiver: (lower-cased headers, body)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip()
+               for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    return headers, await reader.readexactly(int(headers.get("content-length", "0")))

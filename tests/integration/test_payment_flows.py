@@ -41,7 +41,7 @@ from svc_payment.bootstrap import wire as wire_payment
 from svc_payment.config import Settings as PaymentSettings
 from svc_payment.domain import model
 
-from ..support import fresh_database
+from ..support import fresh_database, read_http_request
 from .test_booking_support import Clock, fan, new_event
 
 pytestmark = pytest.mark.integration
@@ -112,10 +112,7 @@ class FakeEdge:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (line.partition(":") for line in head[1:] if line)}
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            headers, body = await read_http_request(reader)
             md = [(k, v) for k, v in headers.items() if k == model.SIGNATURE_HEADER]
             try:
                 resp = await self.stub.HandleWebhook(pb.HandleWebhookRequest(

@@ -34,7 +34,7 @@ from svc_payment.bootstrap import MIGRATIONS
 from svc_payment.domain import model
 from svc_payment.domain.model import Money
 
-from ..support import fresh_database
+from ..support import fresh_database, read_http_request
 
 pytestmark = pytest.mark.integration
 
@@ -87,10 +87,7 @@ class Receiver:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (line.partition(":") for line in head[1:] if line)}
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            headers, body = await read_http_request(reader)
             status = await self._handle(headers, body)
             if status:
                 writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n"
