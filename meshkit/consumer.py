@@ -4,7 +4,9 @@ For every record the loop opens one PostgreSQL transaction, inserts ``(consumer_
 into ``processed_events`` and runs the handler on the same connection. If the row already exists the
 event was handled before (a redelivery) and is skipped. The effect and the de-duplication mark
 commit together, and the Kafka offset is committed only after that: a crash in between re-delivers
-records whose effect is already there, and the mark turns them into no-ops.
+records whose effect is already there, and the mark turns them into no-ops. A consumer told which
+payload types its handler acts on (``event_types``) passes over the others without a transaction:
+on a topic shared by many event types most records are none of its business.
 
 A handler that raises is retried ``max_retries`` times with exponential backoff (each attempt in a
 new transaction), then the original record (value, key, headers, plus ``error`` and provenance
@@ -13,9 +15,12 @@ headers) is produced to ``<topic><dlq_suffix>`` and the loop goes on. A value th
 (lost connection, pool exhausted, server shutting down) are not the record's fault: those are
 retried until they pass or the consumer is stopped, and never park a record.
 
-Records of one partition are handled in order, one at a time, and the partitions of a fetched batch
-side by side (as several replicas would); offsets are committed after each
-fetched batch, on a rebalance (for revoked partitions) and on :meth:`EventConsumer.stop`.
+Records of one key (the aggregate id) are handled in order, one at a time; records of different keys
+side by side, whether they share a partition or not, up to ``max_concurrency`` at once. A
+partition's offset only moves past a record once every earlier record of that partition is done,
+so a crash redelivers whatever was not finished (and the de-duplication mark skips what was).
+Offsets are committed after each fetched batch, on a rebalance (for revoked partitions) and on
+:meth:`EventConsumer.stop`.
 Cancelling the task running :meth:`EventConsumer.run` is a hard stop: it commits nothing (the
 processed records are redelivered and skipped), like a crash.
 """
@@ -102,6 +107,27 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         )
 
 
+class _PartitionProgress:
+    """Which records of one partition's batch are done; the offset that may be committed is the
+    one after the last record before which every record is done."""
+
+    def __init__(self, records: list[ConsumerRecord[Any, Any]]) -> None:
+        self.partition = TopicPartition(records[0].topic, records[0].partition)
+        self._offsets = [r.offset for r in records]  # increasing (gaps: compaction, markers)
+        self._finished: set[int] = set()
+        self._next = 0  # index of the first record not known done
+
+    def finished(self, offset: int) -> int | None:
+        """Mark ``offset`` done; the new committable offset if it moved, else None."""
+        self._finished.add(offset)
+        moved = False
+        while self._next < len(self._offsets) and self._offsets[self._next] in self._finished:
+            self._finished.discard(self._offsets[self._next])
+            self._next += 1
+            moved = True
+        return self._offsets[self._next - 1] + 1 if moved else None
+
+
 class EventConsumer:
     """Consume ``topics`` as ``group_id``; run ``handler(envelope, conn)`` once per event."""
 
@@ -117,11 +143,12 @@ class EventConsumer:
         retry_backoff: float = 0.2,
         dlq_suffix: str = ".dlq",
         max_batch: int = 100,
-        max_concurrency: int = 4,
+        max_concurrency: int = 8,
         client_id: str | None = None,
         is_transient: Callable[[BaseException], bool] = is_database_unavailable,
         after_commit: AfterCommitHook | None = None,
         consumer_config: Mapping[str, Any] | None = None,
+        event_types: Iterable[str] | None = None,
     ) -> None:
         self._pool = pool
         self._bootstrap = bootstrap_servers
@@ -130,12 +157,16 @@ class EventConsumer:
         if not self.topics:
             raise ValueError("at least one topic is needed")
         self._handler = handler
+        # The payload types the handler acts on (see events.event_type); the others change
+        # nothing, so they are passed over without a transaction or a de-duplication mark.
+        # None: every record goes to the handler.
+        self.event_types = frozenset(event_types) if event_types is not None else None
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.dlq_suffix = dlq_suffix
         self.max_batch = max_batch
-        # Records handled at once (each from its own partition). Each holds a pooled connection
-        # for its transaction and the handler may take another: keep 2 x this under the pool size.
+        # Records handled at once (each of its own key). Each holds a pooled connection for its
+        # transaction and the handler may take another: keep 2 x this under the pool size.
         self.max_concurrency = max_concurrency
         self._client_id = client_id or f"meshkit-{group_id}"
         self._is_transient = is_transient
@@ -147,13 +178,14 @@ class EventConsumer:
         self._finished = asyncio.Event()
         self._run_task: asyncio.Task[Any] | None = None
         self._commit_lock = asyncio.Lock()
-        self._in_hand = 0  # records being handled now (one at most per partition)
+        self._in_hand = 0  # records being handled now (one at most per key)
         self._idle = asyncio.Condition()  # notified when _in_hand drops to 0
         self._generation = 0  # bumped at every revocation
         self._done: dict[TopicPartition, int] = {}  # next offset after the last handled record
         self._committed: dict[TopicPartition, int] = {}
         # Counters for metrics.
         self.processed_total = 0
+        self.skipped_total = 0  # records of a type the handler does not act on
         self.duplicates_total = 0
         self.retries_total = 0
         self.dlq_total = 0
@@ -281,26 +313,34 @@ class EventConsumer:
     # -- records -----------------------------------------------------------------------------
 
     async def _handle_batch(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
-        """The partitions of a batch side by side, each partition's records in order.
+        """The records of a batch side by side, each key's records in order.
 
-        Partitions are independent (one key always lands on one partition), so handling them
-        concurrently keeps every ordering guarantee while a burst on several partitions no
-        longer waits in one line: what several replicas would do anyway, inside one.
+        A key always lands on one partition and ordering is only promised per key, so records of
+        different keys need not wait for each other: one slow record (a handler's gRPC call, a
+        lock) no longer holds up every later record of its partition. This is what a
+        key-ordered parallel consumer does; a single partition's throughput is then bounded by
+        ``max_concurrency``, not by one record's latency.
         """
         generation = self._generation
         slots = asyncio.Semaphore(self.max_concurrency)
         try:
             async with asyncio.TaskGroup() as group:
                 for records in batch.values():
-                    group.create_task(self._handle_partition(records, generation, slots))
+                    progress = _PartitionProgress(records)
+                    lanes: dict[Any, list[ConsumerRecord[Any, Any]]] = {}
+                    for rec in records:
+                        lanes.setdefault(rec.key, []).append(rec)
+                    for lane in lanes.values():
+                        group.create_task(self._handle_lane(lane, progress, generation, slots))
         except BaseExceptionGroup as failed:
             other = failed.subgroup(lambda e: not isinstance(e, _Abandon))
             if other is not None:
                 raise other.exceptions[0] from failed
             raise _Abandon() from None
 
-    async def _handle_partition(self, records: list[ConsumerRecord[Any, Any]], generation: int,
-                                slots: asyncio.Semaphore) -> None:
+    async def _handle_lane(self, records: list[ConsumerRecord[Any, Any]], progress: _PartitionProgress,
+                           generation: int, slots: asyncio.Semaphore) -> None:
+        """One key's records of a batch, in order."""
         for rec in records:
             async with slots:
                 if self._stopping or self._generation != generation:
@@ -310,7 +350,9 @@ class EventConsumer:
                 self._in_hand += 1
                 try:
                     await self._handle_record(rec)
-                    self._done[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+                    done = progress.finished(rec.offset)
+                    if done is not None:
+                        self._done[progress.partition] = done
                 finally:
                     self._in_hand -= 1
                     if self._in_hand == 0:
@@ -352,7 +394,11 @@ class EventConsumer:
             await self._to_dlq(rec, f"invalid envelope: {exc}", attempts=0)
             return
 
-        fields = self._fields(rec, event_id=env.event_id, event_type=events.event_type(env))
+        kind = events.event_type(env)
+        if self.event_types is not None and kind not in self.event_types:
+            self.skipped_total += 1
+            return
+        fields = self._fields(rec, event_id=env.event_id, event_type=kind)
         attempt = 0
         infra_backoff = self.retry_backoff or 0.1
         while True:

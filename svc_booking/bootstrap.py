@@ -70,7 +70,8 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             consumer = EventConsumer(pool, settings.kafka_bootstrap, settings.consumer_group,
                                      [settings.catalog_topic], booking.on_event,
                                      client_id=f"booking-{settings.consumer_group}",
-                                     after_commit=booking.after_event)
+                                     after_commit=booking.after_event,
+                                     event_types=Booking.CATALOG_EVENT_TYPES)
             task = asyncio.create_task(consumer.run(), name="booking-consumer")
             stack.push_async_callback(_cancel, task)
             stack.push_async_callback(consumer.stop, 10.0)
@@ -81,7 +82,8 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             group = f"{settings.consumer_group}.payment"
             payment_consumer = EventConsumer(pool, settings.kafka_bootstrap, group,
                                              [settings.payment_topic], payment_events.handle,
-                                             client_id=f"booking-{group}")
+                                             client_id=f"booking-{group}",
+                                             event_types=PaymentEvents.TYPES)
             ptask = asyncio.create_task(payment_consumer.run(), name="booking-payment-consumer")
             stack.push_async_callback(_cancel, ptask)
             stack.push_async_callback(payment_consumer.stop, 10.0)

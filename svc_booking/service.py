@@ -77,6 +77,9 @@ class PricedHold:
 
 
 class Booking:
+    # The catalog events booking acts on; its consumer passes over the others.
+    CATALOG_EVENT_TYPES = frozenset({"event_published"})
+
     def __init__(
         self,
         pool: AsyncConnectionPool,
@@ -111,7 +114,7 @@ class Booking:
 
     async def on_event(self, env: EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
         """The catalog consumer's handler (runs in the de-duplication transaction)."""
-        if event_type(env) != "event_published":
+        if event_type(env) not in self.CATALOG_EVENT_TYPES:
             return
         msg = payload_of(env)
         assert isinstance(msg, EventPublished)

@@ -54,6 +54,10 @@ class ProviderUnavailable(DomainError):
 
 
 class Payments:
+    # The booking events payment acts on; its consumer passes over the others (HoldCreated,
+    # OrderCreated: two of every purchase's three booking events), with no transaction.
+    BOOKING_EVENT_TYPES = frozenset({"order_expired", "order_cancelled", "hold_expired", "order_confirmed"})
+
     def __init__(
         self,
         pool: AsyncConnectionPool,
@@ -156,8 +160,7 @@ class Payments:
 
     async def on_booking_event(self, env: ev.EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
         """The consumer's handler (ticketping.booking.v1), in its de-duplication transaction."""
-        kind = event_type(env)
-        if kind not in ("order_expired", "order_cancelled", "hold_expired", "order_confirmed"):
+        if event_type(env) not in self.BOOKING_EVENT_TYPES:
             return
         msg = payload_of(env)
         if isinstance(msg, ev.HoldExpired):

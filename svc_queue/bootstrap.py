@@ -107,6 +107,7 @@ async def wire(settings: Settings) -> Wired:
             consumer = RedisEventConsumer(
                 settings.kafka_bootstrap, settings.consumer_group,
                 [settings.catalog_topic, settings.booking_topic], queue.on_event,
+                event_types=Queue.EVENT_TYPES,
             )
             await consumer.start()  # fail at start, not later, if Kafka is unreachable
             _background(stack, consumer.run, "queue-events", stop=consumer.stop)

@@ -43,6 +43,9 @@ class TokenSettings:
 
 
 class Queue:
+    # The events the waiting room acts on (catalog's and booking's topics); the rest are passed over.
+    EVENT_TYPES = frozenset({"event_published", "order_confirmed", "order_cancelled"})
+
     def __init__(
         self, rooms: RoomStore, registry: RoomRegistry, keys: AdmissionKeyStore, *,
         tokens: TokenSettings, defaults: RoomDefaults, max_session_ttl_ms: int,

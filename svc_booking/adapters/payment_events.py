@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 
 class PaymentEvents:
+    # What the handler acts on; the consumer passes over the rest (PaymentRefunded...).
+    TYPES = frozenset({"payment_succeeded", "payment_failed"})
+
     def __init__(self, booking: Booking) -> None:
         self.booking = booking
         self.confirmed = 0  # counters for tests and metrics
@@ -42,8 +45,7 @@ class PaymentEvents:
         self.cancelled = 0
 
     async def handle(self, env: ev.EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
-        kind = event_type(env)
-        if kind not in ("payment_succeeded", "payment_failed"):
+        if event_type(env) not in self.TYPES:
             return
         msg = payload_of(env)
         assert isinstance(msg, ev.PaymentSucceeded | ev.PaymentFailed)

@@ -20,10 +20,11 @@ import psycopg
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
-from ticketping.events.v1.events_pb2 import EventEnvelope, Ping
+from ticketping.events.v1.events_pb2 import EventEnvelope, PaymentRefunded, Ping
 
 from meshkit.consumer import EventConsumer
 from meshkit.db import close_pool, open_pool
@@ -307,9 +308,10 @@ async def test_crash_between_db_commit_and_offset_commit_keeps_every_effect_exac
     task.cancel()  # the kill: no graceful stop, no offset commit
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    # The hung record's own effect is in; records of other partitions, handled side by side, may
-    # have committed theirs in the moment before the kill (their offsets were not committed).
-    assert len(await effects(pool, g)) >= crash_after
+    # The hung record's own effect is in; records of other keys, handled side by side, may have
+    # committed theirs in the moment before the kill (their offsets were not committed).
+    before_kill = len(await effects(pool, g))
+    assert before_kill >= crash_after
 
     second = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], recorder(g))
     async with running(second):
@@ -321,7 +323,7 @@ async def test_crash_between_db_commit_and_offset_commit_keeps_every_effect_exac
         # Let the rest of the redeliveries come through (and show up if they were not skipped).
 
         async def backlog_done() -> bool:
-            return second.processed_total + second.duplicates_total >= n - crash_after + 1
+            return second.processed_total + second.duplicates_total >= n - before_kill + 1
 
         await wait_for(backlog_done, 30, "the second consumer to go through its backlog")
         await asyncio.sleep(1.0)
@@ -333,8 +335,8 @@ async def test_crash_between_db_commit_and_offset_commit_keeps_every_effect_exac
     assert await scalar(pool, "SELECT count(*) FROM processed_events WHERE consumer_group = %s", (g,)) == n
     # The crash really redelivered records whose effect had committed (they were skipped), and
     # only those: what the first consumer had committed offsets for was not delivered again.
-    assert 1 <= second.duplicates_total < crash_after
-    assert second.processed_total == n - crash_after
+    assert 1 <= second.duplicates_total < before_kill
+    assert second.processed_total == n - before_kill
     assert_in_order_per_aggregate([(r[1], r[2]) for r in rows])
     print(
         f"\ncrash test: {n} events, first consumer killed after {crash_after} effects, "
@@ -742,3 +744,72 @@ async def test_partitions_are_handled_side_by_side_and_each_in_order(
     assert 1 < most <= 3, most
     # 120 records of 50 ms each would take 6 s one at a time.
     print(f"\n120 records, 3 at once: {took:.2f} s")
+
+
+async def test_keys_of_one_partition_are_handled_side_by_side_each_in_order(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """Every record on one partition: a slow record of one key does not hold up the others
+    (up to max_concurrency at once), while each key's records stay in order, each once."""
+    partitions = list(range(6))
+    keys = [k for k in (f"order-{i}" for i in range(400))
+            if DefaultPartitioner()(k.encode(), partitions, partitions) == 0][:12]
+    assert len(keys) == 12
+    g = group()
+    slow = recorder(g)
+    in_hand, most = 0, 0
+
+    async def handle(env: EventEnvelope, conn: Any) -> None:
+        nonlocal in_hand, most
+        in_hand += 1
+        most = max(most, in_hand)
+        try:
+            await asyncio.sleep(0.05)
+            await slow(env, conn)
+        finally:
+            in_hand -= 1
+
+    await enqueue_all(pool, unique_topic, [ping(k, s) for s in range(4) for k in keys])
+    relay = OutboxRelay(pool, kafka_bootstrap)
+    consumer = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], handle, max_concurrency=4)
+    await relay.start()
+    try:
+        async with running(consumer):
+            async def all_done() -> bool:
+                return len(await effects(pool, g)) >= 48
+
+            took = await wait_for(all_done, 60, "every effect")
+    finally:
+        await relay.stop()
+    rows = await effects(pool, g)
+    assert len(rows) == 48 and len({r[0] for r in rows}) == 48
+    assert_in_order_per_aggregate([(a, s) for _, a, s in rows])
+    partitions_seen = await scalar(
+        pool, "SELECT count(DISTINCT partition) FROM processed_events WHERE consumer_group = %s", (g,))
+    assert partitions_seen == 1
+    assert 1 < most <= 4, most
+    print(f"\n48 records on one partition, 4 at once: {took:.2f} s")
+
+
+async def test_a_consumer_passes_over_the_event_types_its_handler_does_not_act_on(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """Told its handler's types, the consumer hands it only those; the others take no
+    transaction and leave no de-duplication mark, and the consumer still moves past them."""
+    g = group()
+    other = new_envelope(SOURCE, "order-1", PaymentRefunded(payment="payments/x", order="orders/1"))
+    wanted = [ping("order-1", 1), ping("order-1", 2)]
+    await enqueue_all(pool, unique_topic, [wanted[0], other, wanted[1]])
+    relay = OutboxRelay(pool, kafka_bootstrap)
+    assert await drain(relay) == 3
+    await relay.stop()
+    consumer = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], recorder(g), event_types={"ping"})
+    async with running(consumer):
+        async def all_seen() -> bool:
+            return consumer.processed_total + consumer.skipped_total >= 3
+
+        await wait_for(all_seen, 30, "three records")
+    assert [r[0] for r in await effects(pool, g)] == [e.event_id for e in wanted]
+    assert (consumer.processed_total, consumer.skipped_total, consumer.dlq_total) == (2, 1, 0)
+    marks = await scalar(pool, "SELECT count(*) FROM processed_events WHERE consumer_group = %s", (g,))
+    assert marks == 2

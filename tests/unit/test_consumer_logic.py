@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import Message
 from google.protobuf.symbol_database import Default as default_symbol_db
 from opentelemetry import context as otel_context
@@ -16,7 +17,7 @@ from ticketping.events.v1 import events_pb2
 from ticketping.events.v1.events_pb2 import EventEnvelope, PaymentSucceeded, Ping
 
 from meshkit import events
-from meshkit.consumer import describe, is_database_unavailable
+from meshkit.consumer import _PartitionProgress, describe, is_database_unavailable
 from meshkit.events import EnvelopeError, new_envelope, payload_of
 
 
@@ -119,3 +120,15 @@ def test_database_unavailable_is_told_apart_from_a_bad_record(exc: BaseException
 def test_describe_is_bounded() -> None:
     text = describe(ValueError("x" * 10_000))
     assert text.startswith("ValueError: x") and len(text) <= 2000
+
+
+def test_a_partition_offset_moves_only_past_records_whose_predecessors_are_all_done() -> None:
+    """Keys of one partition finish out of order; the committable offset never skips a record
+    still in hand (offsets may have gaps: compaction, transaction markers)."""
+    recs = [ConsumerRecord("t", 2, off, 0, 0, b"k", b"v", None, 1, 1, []) for off in (5, 6, 8, 9)]
+    progress = _PartitionProgress(recs)
+    assert progress.partition.partition == 2
+    assert progress.finished(6) is None  # 5 is still in hand
+    assert progress.finished(9) is None
+    assert progress.finished(5) == 7  # 5 and 6 done; 8 is not
+    assert progress.finished(8) == 10
