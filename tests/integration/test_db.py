@@ -182,3 +182,23 @@ async def test_pool_blocks_are_transactions(pg_dsn: str) -> None:
         assert await _scalar(pg_dsn, "SELECT array_agg(n) FROM tx_probe") == [2]
     finally:
         await close_pool(pool)
+
+
+async def test_a_connection_the_server_dropped_while_idle_is_never_lent(fresh_db: str) -> None:
+    """The pool's check costs no round trip, yet a connection PostgreSQL closed while it sat in
+    the pool (as after a restart) is replaced, not handed to a caller to fail on."""
+    pool = await open_pool(fresh_db, migrations=None, min_size=2, max_size=2)
+    try:
+        async with pool.connection() as conn:
+            victim = conn.info.backend_pid
+        with psycopg.connect(fresh_db, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        await asyncio.sleep(0.2)
+        for _ in range(4):  # every connection the pool had is dead: each is replaced, not lent
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT pg_backend_pid()")
+                row = await cur.fetchone()
+                assert row is not None and row[0] != victim
+    finally:
+        await close_pool(pool)
