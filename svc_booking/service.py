@@ -521,18 +521,24 @@ class Booking:
                     order = await db.set_order_state(conn, order_id, OrderState.CONFIRMED, payment)
                     await db.set_hold_state(conn, order.hold_id, HoldState.SOLD)
                     await enqueue(conn, self.topic, messages.order_confirmed(order))
-                sold_out = await db.sold_out(conn, order.event_id)
         except psycopg.errors.UniqueViolation:
             # sold_seats' primary key: one of these seats is sold already. No double sale.
             raise DomainError("ORDER_NOT_PAYABLE", f"{name}: a seat was sold to another order; "
                               "refund the payment", metadata={"cause": "SEAT_ALREADY_SOLD"}) from None
-        await self.inventory.sell(order.event_id, str(order.hold_id), order.seat_ids)
+        unsold = await self.inventory.sell(order.event_id, str(order.hold_id), order.seat_ids)
         if self.queue is not None:
             if not replay:
                 await self.queue.end_session(order.event_id, order.user_id, confirmed=True)
-            if sold_out:
+            # The live state counts the unsold seats down, so a sale is not a count of every sold
+            # seat (which grows with the house: O(seats) per sale). It only says when to ask
+            # PostgreSQL, the truth; so does a count it does not know (-1).
+            if unsold <= 0 and await self._sold_out(order.event_id):
                 await self.queue.mark_sold_out(order.event_id)
         return order
+
+    async def _sold_out(self, event_id: str) -> bool:
+        async with self.pool.connection() as conn:
+            return await db.sold_out(conn, event_id)
 
     async def expire_order(self, order_id: uuid.UUID) -> Order:
         async with self.pool.connection() as conn:

@@ -121,6 +121,7 @@ class Inventory:
         return int(await self._release(keys=keys, args=[hold_id, user_id, *seats]))
 
     async def sell(self, event_id: str, hold_id: str, seats: Sequence[str]) -> int:
+        """Mark the seats SOLD; how many seats of the event are left unsold, -1 if not known."""
         keys = [meta_key(event_id), seats_key(event_id), deadlines_key(event_id),
                 hold_key(event_id, hold_id)]
         return int(await self._sell(keys=keys, args=[hold_id, *seats]))

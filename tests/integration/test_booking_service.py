@@ -456,6 +456,32 @@ async def test_selling_the_last_seat_tells_the_waiting_room(
     assert admission.sold_out.count(event_id) == 2
 
 
+async def test_the_live_count_of_unsold_seats_survives_replays_and_a_rebuild(
+    wired: Wired, stub: pb_grpc.BookingServiceStub, admission: StaticAdmission
+) -> None:
+    """Sold-out is noticed from the live state's count of unsold seats: a confirmation replayed
+    counts nothing twice, and a state rebuilt mid-sale counts from PostgreSQL's sold seats."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),))
+
+    async def sell(user: str, seats: list[str], replays: int = 0) -> None:
+        h = await hold(stub, user, event_id, seats)
+        o = await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                                   metadata=fan(user, event_id))
+        for _ in range(1 + replays):
+            await stub.ConfirmOrder(pb.ConfirmOrderRequest(order=o.name, payment=f"payments/{user}",
+                                                           request_id=rid()), metadata=INTERNAL)
+
+    await sell("u-c1", ["A-1-1"], replays=3)  # a count lowered four times would read 0 here
+    meta = inv.meta_key(event_id)
+    assert await wired.booking.inventory.redis.hget(meta, "unsold") in (b"3", "3")
+    await _drop_live_state(wired, event_id)
+    await sell("u-c2", ["A-1-2", "A-1-3"])  # the rebuild counts 3 unsold, this sale leaves 1
+    assert await wired.booking.inventory.redis.hget(meta, "unsold") in (b"1", "1")
+    assert event_id not in admission.sold_out
+    await sell("u-c3", ["A-1-4"])
+    assert admission.sold_out.count(event_id) == 1
+
+
 # --- Redis loses its state -------------------------------------------------------------------
 
 

@@ -25,5 +25,9 @@ hset_chunks(KEYS[4], 'HSET', p + 1, p + k)
 p = p + k + 1
 local keep = ARGV[p]
 for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[p + i - 4], 'PX', keep) end
-redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'built', ARGV[2], 'stamp', ARGV[3])
+local unsold = 0  -- what sell.lua counts down: the house is sold out when it reaches 0
+for i = 6, 4 + n, 2 do
+  if ARGV[i] ~= 'S' then unsold = unsold + 1 end
+end
+redis.call('HSET', KEYS[1], 'limit', ARGV[1], 'built', ARGV[2], 'stamp', ARGV[3], 'unsold', unsold)
 return 1
