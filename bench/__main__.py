@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--keep", action="store_true", help="leave the test stack running")
     ap.add_argument("--purchase-fans", type=int, default=800, help="fans of the purchases scenario (0: skip)")
-    ap.add_argument("--purchase-seats", type=int, default=1600, help="seats of the purchases scenario")
+    ap.add_argument("--purchase-seats", type=int, default=2000,
+                    help="seats of the purchases scenario (more than its fans want)")
     args = ap.parse_args()
     lay = layout("test")
     stack.ensure_infra(lay)

@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import asdict
 
+import uvloop
+
 from devstack.layout import layout
 
 from . import report
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = FanPool(lay.run_dir / "flashsale" / "fans.json")
     try:
-        result = asyncio.run(run(lay.edge_url, admin, cfg, pool=pool, fresh_fans=args.fresh_fans,
+        result = uvloop.run(run(lay.edge_url, admin, cfg, pool=pool, fresh_fans=args.fresh_fans,
                                  on_tick=tick, on_phase=phase))
     except (SaleError, OSError) as err:
         print(f"\nflashsale: {err}\n  is the mesh running? `make up` starts it; `make status` shows it",
