@@ -211,6 +211,17 @@ def _remote_jwks(lay: Layout, path: str) -> dict[str, Any]:
     }
 
 
+# Verified tokens kept per worker, by token: a fan's app sends the same user token (and, once
+# admitted, the same admission token) on every call, and an ES256 verification per request was
+# a large share of the edge's CPU on booking routes (jwt_cache_miss == every request in a flash
+# sale). The cache is per provider (a token cached as a user token is no admission token) and a
+# cached token's time limits are checked again on every use; what a hit skips is the parse and
+# the signature, so a key withdrawn from a JWKS keeps passing tokens already seen until they
+# expire (user tokens live minutes; admission tokens end with the session, which booking checks
+# with the waiting room anyway).
+JWT_CACHE_SIZE = 10_000
+
+
 def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
     user = {"provider_name": "user"}
     admission = {"provider_name": "admission"}
@@ -235,6 +246,7 @@ def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
                     "issuer": access.USER_TOKEN_ISSUER,
                     "audiences": [access.USER_TOKEN_AUDIENCE],
                     "remote_jwks": _remote_jwks(lay, USER_JWKS_PATH),
+                    "jwt_cache_config": {"jwt_cache_size": JWT_CACHE_SIZE},
                     "forward": False,
                     "clock_skew_seconds": 30,
                     "claim_to_headers": [
@@ -248,6 +260,7 @@ def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
                     "audiences": [access.ADMISSION_TOKEN_AUDIENCE],
                     "remote_jwks": _remote_jwks(lay, ADMISSION_JWKS_PATH),
                     "from_headers": [{"name": access.ADMISSION_TOKEN_HEADER}],
+                    "jwt_cache_config": {"jwt_cache_size": JWT_CACHE_SIZE},
                     "forward": False,
                     "clock_skew_seconds": 5,
                     "claim_to_headers": [

@@ -125,6 +125,21 @@ def test_every_bad_token_is_refused_at_the_edge(http: httpx.Client, mesh: Layout
     assert http.get("/v1/users/me", headers={"authorization": f"Bearer {good}"}).status_code == 200
 
 
+def test_a_token_the_edge_has_cached_is_refused_once_it_expires(http: httpx.Client, mesh: Layout, fan: Fan):
+    """The edge keeps verified tokens (jwt_cache_config): a hit skips the signature, never the
+    expiry. A token used (and cached) while valid is refused on its next use after it expired,
+    past the provider's clock skew (30 s)."""
+    skew = 30
+    now = int(time.time())
+    token = asyncio.run(_sign_with_identity_key(mesh, _claims(fan, iat=now - 60, exp=now - skew + 3)))
+    auth = {"authorization": f"Bearer {token}"}
+    assert http.get("/v1/users/me", headers=auth).status_code == 200  # within the skew: cached
+    assert http.get("/v1/users/me", headers=auth).status_code == 200
+    time.sleep(max(0.0, now + 4 - time.time()))
+    resp = http.get("/v1/users/me", headers=auth)
+    assert resp.status_code == 401, resp.text
+
+
 def test_a_bad_token_is_refused_on_public_routes_too(http: httpx.Client):
     assert http.get("/v1/events").status_code == 200
     resp = http.get("/v1/events", headers={"authorization": "Bearer not-a-jwt"})
