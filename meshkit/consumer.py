@@ -18,9 +18,10 @@ retried until they pass or the consumer is stopped, and never park a record.
 Records of one key (the aggregate id) are handled in order, one at a time; records of different keys
 side by side, whether they share a partition or not, up to ``max_concurrency`` at once. A
 partition's offset only moves past a record once every earlier record of that partition is done,
-so a crash redelivers whatever was not finished (and the de-duplication mark skips what was).
-Offsets are committed after each fetched batch, on a rebalance (for revoked partitions) and on
-:meth:`EventConsumer.stop`.
+so a crash redelivers whatever was not finished (and the de-duplication mark skips what was). A
+graceful stop starts no new record except those that close such a gap, so the offset it commits
+covers every record handled. Offsets are committed after each fetched batch, on a rebalance (for
+revoked partitions) and on :meth:`EventConsumer.stop`.
 Cancelling the task running :meth:`EventConsumer.run` is a hard stop: it commits nothing (the
 processed records are redelivered and skipped), like a crash.
 """
@@ -116,6 +117,15 @@ class _PartitionProgress:
         self._offsets = [r.offset for r in records]  # increasing (gaps: compaction, markers)
         self._finished: set[int] = set()
         self._next = 0  # index of the first record not known done
+        self.highest = -1  # the highest offset started (in hand or done)
+
+    def started(self, offset: int) -> None:
+        self.highest = max(self.highest, offset)
+
+    def behind(self, offset: int) -> bool:
+        """A record after ``offset`` is in hand or done already: until ``offset`` is done too, the
+        committable offset stops short of that record, which would come back after a stop."""
+        return offset < self.highest
 
     def finished(self, offset: int) -> int | None:
         """Mark ``offset`` done; the new committable offset if it moved, else None."""
@@ -343,10 +353,16 @@ class EventConsumer:
         """One key's records of a batch, in order."""
         for rec in records:
             async with slots:
-                if self._stopping or self._generation != generation:
-                    # Stopping, or a rebalance happened: drop the rest of this batch. Whoever owns
-                    # each partition now (maybe us) fetches again from the offset committed then.
+                if self._generation != generation:
+                    # A rebalance happened: drop the rest of this batch. Whoever owns each
+                    # partition now (maybe us) fetches again from the offset committed then.
                     return
+                if self._stopping and not progress.behind(rec.offset):
+                    # Stopping: start nothing more, except what closes a gap below a record of
+                    # another key in hand or done, so that the offset committed at the stop
+                    # covers every record handled (a graceful restart redelivers nothing).
+                    return
+                progress.started(rec.offset)
                 self._in_hand += 1
                 try:
                     await self._handle_record(rec)

@@ -128,7 +128,14 @@ def test_a_partition_offset_moves_only_past_records_whose_predecessors_are_all_d
     recs = [ConsumerRecord("t", 2, off, 0, 0, b"k", b"v", None, 1, 1, []) for off in (5, 6, 8, 9)]
     progress = _PartitionProgress(recs)
     assert progress.partition.partition == 2
+    for off in (5, 6):
+        progress.started(off)
     assert progress.finished(6) is None  # 5 is still in hand
+    assert progress.behind(5) and not progress.behind(8)  # a stop still finishes 5, not 8
+    progress.started(9)
+    assert progress.behind(8)  # now 8 sits below 9, in hand: a stop finishes 8 too
     assert progress.finished(9) is None
     assert progress.finished(5) == 7  # 5 and 6 done; 8 is not
+    progress.started(8)
     assert progress.finished(8) == 10
+    assert not progress.behind(10)
