@@ -29,6 +29,7 @@ from .logging import setup_logging
 from .tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
+STOP_MARGIN = 10.0  # seconds past the grace a gRPC server stop may take before shutdown goes on
 S = TypeVar("S", bound=ServiceSettings)
 
 
@@ -52,7 +53,11 @@ class App:
     async def stop(self, grace: float) -> None:
         """Refuse new work (health NOT_SERVING), let calls in flight finish, then close resources."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        try:  # grpc cancels what is left after `grace`; never let a stuck stop keep the process
+            await asyncio.wait_for(self.server.stop(grace), grace + STOP_MARGIN)
+        except TimeoutError:
+            log.error("gRPC server did not stop in time; closing its resources anyway",
+                      extra={"grace_s": grace})
         await self.resources.aclose()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from .server import QueueServicer
 from .service import Queue, TokenSettings
 
 log = logging.getLogger(__name__)
+
+HALT_TIMEOUT = 10.0  # seconds a cancelled background task gets to end at shutdown
 
 SERVICE = "ticketping.queue.v1.QueueService"
 KEY_MAINTENANCE_EVERY = 60.0
@@ -152,6 +155,15 @@ def _background(
             with contextlib.suppress(Exception):
                 await stop()
         task.cancel()
+        # A task that does not end when cancelled must not hang the replica's shutdown (a
+        # SIGTERM'd pod that never exits): wait a while, then say where it is stuck and go on.
+        done, _ = await asyncio.wait({task}, timeout=HALT_TIMEOUT)
+        if not done:
+            stack = io.StringIO()
+            task.print_stack(file=stack)
+            log.error("background task did not stop when cancelled; shutting down without it",
+                      extra={"task": name, "stack": stack.getvalue()[-4000:]})
+            return
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
