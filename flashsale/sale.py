@@ -351,20 +351,30 @@ async def open_sale(http: Edge, admin: dict[str, str], cfg: SaleConfig) -> tuple
 @dataclass
 class SeatMap:
     sections: list[dict[str, Any]]
+    _by_status: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
 
     def seats(self, status: str) -> list[str]:
-        """Seat ids in ``status`` ('A', 'H' or 'S'), front rows first."""
-        found = []
-        for s in self.sections:
-            per_row = int(s["seatsPerRow"])
-            for i, c in enumerate(s["statuses"]):
-                if c == status:
-                    found.append(f"{s['section']}-{i // per_row + 1}-{i % per_row + 1}")
-        return found
+        """Seat ids in ``status`` ('A', 'H' or 'S'), front rows first (a fresh list)."""
+        if status not in self._by_status:
+            found = []
+            for s in self.sections:
+                per_row = int(s["seatsPerRow"])
+                for i, c in enumerate(s["statuses"]):
+                    if c == status:
+                        found.append(f"{s['section']}-{i // per_row + 1}-{i % per_row + 1}")
+            self._by_status[status] = found
+        return list(self._by_status[status])
 
     def counts(self) -> dict[str, int]:
         text = "".join(s["statuses"] for s in self.sections)
         return {c: text.count(c) for c in "AHS"}
+
+
+# The simulator's own cost, not the platform's: hundreds of fans read the same cached seat map
+# each second, and each parsed it and listed its free seats again (a tenth of the load
+# generator's CPU in the purchases bench, on the machine it measures). One parse per answer.
+_MAPS: dict[str, SeatMap] = {}
+_MAPS_KEPT = 8
 
 
 async def seat_map(http: Edge, event: str, fresh: bool = False) -> SeatMap:
@@ -372,7 +382,13 @@ async def seat_map(http: Edge, event: str, fresh: bool = False) -> SeatMap:
     resp = await call(http, "GET", f"/v1/{event}/seats", params={"view": "SEAT_VIEW_COMPACT"},
                       headers=headers)
     resp.raise_for_status()
-    return SeatMap(resp.json()["sections"])
+    parsed = _MAPS.get(resp.text)
+    if parsed is None:
+        parsed = SeatMap(resp.json()["sections"])
+        if len(_MAPS) >= _MAPS_KEPT:
+            _MAPS.pop(next(iter(_MAPS)))
+        _MAPS[resp.text] = parsed
+    return parsed
 
 
 def pick(free: list[str], want: int, rng: random.Random, spread: float = 4.0) -> list[str]:
