@@ -706,11 +706,12 @@ async def test_a_replica_joining_mid_stream_shares_the_work_and_no_effect_double
 
 
 # -- partitions side by side ---------------------------------------------------------------------
-async def test_partitions_are_handled_side_by_side_and_each_in_order(
-    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
-) -> None:
-    """A slow handler over six partitions: at most max_concurrency records at once, more than
-    one at once, and every aggregate's records still in order, each once."""
+async def _consume_slowly(pool: AsyncConnectionPool, kafka_bootstrap: str, topic: str,
+                          keys: list[str], per_key: int, max_concurrency: int
+                          ) -> tuple[str, int, float]:
+    """Publish `per_key` records for each key and consume them with a 50 ms handler, checking
+    each took effect once and each key's in order; return the consumer group, the most records
+    ever in the handler at once, and how long it all took."""
     g = group()
     slow = recorder(g)
     in_hand, most = 0, 0
@@ -725,22 +726,31 @@ async def test_partitions_are_handled_side_by_side_and_each_in_order(
         finally:
             in_hand -= 1
 
-    aggregates = [f"order-{i}" for i in range(24)]  # spread over the six partitions by key
-    await enqueue_all(pool, unique_topic, [ping(a, s) for s in range(5) for a in aggregates])
+    await enqueue_all(pool, topic, [ping(k, s) for s in range(per_key) for k in keys])
     relay = OutboxRelay(pool, kafka_bootstrap)
-    consumer = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], handle, max_concurrency=3)
+    consumer = EventConsumer(pool, kafka_bootstrap, g, [topic], handle, max_concurrency=max_concurrency)
     await relay.start()
     try:
         async with running(consumer):
             async def all_done() -> bool:
-                return len(await effects(pool, g)) >= len(aggregates) * 5
+                return len(await effects(pool, g)) >= len(keys) * per_key
 
             took = await wait_for(all_done, 60, "every effect")
     finally:
         await relay.stop()
     rows = await effects(pool, g)
-    assert len(rows) == 120 and len({r[0] for r in rows}) == 120  # each once
+    assert len(rows) == len(keys) * per_key and len({r[0] for r in rows}) == len(rows)  # each once
     assert_in_order_per_aggregate([(a, s) for _, a, s in rows])
+    return g, most, took
+
+
+async def test_partitions_are_handled_side_by_side_and_each_in_order(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """A slow handler over six partitions: at most max_concurrency records at once, more than
+    one at once, and every aggregate's records still in order, each once."""
+    aggregates = [f"order-{i}" for i in range(24)]  # spread over the six partitions by key
+    _, most, took = await _consume_slowly(pool, kafka_bootstrap, unique_topic, aggregates, 5, 3)
     assert 1 < most <= 3, most
     # 120 records of 50 ms each would take 6 s one at a time.
     print(f"\n120 records, 3 at once: {took:.2f} s")
@@ -755,38 +765,10 @@ async def test_keys_of_one_partition_are_handled_side_by_side_each_in_order(
     keys = [k for k in (f"order-{i}" for i in range(400))
             if DefaultPartitioner()(k.encode(), partitions, partitions) == 0][:12]
     assert len(keys) == 12
-    g = group()
-    slow = recorder(g)
-    in_hand, most = 0, 0
-
-    async def handle(env: EventEnvelope, conn: Any) -> None:
-        nonlocal in_hand, most
-        in_hand += 1
-        most = max(most, in_hand)
-        try:
-            await asyncio.sleep(0.05)
-            await slow(env, conn)
-        finally:
-            in_hand -= 1
-
-    await enqueue_all(pool, unique_topic, [ping(k, s) for s in range(4) for k in keys])
-    relay = OutboxRelay(pool, kafka_bootstrap)
-    consumer = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], handle, max_concurrency=4)
-    await relay.start()
-    try:
-        async with running(consumer):
-            async def all_done() -> bool:
-                return len(await effects(pool, g)) >= 48
-
-            took = await wait_for(all_done, 60, "every effect")
-    finally:
-        await relay.stop()
-    rows = await effects(pool, g)
-    assert len(rows) == 48 and len({r[0] for r in rows}) == 48
-    assert_in_order_per_aggregate([(a, s) for _, a, s in rows])
-    partitions_seen = await scalar(
+    g, most, took = await _consume_slowly(pool, kafka_bootstrap, unique_topic, keys, 4, 4)
+    on = await scalar(
         pool, "SELECT count(DISTINCT partition) FROM processed_events WHERE consumer_group = %s", (g,))
-    assert partitions_seen == 1
+    assert on == 1  # Kafka put every record on one partition
     assert 1 < most <= 4, most
     print(f"\n48 records on one partition, 4 at once: {took:.2f} s")
 
