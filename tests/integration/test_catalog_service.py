@@ -407,6 +407,13 @@ async def test_page_sizes_and_bad_tokens(stub: pb_grpc.CatalogServiceStub) -> No
 # -- the read cache -------------------------------------------------------------------------------------
 
 
+async def _heard(wired: Wired, notifications: int) -> None:
+    deadline = time.monotonic() + 10
+    while wired.listener.notifications < notifications:
+        assert time.monotonic() < deadline, "the writes' notifications never arrived"
+        await asyncio.sleep(0.02)
+
+
 async def test_reads_are_served_from_memory_and_see_writes_at_once(
     stub: pb_grpc.CatalogServiceStub, wired: Wired
 ) -> None:
@@ -415,10 +422,7 @@ async def test_reads_are_served_from_memory_and_see_writes_at_once(
     event = await published(stub, new_event("Cached"))
     # This process hears its own writes' NOTIFY too, a moment later, and drops its cache then: wait
     # for both (create, publish), or a late one would empty the cache warmed below.
-    deadline = time.monotonic() + 10
-    while wired.listener.notifications < heard + 2:
-        assert time.monotonic() < deadline, "the writes' notifications never arrived"
-        await asyncio.sleep(0.02)
+    await _heard(wired, heard + 2)
     req = pb.GetEventRequest(name=event.name)
     await stub.GetEvent(req)
     await stub.ListEvents(pb.ListEventsRequest())
@@ -429,7 +433,9 @@ async def test_reads_are_served_from_memory_and_see_writes_at_once(
     assert repo.reads == reads, "a cached read went to PostgreSQL"
 
     # an update is visible to the very next read (drafts are cached too, for admins)
+    heard = wired.listener.notifications
     draft = await create(stub, new_event("Cached draft"))
+    await _heard(wired, heard + 1)  # the create's own NOTIFY, or it could empty the cache below
     dreq = pb.GetEventRequest(name=draft.name)
     assert (await stub.GetEvent(dreq, metadata=ADMIN)).title == "Cached draft"
     await fails(stub.GetEvent(dreq), grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND")  # cached as a draft
