@@ -8,6 +8,13 @@ Keys (one slot per event, so every script works on Redis Cluster):
   ``{inv:<e>}:fans``       hash: user id -> seats counted against the per-fan limit
   ``{inv:<e>}:hold:<h>``   hash: user, seats, exp, created (a hold's record while it lives)
   ``{inv:<e>}:req:<u>:<r>`` string: the hold id a (user, request id) made (idempotent retries)
+
+And one key of its own slot, for the sweepers of every replica:
+  ``booking:sweep``        sorted set: event id -> when (ms) a sweeper should look at the event's
+                           deadlines next. An event enters it before its live state is built, so
+                           every hold (made only on a built state) is covered; a sweep moves the
+                           event to its earliest remaining deadline, or a while later if it has
+                           none. Sweepers look only at the events due, not at every event ever sold.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ LUA = Path(__file__).parent / "lua"
 
 def _tag(event_id: str) -> str:
     return "{inv:" + event_id + "}"
+
+
+SWEEP_KEY = "booking:sweep"
 
 
 def meta_key(event_id: str) -> str:
@@ -126,9 +136,25 @@ class Inventory:
                 hold_key(event_id, hold_id)]
         return int(await self._sell(keys=keys, args=[hold_id, *seats]))
 
-    async def claim_due(self, event_id: str, now_ms: int, lease_ms: int, batch: int) -> list[str]:
-        out = await self._claim(keys=[deadlines_key(event_id)], args=[now_ms, lease_ms, batch])
-        return [_s(v) for v in out]
+    async def claim_due(self, event_id: str, now_ms: int, lease_ms: int,
+                        batch: int) -> tuple[list[str], int | None]:
+        """The holds of the event past their deadline, leased to this sweeper for lease_ms; and
+        the earliest deadline (or lease's end) left in the event after that, None if none."""
+        first, *due = await self._claim(keys=[deadlines_key(event_id)], args=[now_ms, lease_ms, batch])
+        return [_s(v) for v in due], None if first is None else int(float(_s(first)))
+
+    async def sweep_at(self, event_ids: Sequence[str], at_ms: int) -> None:
+        """Sweep these events at at_ms, or earlier if one is already due earlier."""
+        if event_ids:
+            await self.redis.zadd(SWEEP_KEY, dict.fromkeys(event_ids, at_ms), lt=True)
+
+    async def sweep_next(self, event_id: str, at_ms: int) -> None:
+        """After a sweep of the event: look at it again at at_ms."""
+        await self.redis.zadd(SWEEP_KEY, {event_id: at_ms})
+
+    async def due_for_sweep(self, now_ms: int, limit: int) -> list[str]:
+        raw = await self.redis.zrangebyscore(SWEEP_KEY, "-inf", now_ms, start=0, num=limit)
+        return [_s(v) for v in raw if isinstance(v, bytes | str)]
 
     async def hold_record(self, event_id: str, hold_id: str) -> dict[str, str]:
         raw = await self.redis.hgetall(hold_key(event_id, hold_id))  # type: ignore[misc]

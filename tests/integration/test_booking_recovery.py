@@ -28,7 +28,7 @@ from meshkit.errors import error_info
 from meshkit.events import new_envelope
 from meshkit.server import start
 from svc_booking.adapters.admission import StaticAdmission
-from svc_booking.adapters.inventory import HoldResult, Inventory
+from svc_booking.adapters.inventory import SWEEP_KEY, HoldResult, Inventory
 from svc_booking.adapters.payment_events import PaymentEvents
 from svc_booking.bootstrap import Wired, wire
 from svc_booking.config import Settings
@@ -408,6 +408,37 @@ async def test_a_retry_writes_down_the_hold_its_dead_first_attempt_left_in_redis
         assert order.seat_ids == ("A-1-1", "A-1-2")
         with pytest.raises(model.SeatUnavailable):
             await live.create_hold("u-next", event_id, ["A-1-2", "A-1-3"], uuid.uuid4())
+    finally:
+        await redis.aclose()
+
+
+async def test_a_replica_that_never_served_the_event_sweeps_a_hold_left_in_redis_alone(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    """A kill -9 between the hold script and the row, and nobody retries: no row names the event
+    and the sweeping replica never served it; the sweep index (in Redis) still brings it to the
+    deadline. An event with no deadline left is not looked at again for half a hold's life."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    quiet = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    redis = Redis.from_url(private_redis.url)
+    clock = Clock()
+    dead = Booking(wired.booking.pool, DiesAfterHoldScript(redis), clock=clock)
+    fresh = Booking(wired.booking.pool, Inventory(redis), clock=clock)
+    try:
+        await dead.ensure_live(await dead.layout(quiet))
+        with pytest.raises(Died):
+            await dead.create_hold("u-gone", event_id, ["A-1-1", "A-1-2"], uuid.uuid4())
+        assert await _hold_rows(wired, event_id) == []
+        await fresh.sweep_once()
+        _, values = await fresh.seat_statuses(event_id)
+        assert values["A-1-1"] == values["A-1-2"] != "A"  # not due yet
+        now_ms = int(clock().timestamp() * 1000)
+        assert await redis.zscore(SWEEP_KEY, quiet) >= now_ms + 149_000  # type: ignore[operator]
+
+        clock.offset += timedelta(minutes=5, seconds=1)
+        await fresh.sweep_once()
+        _, values = await fresh.seat_statuses(event_id)
+        assert set(values.values()) == {"A"}
     finally:
         await redis.aclose()
 
