@@ -212,12 +212,16 @@ async def seat_statuses(bstub: bpb_grpc.BookingServiceStub, event_id: str, seats
     return {s.status for s in resp.seats if s.seat_id in seats}
 
 
-async def outbox_count(pool: Any, key: str, event_type: str) -> int:
+async def count(pool: Any, query: str, *args: Any) -> int:
+    """The count a ``SELECT count(*) ...`` query answers."""
     async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM outbox WHERE key = %s AND headers->>'event_type' = %s", (key, event_type))
-        row = await cur.fetchone()
+        row = await (await conn.execute(query, args)).fetchone()
         return int(row[0])
+
+
+async def outbox_count(pool: Any, key: str, event_type: str) -> int:
+    return await count(pool, "SELECT count(*) FROM outbox WHERE key = %s AND headers->>'event_type' = %s",
+                       key, event_type)
 
 
 async def fails(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
@@ -308,10 +312,8 @@ async def test_webhook_bad_signature_stale_timestamp_and_replay_change_nothing(
 
     async def nothing_changed() -> None:
         assert await payment_state(pstub, p, u) == pb.PAYMENT_STATE_PENDING
-        async with pw.payments.pool.connection() as conn:
-            cur = await conn.execute("SELECT count(*) FROM provider_events WHERE payment_id = %s",
-                                     (p.name.removeprefix("payments/"),))
-            assert (await cur.fetchone())[0] == 0  # type: ignore[index]
+        assert await count(pw.payments.pool, "SELECT count(*) FROM provider_events WHERE payment_id = %s",
+                           p.name.removeprefix("payments/")) == 0
         assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_succeeded") == 0
 
     assert await fails(pstub.HandleWebhook(webhook(body), metadata=signed(body, secret="x" * 20))) == (
@@ -386,9 +388,8 @@ async def test_decline_cancels_the_order_and_frees_the_seats(
     got = await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))
     assert (got.state, got.failure_reason) == (pb.PAYMENT_STATE_FAILED, "CARD_DECLINED")
     assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_AVAILABLE}
-    async with booking.booking.pool.connection() as conn:
-        cur = await conn.execute("SELECT count(*) FROM sold_seats WHERE event_id = %s", (event_id,))
-        assert (await cur.fetchone())[0] == 0  # type: ignore[index]
+    assert await count(booking.booking.pool, "SELECT count(*) FROM sold_seats WHERE event_id = %s",
+                       event_id) == 0
     # the seats can be held again by another fan
     other = user()
     h = await bstub.CreateHold(bpb.CreateHoldRequest(parent=f"events/{event_id}", seat_ids=seats,
@@ -436,9 +437,8 @@ async def test_same_payment_succeeded_twice_confirms_once(
     assert booking.payment_consumer.duplicates_total == dups + 1
     assert booking.payment_consumer.dlq_total == 0
     assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 1
-    async with booking.booking.pool.connection() as conn:
-        cur = await conn.execute("SELECT count(*) FROM sold_seats WHERE order_id = %s", (order_uuid(o),))
-        assert (await cur.fetchone())[0] == 2  # type: ignore[index]
+    assert await count(booking.booking.pool, "SELECT count(*) FROM sold_seats WHERE order_id = %s",
+                       order_uuid(o)) == 2
 
 
 async def test_late_success_after_the_order_expired_is_refunded(
@@ -584,9 +584,8 @@ async def test_order_ending_while_the_payment_is_created_is_not_left_pending(
     assert refs
     co = await pw.provider.checkout(refs[0])
     assert co is not None and co.cancelled
-    async with pw.payments.pool.connection() as conn:
-        cur = await conn.execute("SELECT count(*) FROM payments WHERE order_id = %s", (order_uuid(o),))
-        assert (await cur.fetchone())[0] == 0  # type: ignore[index]
+    assert await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s",
+                       order_uuid(o)) == 0
 
 
 async def test_concurrent_purchases_money_and_seats_agree(
@@ -613,10 +612,8 @@ async def test_concurrent_purchases_money_and_seats_agree(
     bought = await asyncio.gather(*(buy(i, u, seats) for i, (u, seats) in enumerate(fans)))
 
     async def settled() -> bool:
-        async with booking.booking.pool.connection() as conn:
-            cur = await conn.execute("SELECT count(*) FROM orders WHERE event_id = %s "
-                                     "AND state IN ('CONFIRMED', 'CANCELLED')", (event_id,))
-            return (await cur.fetchone())[0] == 60  # type: ignore[index,no-any-return]
+        return await count(booking.booking.pool, "SELECT count(*) FROM orders WHERE event_id = %s "
+                           "AND state IN ('CONFIRMED', 'CANCELLED')", event_id) == 60
     await wait_for("every order settled", settled, patience=60)
     print(f"60 concurrent purchases settled in {time.monotonic() - t0:.2f}s")
     for i, (u, order, pay) in enumerate(bought):
