@@ -96,7 +96,9 @@ async def check(result: SaleResult, connections: int = 64) -> Checked:
 
 def summary(result: SaleResult, checked: Checked) -> dict[str, Any]:
     fans = result.fans
-    joined = [f for f in fans if f.join_done]
+    # A fan who joined once the house was sold out got no number (nor did a lottery entrant who
+    # never read it): there is no place of theirs to check.
+    joined = [f for f in fans if f.join_done and f.number]
     early = [f for f in joined if f.join_done < result.sale_open]
     late = [f for f in joined if f.join_sent > result.sale_open]
     violations, pairs = order_violations(late)

@@ -446,6 +446,9 @@ class Sale:
             raise SaleError(f"join: {joined.status_code} {joined.text[:200]}")
         fan.number = int(joined.json()["number"])
         self.progress.joined += 1
+        if state_of(joined.json()["state"]) == "SOLD_OUT":  # too late: the room takes nobody in
+            fan.outcome = "sold_out"
+            return
 
         token = await self._wait(fan)
         if token is None:
@@ -528,6 +531,8 @@ class Sale:
             if state in ("SOLD_OUT", "EXPIRED", "LEFT"):
                 fan.outcome = {"SOLD_OUT": "sold_out"}.get(state, "lost_session")
                 return None
+            if state == "NOT_JOINED":  # the room lost the ticket: waiting on would never end
+                raise SaleError(f"queue/me: NOT_JOINED after joining as number {fan.number}")
             await self._pause(float(ticket.get("etaSeconds", 0) or 0))
 
     async def _pause(self, eta: float) -> None:

@@ -8,7 +8,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from flashsale import report
-from flashsale.sale import Fan, SaleConfig, SeatMap, event_body, in_order_share, order_violations, pick
+from flashsale.sale import (
+    Fan,
+    Progress,
+    SaleConfig,
+    SaleResult,
+    SeatMap,
+    event_body,
+    in_order_share,
+    order_violations,
+    pick,
+)
 
 
 def _fan(i: int, sent: float, done: float, number: int) -> Fan:
@@ -84,3 +94,17 @@ def test_percentiles_and_the_health_verdict():
     assert not report.healthy({**good, "paid_without_confirmation": 2})
     assert not report.healthy({**good, "fairness": {"late_out_of_join_order": 0,
                                                     "early_all_before_late": False}})
+
+
+def test_fans_turned_away_once_sold_out_have_no_place_to_judge():
+    # Opening at t=10. Two lottery entrants, two FIFO arrivals, then two fans who joined after the
+    # house sold out: the room gave them no number (0), which is not a place ahead of anybody.
+    fans = [_fan(0, 1.0, 1.1, 2), _fan(1, 2.0, 2.1, 1), _fan(2, 11.0, 11.1, 3),
+            _fan(3, 12.0, 12.1, 4), _fan(4, 13.0, 13.1, 0), _fan(5, 14.0, 14.1, 0)]
+    for f in fans[4:]:
+        f.outcome = "sold_out"
+    result = SaleResult(SaleConfig(), "http://edge", "events/e", 4, 10.0, fans, 12.5, 15.0, Progress())
+    fair = report.summary(result, report.Checked())["fairness"]
+    assert (fair["early_joiners"], fair["late_joiners"]) == (2, 2)
+    assert fair["early_all_before_late"] is True
+    assert (fair["late_out_of_join_order"], fair["late_pairs_checked"]) == (0, 1)
