@@ -473,6 +473,9 @@ async def test_sold_out_stops_admission_and_waiting_fans_see_it(
     assert [(await me(stub, event_id, u)).state for u in "abcd"] == [ACTIVE, SOLD_OUT, SOLD_OUT, SOLD_OUT]
     late = await join(stub, event_id, "e")
     assert (late.state, late.number) == (SOLD_OUT, 0)
+    # Nobody is taken in any more: the late fan's own ticket says so too, not NOT_JOINED.
+    assert ((await me(stub, event_id, "e")).state, (await me(stub, event_id, "f")).state) == \
+        (SOLD_OUT, SOLD_OUT)
     await leave(stub, event_id, "a")
     await asyncio.sleep(0.3)
     status = await room(stub, event_id)

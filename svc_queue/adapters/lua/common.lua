@@ -79,7 +79,10 @@ end
 local function view(user, now, cfg, st, claim_jti)
   local t = redis.call('HMGET', U, 's', 'n', 'lr', 'jti', 'exp', 'tok')
   local s = t[1]
-  if not s then return {'NOT_JOINED', 0, 0} end
+  if not s then  -- never joined (or the room was rebuilt); a sold-out room takes nobody in
+    if cfg.sold then return {'SOLD_OUT', 0, 0} end
+    return {'NOT_JOINED', 0, 0}
+  end
   local n = tonumber(t[2] or '0')
   if s == 'A' then
     local exp = tonumber(t[5])
