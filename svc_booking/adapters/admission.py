@@ -9,6 +9,7 @@ Positive answers are cached for a second or two (the contract allows it); negati
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Protocol
@@ -20,6 +21,9 @@ from ticketping.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 from meshkit.errors import DomainError
 
 log = logging.getLogger(__name__)
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
 
 
 class AdmissionUnavailable(DomainError):
@@ -46,7 +50,7 @@ class QueueAdmission:
     """CheckAdmission over gRPC with a short deadline and a small positive cache."""
 
     def __init__(self, address: str, *, timeout: float = 0.5, cache_seconds: float = 1.0,
-                 max_cached: int = 100_000) -> None:
+                 max_cached: int = 100_000, retry_for: float = 60.0) -> None:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = qpb_grpc.QueueServiceStub(self._channel)
         self.timeout = timeout
@@ -55,6 +59,8 @@ class QueueAdmission:
         # (event, user) -> (jti, until): one live session per fan and event, so ending it is one
         # pop, not a scan of every cached session.
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+        self.retry_for = retry_for  # how long a MarkSoldOut the queue did not take is said again
+        self._retries: set[asyncio.Task[None]] = set()
 
     async def is_active(self, event_id: str, user_id: str, jti: str) -> bool:
         key = (event_id, user_id)
@@ -91,13 +97,45 @@ class QueueAdmission:
         self._cache.pop((event_id, user_id), None)
 
     async def mark_sold_out(self, event_id: str) -> None:
+        """Said once, when the last seat sells: a lost notice would leave fans waiting for a house
+        that has nothing left, so one the queue did not take (busy, restarting) is said again in
+        the background, backing off, until it is taken or ``retry_for`` seconds have passed."""
+        if await self._mark_sold_out(event_id, first=True):
+            return
+        task = asyncio.create_task(self._mark_sold_out_until_taken(event_id))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _mark_sold_out(self, event_id: str, first: bool = False) -> bool:
         try:
             await self._stub.MarkSoldOut(qpb.MarkSoldOutRequest(event=f"events/{event_id}"),
                                          timeout=self.timeout)
+            return True
         except grpc.aio.AioRpcError as err:
-            log.warning("MarkSoldOut failed", extra={"event": event_id, "code": err.code().name})
+            if err.code() not in _RETRYABLE:  # UNIMPLEMENTED, NOT_FOUND: saying it again is no use
+                log.warning("MarkSoldOut refused", extra={"event": event_id, "code": err.code().name})
+                return True
+            if first:
+                log.warning("MarkSoldOut failed; retrying in the background",
+                            extra={"event": event_id, "code": err.code().name})
+            return False
+
+    async def _mark_sold_out_until_taken(self, event_id: str) -> None:
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.2
+        while time.monotonic() < deadline:
+            await asyncio.sleep(pause)
+            if await self._mark_sold_out(event_id):
+                log.info("MarkSoldOut taken on a retry", extra={"event": event_id})
+                return
+            pause = min(pause * 2, 5.0)
+        log.error("MarkSoldOut gave up; the room admits on until the next rebuild or sale says it",
+                  extra={"event": event_id})
 
     async def close(self) -> None:
+        for task in list(self._retries):
+            task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)
         await self._channel.close()
 
 
