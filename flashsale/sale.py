@@ -352,9 +352,9 @@ async def open_sale(http: Edge, admin: dict[str, str], cfg: SaleConfig) -> tuple
 class SeatMap:
     sections: list[dict[str, Any]]
     _by_status: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    _blocks: dict[int, list[list[str]]] = field(default_factory=dict, repr=False, compare=False)
 
-    def seats(self, status: str) -> list[str]:
-        """Seat ids in ``status`` ('A', 'H' or 'S'), front rows first (a fresh list)."""
+    def _ids(self, status: str) -> list[str]:
         if status not in self._by_status:
             found = []
             for s in self.sections:
@@ -363,7 +363,18 @@ class SeatMap:
                     if c == status:
                         found.append(f"{s['section']}-{i // per_row + 1}-{i % per_row + 1}")
             self._by_status[status] = found
-        return list(self._by_status[status])
+        return self._by_status[status]
+
+    def seats(self, status: str) -> list[str]:
+        """Seat ids in ``status`` ('A', 'H' or 'S'), front rows first (a fresh list)."""
+        return list(self._ids(status))
+
+    def free_blocks(self, want: int) -> list[list[str]]:
+        """Every run of ``want`` adjacent free seats in one row, best first (shared: do not
+        change it). Worked out once per answer and size, as hundreds of fans read each answer."""
+        if want not in self._blocks:
+            self._blocks[want] = blocks(self._ids("A"), want)
+        return self._blocks[want]
 
     def counts(self) -> dict[str, int]:
         text = "".join(s["statuses"] for s in self.sections)
@@ -391,24 +402,32 @@ async def seat_map(http: Edge, event: str, fresh: bool = False) -> SeatMap:
     return parsed
 
 
-def pick(free: list[str], want: int, rng: random.Random, spread: float = 4.0) -> list[str]:
-    """The fan's pick: `want` adjacent seats among the best blocks that are still free (about the
-    `spread` best), else the best single seats left. Fans prefer the front, so they collide there;
-    one who lost a race looks further back next time."""
+def blocks(free: list[str], want: int) -> list[list[str]]:
+    """The runs of ``want`` adjacent seats in one row among ``free`` (front rows first)."""
     rows: dict[str, list[str]] = {}
     for seat in free:
         rows.setdefault(seat.rsplit("-", 1)[0], []).append(seat)
-    blocks = []
+    found = []
     for row_seats in rows.values():
         nums = [int(s.rsplit("-", 1)[1]) for s in row_seats]
         for i in range(len(nums) - want + 1):
             if nums[i + want - 1] - nums[i] == want - 1:
-                blocks.append(row_seats[i:i + want])
-    if blocks:
-        spread = max(spread, len(blocks) / 8)  # many fans, many free blocks: not all on one
-        if spread >= len(blocks):
-            return rng.choice(blocks)
-        return blocks[min(int(rng.expovariate(1 / spread)), len(blocks) - 1)]
+                found.append(row_seats[i:i + want])
+    return found
+
+
+def pick(free: list[str], want: int, rng: random.Random, spread: float = 4.0,
+         among: list[list[str]] | None = None) -> list[str]:
+    """The fan's pick: `want` adjacent seats among the best blocks that are still free (about the
+    `spread` best), else the best single seats left. Fans prefer the front, so they collide there;
+    one who lost a race looks further back next time. ``among``: the blocks of ``free``, when
+    already known."""
+    found = blocks(free, want) if among is None else among
+    if found:
+        spread = max(spread, len(found) / 8)  # many fans, many free blocks: not all on one
+        if spread >= len(found):
+            return list(rng.choice(found))
+        return list(found[min(int(rng.expovariate(1 / spread)), len(found) - 1)])
     return free[:want]
 
 
@@ -547,7 +566,7 @@ class Sale:
         t = time.perf_counter()
         while True:
             seats = await seat_map(self.http, self.event, fresh)
-            free = [s for s in seats.seats("A") if s not in taken]
+            free = [s for s in seats.seats("A") if s not in taken] if taken else seats.seats("A")
             if not free:
                 counts = seats.counts()
                 if counts["H"] == 0:
@@ -564,7 +583,12 @@ class Sale:
                 continue
             no_free_since = None
             want = min(fan.wanted, len(free))
-            choice = pick(free, want, self.rng, spread=self.cfg.pick_spread * (1 + fan.conflicts))
+            # The map's own blocks (worked out once per answer), less any a 409 named.
+            among = seats.free_blocks(want)
+            if taken:
+                among = [b for b in among if taken.isdisjoint(b)]
+            choice = pick(free, want, self.rng, spread=self.cfg.pick_spread * (1 + fan.conflicts),
+                          among=among)
             resp = await self._call(fan, "POST", f"/v1/{self.event}/holds", headers=admitted,
                                     json={"seatIds": choice, "requestId": str(uuid.uuid4())})
             if resp.status_code == 200:

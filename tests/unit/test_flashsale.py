@@ -14,6 +14,7 @@ from flashsale.sale import (
     SaleConfig,
     SaleResult,
     SeatMap,
+    blocks,
     event_body,
     in_order_share,
     order_violations,
@@ -42,6 +43,21 @@ def test_a_pick_is_adjacent_seats_in_one_row_when_there_are_any():
     two = pick(free, 2, rng, spread=0.001)  # the very best block: the front row's pair
     assert two == ["A-1-3", "A-1-4"]
     assert pick(["A-1-1", "A-1-3", "B-4-9"], 2, rng) == ["A-1-1", "A-1-3"]  # no pair left: best singles
+
+
+def test_a_maps_free_blocks_are_worked_out_once_and_less_the_taken_seats_are_the_same_pick():
+    m = SeatMap([{"section": "A", "seatsPerRow": 4, "statuses": "AAAHAAAA"},
+                 {"section": "B", "seatsPerRow": 3, "statuses": "ASA"}])
+    assert m.free_blocks(2) == [["A-1-1", "A-1-2"], ["A-1-2", "A-1-3"], ["A-2-1", "A-2-2"],
+                                ["A-2-2", "A-2-3"], ["A-2-3", "A-2-4"]]
+    assert m.free_blocks(2) is m.free_blocks(2)
+    taken = {"A-1-2", "A-2-4"}
+    free = [s for s in m.seats("A") if s not in taken]
+    among = [b for b in m.free_blocks(2) if taken.isdisjoint(b)]
+    assert among == blocks(free, 2)
+    for seed in range(20):
+        assert (pick(free, 2, random.Random(seed), among=among)
+                == pick(free, 2, random.Random(seed)))
 
 
 def test_a_fan_who_lost_races_spreads_further_back():
