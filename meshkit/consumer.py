@@ -474,20 +474,24 @@ class EventConsumer:
             )
             if cur.rowcount == 0:
                 return True
-            ctx = propagate.extract({"traceparent": env.traceparent}) if env.traceparent else None
-            with _tracer.start_as_current_span(
-                f"{rec.topic} process",
-                context=ctx,
-                kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.destination.name": rec.topic,
-                    "messaging.consumer.group.name": self.group_id,
-                    "messaging.message.id": env.event_id,
-                },
-            ):
+            with self.span(rec, env):
                 await self._handler(env, conn)
         return False
+
+    def span(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> Any:
+        """The consumer span of one record's processing, a child of the producer's trace."""
+        ctx = propagate.extract({"traceparent": env.traceparent}) if env.traceparent else None
+        return _tracer.start_as_current_span(
+            f"{rec.topic} process",
+            context=ctx,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": rec.topic,
+                "messaging.consumer.group.name": self.group_id,
+                "messaging.message.id": env.event_id,
+            },
+        )
 
     async def _to_dlq(self, rec: ConsumerRecord[Any, Any], error: str, attempts: int) -> None:
         """Produce the original record to the DLQ and wait for the ack (retrying until it lands)."""

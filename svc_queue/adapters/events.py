@@ -24,14 +24,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord
-from opentelemetry import propagate, trace
 from redis import exceptions as redis_errors
 
 from meshkit.consumer import EventConsumer
 from meshkit.events import EventEnvelope
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 
 # Returns True when the event had been applied before (a duplicate).
 RedisHandler = Callable[[EventEnvelope], Awaitable[bool]]
@@ -66,16 +64,5 @@ class RedisEventConsumer(EventConsumer):
         self._redis_handler = handler
 
     async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> bool:
-        ctx = propagate.extract({"traceparent": env.traceparent}) if env.traceparent else None
-        with _tracer.start_as_current_span(
-            f"{rec.topic} process",
-            context=ctx,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": rec.topic,
-                "messaging.consumer.group.name": self.group_id,
-                "messaging.message.id": env.event_id,
-            },
-        ):
+        with self.span(rec, env):
             return await self._redis_handler(env)
