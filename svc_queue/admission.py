@@ -8,9 +8,9 @@ replicas ticking together admit at the configured rate, not three times it, and 
 
 Which rooms exist is the registry set ``<prefix>:rooms`` (added by EventPublished), read at most
 once a second. A room leaves it once its show has started. A room nobody waits in (or whose sale
-has not opened) says so in its tick's answer and is ticked again at most a second later, so rooms
-published weeks ahead cost almost nothing; a join or an admin change on this replica "pokes" its
-room back to every tick at once.
+has not opened) says so in its tick's answer and is ticked again at most five seconds later
+(IDLE_MS in lua/common.lua), so rooms published weeks ahead cost almost nothing; a join or an
+admin change on this replica "pokes" its room back to every tick at once.
 
 A registered room whose keys are gone is rebuilt from catalog when the event is still published
 (``recover``, svc_queue/recovery.py), and leaves the registry otherwise. While catalog cannot be
@@ -71,6 +71,7 @@ class AdmissionLoop:
         self._events: list[str] = []
         self._events_at = float("-inf")
         self._due: dict[str, float] = {}  # room -> monotonic time of its next tick
+        self._poked: dict[str, float] = {}  # room -> monotonic time of its last poke
         self._last_error_log = float("-inf")
         self.ticks = 0
 
@@ -94,6 +95,7 @@ class AdmissionLoop:
             self._events_at = now
             known = set(self._events)
             self._due = {e: t for e, t in self._due.items() if e in known}
+            self._poked = {e: t for e, t in self._poked.items() if e in known}
         due = [e for e in self._events if self._due.get(e, 0.0) <= now]
         results = await asyncio.gather(*(self._tick(e) for e in due))
         self.ticks += 1
@@ -102,8 +104,10 @@ class AdmissionLoop:
     def poke(self, event_id: str) -> None:
         """Something happened in this room (a join, a change): tick it on the next round."""
         self._due.pop(event_id, None)
+        self._poked[event_id] = time.monotonic()
 
     async def _tick(self, event_id: str) -> TickResult | None:
+        started = time.monotonic()
         async with self._limit:
             try:
                 result = await self.rooms.tick(event_id)
@@ -114,7 +118,8 @@ class AdmissionLoop:
                 self._log_error("admission step failed", event_id)
                 return None
         TICKS.inc()
-        if result.wait_ms > 0:
+        # A poke while the script ran (a join into a room it found idle) outranks its answer.
+        if result.wait_ms > 0 and self._poked.get(event_id, float("-inf")) < started:
             self._due[event_id] = time.monotonic() + result.wait_ms / 1000
         else:
             self._due.pop(event_id, None)

@@ -461,6 +461,28 @@ async def test_leaving_frees_the_slot_at_once_and_left_places_cost_nothing(
     assert (await join(stub, event_id, "b")).number == 5  # joining again: at the back
 
 
+async def test_an_idle_room_is_ticked_every_five_seconds_and_a_join_wakes_it_at_once(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """Rooms on sale weeks ahead, or nobody waits in, cost (almost) nothing: each tick answers
+    when the room next needs one (at most IDLE_MS, 5 s; to the millisecond of the sale's
+    opening); a join puts the room back on every tick of its replica at once."""
+    ahead = await open_room(wired, rooms, sale_open=80_000)
+    soon = await open_room(wired, rooms, sale_open=2)
+    empty = await open_room(wired, rooms)
+    assert (await wired.queue.rooms.tick(ahead)).wait_ms == 5000
+    assert 1000 < (await wired.queue.rooms.tick(soon)).wait_ms <= 2000
+    assert (await wired.queue.rooms.tick(empty)).wait_ms == 5000
+    await until(lambda: _ticked_later(wired, empty))  # the loop too: not on every round
+    t0 = time.monotonic()
+    await join(stub, empty, "idle-1")
+    await until(lambda: served(stub, empty, 1), within=5)
+    assert time.monotonic() - t0 < 1.0  # the join's poke, not the idle wait
+
+
+async def _ticked_later(w: Wired, event_id: str) -> bool:
+    return w.loop._due.get(event_id, 0.0) - time.monotonic() > 3.0
+
+
 async def test_sold_out_stops_admission_and_waiting_fans_see_it(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
     event_id = await open_room(wired, rooms, max_active=2, rate=1000)

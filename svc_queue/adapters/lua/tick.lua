@@ -6,8 +6,8 @@
 --    other takes one token and one slot (reserved in `pend` until claimed), while
 --    active + reserved < max. Paused, sold out or before the sale: no advance.
 -- Returns {admitted, serving, skipped, expired sessions, unclaimed, closed (show started),
--- wait_ms (how soon this room needs its next tick: 0 while fans wait, up to 1 s before the sale
--- opens or while nobody waits)}.
+-- wait_ms (how soon this room needs its next tick: 0 while fans wait, up to IDLE_MS before the
+-- sale opens or while nobody waits)}.
 local now = now_ms()
 local cfg = load_cfg()
 if not cfg then return {-1} end
@@ -58,8 +58,8 @@ local closed = 0
 if cfg.start > 0 and now >= cfg.start then closed = 1 end
 local wait = 0
 if not st.drawn then
-  wait = math.min(1000, math.max(0, cfg.so - now))
+  wait = math.min(IDLE_MS, math.max(0, cfg.so - now))
 elseif st.serving >= st.seq then
-  wait = 1000
+  wait = IDLE_MS
 end
 return {admitted, st.serving, skipped, expired, unclaimed, closed, wait}
