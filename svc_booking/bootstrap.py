@@ -17,7 +17,7 @@ from meshkit.server import App, Registration, build_server
 from .adapters.admission import AdmissionChecker, QueueAdmission, QueueNotifier, StaticAdmission
 from .adapters.inventory import Inventory
 from .adapters.payment_events import PaymentEvents
-from .config import Settings
+from .config import CATALOG_CONSUMER_CONCURRENCY, Settings
 from .server import BookingServicer
 from .service import Booking
 
@@ -71,7 +71,8 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
                                      [settings.catalog_topic], booking.on_event,
                                      client_id=f"booking-{settings.consumer_group}",
                                      after_commit=booking.after_event,
-                                     event_types=Booking.CATALOG_EVENT_TYPES)
+                                     event_types=Booking.CATALOG_EVENT_TYPES,
+                                     max_concurrency=CATALOG_CONSUMER_CONCURRENCY)
             task = asyncio.create_task(consumer.run(), name="booking-consumer")
             stack.push_async_callback(_cancel, task)
             stack.push_async_callback(consumer.stop, 10.0)
@@ -83,7 +84,8 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             payment_consumer = EventConsumer(pool, settings.kafka_bootstrap, group,
                                              [settings.payment_topic], payment_events.handle,
                                              client_id=f"booking-{group}",
-                                             event_types=PaymentEvents.TYPES)
+                                             event_types=PaymentEvents.TYPES,
+                                             max_concurrency=settings.payment_consumer_concurrency)
             ptask = asyncio.create_task(payment_consumer.run(), name="booking-payment-consumer")
             stack.push_async_callback(_cancel, ptask)
             stack.push_async_callback(payment_consumer.stop, 10.0)

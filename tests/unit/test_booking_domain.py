@@ -9,10 +9,12 @@ import pytest
 from google.type.money_pb2 import Money as PbMoney
 from ticketping.events.v1 import events_pb2 as ev
 
+from meshkit.config import SettingsError, load
 from meshkit.errors import DomainError
 from meshkit.seats import parse_seat_id
 from svc_booking.adapters import inventory as inv
 from svc_booking.adapters.messages import layout_of
+from svc_booking.config import Settings
 from svc_booking.domain import model
 from svc_booking.domain.model import Money
 
@@ -86,3 +88,15 @@ def test_every_key_of_an_event_shares_one_hash_tag() -> None:
     keys = [inv.meta_key(e), inv.seats_key(e), inv.deadlines_key(e), inv.fans_key(e),
             inv.hold_key(e, "h"), inv.request_key(e, "u", "r")]
     assert {k[: k.index("}") + 1] for k in keys} == {"{inv:" + e + "}"}
+
+
+def test_a_pool_the_consumers_could_exhaust_stops_booking_at_start(monkeypatch, capsys):
+    for name in ("POSTGRES_DSN", "REDIS_URL", "KAFKA_BOOTSTRAP", "QUEUE_ADDR"):
+        monkeypatch.setenv(f"TP_{name}", "x")
+    assert (load(Settings).postgres_pool_size, load(Settings).payment_consumer_concurrency) == (56, 24)
+    monkeypatch.setenv("TP_POSTGRES_POOL_SIZE", "24")  # the other services' default
+    with pytest.raises(SettingsError):
+        load(Settings)
+    assert "TP_PAYMENT_CONSUMER_CONCURRENCY" in capsys.readouterr().err
+    monkeypatch.setenv("TP_PAYMENT_CONSUMER_CONCURRENCY", "8")
+    assert load(Settings).payment_consumer_concurrency == 8
