@@ -23,12 +23,16 @@ def _dt(msg: pb.Event, field: str) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC)  # microsecond precision, as PostgreSQL stores it
 
 
-def _ts(t: datetime | None) -> Timestamp | None:
+def timestamp(t: datetime | None) -> Timestamp | None:
     if t is None:
         return None
     ts = Timestamp()
     ts.FromDatetime(t)
     return ts
+
+
+def money(m: Money) -> PbMoney:
+    return PbMoney(currency_code=m.currency_code, units=m.units, nanos=m.nanos)
 
 
 def spec_of(msg: pb.Event) -> EventSpec:
@@ -70,15 +74,15 @@ def to_proto(event: Event) -> pb.Event:
         title=spec.title,
         artist=spec.artist,
         venue=pb.Venue(name=spec.venue.name, address=spec.venue.address),
-        start_time=_ts(spec.start_time),
-        queue_open_time=_ts(spec.queue_open_time),
-        sale_open_time=_ts(spec.sale_open_time),
-        sale_close_time=_ts(spec.sale_close_time),
+        start_time=timestamp(spec.start_time),
+        queue_open_time=timestamp(spec.queue_open_time),
+        sale_open_time=timestamp(spec.sale_open_time),
+        sale_close_time=timestamp(spec.sale_close_time),
         seat_limit_per_fan=spec.seat_limit_per_fan,
         price_tiers=[
             pb.PriceTier(
                 name=t.name,
-                price=PbMoney(currency_code=t.price.currency_code, units=t.price.units, nanos=t.price.nanos),
+                price=money(t.price),
             )
             for t in spec.price_tiers
         ],
@@ -89,7 +93,7 @@ def to_proto(event: Event) -> pb.Event:
             ]
         ),
         seat_count=event.seat_count,
-        create_time=_ts(event.create_time),
-        update_time=_ts(event.update_time),
-        publish_time=_ts(event.publish_time),
+        create_time=timestamp(event.create_time),
+        update_time=timestamp(event.update_time),
+        publish_time=timestamp(event.publish_time),
     )

@@ -7,26 +7,15 @@ accept up to 8 MiB, far above the worst case MAX_SECTIONS allows (see tests/unit
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
-from google.type.money_pb2 import Money
 from ticketping.events.v1 import events_pb2 as ev
 
 from meshkit.events import new_envelope
 
+from ..convert import money, timestamp
 from ..domain import model
 from ..domain.model import Event, PriceTier, SeatMap, Section
 
 SOURCE = "catalog"
-
-
-def _ts(t: datetime | None) -> Timestamp | None:
-    if t is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(t)
-    return ts
 
 
 def event_published(event: Event) -> ev.EventPublished:
@@ -34,14 +23,14 @@ def event_published(event: Event) -> ev.EventPublished:
     return ev.EventPublished(
         event=event.name,
         title=spec.title,
-        start_time=_ts(spec.start_time),
-        queue_open_time=_ts(spec.queue_open_time),
-        sale_open_time=_ts(spec.sale_open_time),
+        start_time=timestamp(spec.start_time),
+        queue_open_time=timestamp(spec.queue_open_time),
+        sale_open_time=timestamp(spec.sale_open_time),
         seat_limit_per_fan=spec.seat_limit_per_fan,
         price_tiers=[
             ev.PriceTier(
                 name=t.name,
-                price=Money(currency_code=t.price.currency_code, units=t.price.units, nanos=t.price.nanos),
+                price=money(t.price),
             )
             for t in spec.price_tiers
         ],
