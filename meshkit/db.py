@@ -13,9 +13,11 @@ re-run: change the schema with a new file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +58,23 @@ def redact(dsn: str) -> str:
         return "<unparseable dsn>"
     params.pop("password", None)
     return make_conninfo("", **params)
+
+
+@contextlib.asynccontextmanager
+async def reading(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection for reads that need no transaction of their own (one statement, or
+    statements that may each see a different moment): in autocommit, each statement is one round
+    trip to PostgreSQL instead of three (BEGIN, the statement, COMMIT). A round trip costs this
+    service and the server about 0.1 ms of CPU each (a socket write, a wake-up on either side),
+    which on a GetOrder was a third of PostgreSQL's work. The connection goes back to the pool in
+    the pool's default mode (a transaction per ``pool.connection()`` block)."""
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        try:
+            yield conn
+        finally:
+            if not conn.closed:
+                await conn.set_autocommit(False)
 
 
 async def check_idle_connection(conn: psycopg.AsyncConnection[Any]) -> None:

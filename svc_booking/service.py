@@ -32,6 +32,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope, EventPublished
 
+from meshkit.db import reading
 from meshkit.errors import DomainError
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import enqueue
@@ -350,7 +351,7 @@ class Booking:
                            request_id: uuid.UUID) -> PricedHold | None:
         """A retry: the hold the request made, as written down; None if it is gone and the
         request is to be made again."""
-        async with self.pool.connection() as conn:
+        async with reading(self.pool) as conn:
             hold = await db.get_hold(conn, hold_id)
         if hold is None:
             hold = await self._adopt(layout, user_id, hold_id, request_id)
@@ -419,7 +420,7 @@ class Booking:
     # --- orders --------------------------------------------------------------------------------
 
     async def hold_event(self, hold_id: uuid.UUID) -> str | None:
-        async with self.pool.connection() as conn:
+        async with reading(self.pool) as conn:
             hold = await db.get_hold(conn, hold_id)
         return hold.event_id if hold else None
 
@@ -454,7 +455,7 @@ class Booking:
         return order
 
     async def get_order(self, user_id: str | None, order_id: uuid.UUID) -> Order:
-        async with self.pool.connection() as conn:
+        async with reading(self.pool) as conn:
             order = await db.get_order(conn, order_id)
         if order is None or (user_id is not None and order.user_id != user_id):
             raise model.order_not_found(f"orders/{order_id}")
@@ -539,11 +540,11 @@ class Booking:
         return order
 
     async def _sold_out(self, event_id: str) -> bool:
-        async with self.pool.connection() as conn:
+        async with reading(self.pool) as conn:
             return await db.sold_out(conn, event_id)
 
     async def expire_order(self, order_id: uuid.UUID) -> Order:
-        async with self.pool.connection() as conn:
+        async with reading(self.pool) as conn:
             order = await db.get_order(conn, order_id)
         if order is None:
             raise model.order_not_found(f"orders/{order_id}")

@@ -12,6 +12,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from meshkit.db import reading
 from meshkit.seats import SeatMap, Section
 
 from ..domain.model import Hold, HoldState, Layout, Money, Order, OrderState, PriceTier
@@ -63,7 +64,7 @@ def _layout(row: TupleRow) -> Layout:
 
 
 async def load_layout(pool: AsyncConnectionPool, event_id: str) -> Layout | None:
-    async with pool.connection() as conn:
+    async with reading(pool) as conn:
         cur = await conn.execute(
             "SELECT event_id, title, seat_limit_per_fan, seat_ranges, price_tiers FROM events "
             "WHERE event_id = %s", (event_id,))
@@ -72,7 +73,7 @@ async def load_layout(pool: AsyncConnectionPool, event_id: str) -> Layout | None
 
 
 async def events_with_live_holds(pool: AsyncConnectionPool) -> list[str]:
-    async with pool.connection() as conn:
+    async with reading(pool) as conn:
         cur = await conn.execute(
             "SELECT DISTINCT event_id FROM holds WHERE state IN ('ACTIVE', 'ORDERED')")
         return [r[0] for r in await cur.fetchall()]
@@ -230,7 +231,7 @@ async def set_order_state(
 async def list_orders(
     pool: AsyncConnectionPool, user_id: str, after: tuple[datetime, uuid.UUID] | None, limit: int
 ) -> list[Order]:
-    async with pool.connection() as conn:
+    async with reading(pool) as conn:
         if after is None:
             cur = await conn.execute(
                 f"SELECT {_ORDER_COLS} FROM orders WHERE user_id = %s "

@@ -21,6 +21,7 @@ from meshkit.db import (
     close_pool,
     migration_files,
     open_pool,
+    reading,
 )
 
 pytestmark = pytest.mark.integration
@@ -180,6 +181,30 @@ async def test_pool_blocks_are_transactions(pg_dsn: str) -> None:
         async with pool.connection() as conn:
             await conn.execute("INSERT INTO tx_probe VALUES (2)")
         assert await _scalar(pg_dsn, "SELECT array_agg(n) FROM tx_probe") == [2]
+    finally:
+        await close_pool(pool)
+
+
+async def test_reads_run_without_a_transaction_and_the_connection_comes_back_transactional(
+        pg_dsn: str) -> None:
+    pool = await open_pool(pg_dsn, migrations=None, max_size=1)  # the same connection each time
+    try:
+        async with reading(pool) as conn:
+            await conn.execute("SELECT 1")
+            # No transaction left open by the read: nothing for a BEGIN/COMMIT to wrap.
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            backend = conn.info.backend_pid
+        with pytest.raises(RuntimeError):
+            async with reading(pool) as conn:
+                raise RuntimeError("a failed read")
+        async with pool.connection() as conn:  # lent again: a block is a transaction again
+            assert conn.info.backend_pid == backend and not conn.autocommit
+            await conn.execute("CREATE TABLE IF NOT EXISTS tx_probe2 (n int)")
+        with pytest.raises(RuntimeError):
+            async with pool.connection() as conn:
+                await conn.execute("INSERT INTO tx_probe2 VALUES (1)")
+                raise RuntimeError("rolled back")
+        assert await _scalar(pg_dsn, "SELECT count(*) FROM tx_probe2") == 0
     finally:
         await close_pool(pool)
 
