@@ -61,14 +61,17 @@ def redact(dsn: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def reading(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A pooled connection for reads that need no transaction of their own (one statement, or
-    statements that may each see a different moment): in autocommit, each statement is one round
-    trip to PostgreSQL instead of three (BEGIN, the statement, COMMIT). A round trip costs this
-    service and the server about 0.1 ms of CPU each (a socket write, a wake-up on either side),
-    which on a GetOrder was a third of PostgreSQL's work. The connection goes back to the pool in
-    the pool's default mode (a transaction per ``pool.connection()`` block)."""
-    async with pool.connection() as conn:
+async def autocommit(pool: AsyncConnectionPool, wait: float | None = None
+                     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection in autocommit: each statement is its own transaction and one round
+    trip to PostgreSQL instead of three (BEGIN, the statement, COMMIT). For reads that need no
+    transaction of their own (one statement, or statements that may each see a different moment),
+    and for a change made by ONE statement (data-modifying CTEs, see meshkit.outbox.Outboxed). A
+    round trip costs this service and the server about 0.1 ms of CPU each (a socket write, a
+    wake-up on either side), which on a GetOrder was a third of PostgreSQL's work. The connection
+    goes back to the pool in the pool's default mode (a transaction per ``pool.connection()``
+    block). ``wait``: how long to wait for a connection (the pool's default if None)."""
+    async with pool.connection(timeout=wait) as conn:
         await conn.set_autocommit(True)
         try:
             yield conn

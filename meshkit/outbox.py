@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -92,30 +93,65 @@ class OutboxError(RuntimeError):
     pass
 
 
-async def enqueue(conn: psycopg.AsyncConnection[Any], topic: str, envelope: EventEnvelope) -> None:
-    """Add ``envelope`` to the outbox, to be published on ``topic`` once the transaction commits.
-
-    Runs in the caller's transaction (one round trip); nothing is published if it rolls back.
-    The record key is ``envelope.aggregate_id``.
-    """
+def _row(topic: str, envelope: EventEnvelope) -> tuple[uuid.UUID, str, str, bytes, Jsonb]:
+    """The outbox row of ``envelope`` (event id, topic, key, payload, headers), checked."""
     event_id = events.validate(envelope)
     if not events.event_type(envelope):
         raise events.EnvelopeError(f"envelope {envelope.event_id} has no payload")
-    if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-        raise OutboxError(
-            "enqueue() must run inside the transaction that makes the change "
-            "(use `async with conn.transaction():`)"
-        )
     value = envelope.SerializeToString()
     if len(value) > MAX_ENVELOPE_BYTES:
         raise events.EnvelopeError(
             f"envelope {envelope.event_id} is {len(value)} bytes; the limit is "
             f"{MAX_ENVELOPE_BYTES} (Kafka max request size less room for key and headers)"
         )
-    await conn.execute(
-        _INSERT,
-        (event_id, topic, envelope.aggregate_id, value, Jsonb(events.headers_for(envelope))),
-    )
+    return event_id, topic, envelope.aggregate_id, value, Jsonb(events.headers_for(envelope))
+
+
+async def enqueue(conn: psycopg.AsyncConnection[Any], topic: str, envelope: EventEnvelope) -> None:
+    """Add ``envelope`` to the outbox, to be published on ``topic`` once the transaction commits.
+
+    Runs in the caller's transaction (one round trip); nothing is published if it rolls back.
+    The record key is ``envelope.aggregate_id``.
+    """
+    row = _row(topic, envelope)
+    if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        raise OutboxError(
+            "enqueue() must run inside the transaction that makes the change "
+            "(use `async with conn.transaction():`)"
+        )
+    await conn.execute(_INSERT, row)
+
+
+class Outboxed:
+    """The outbox row of a change made by ONE data-modifying statement (CTEs), in that statement.
+
+    A use case on a hot path (a hold, an order, a sale) can then be a single statement in
+    autocommit: one round trip instead of BEGIN, each statement, COMMIT. On a flash sale's
+    purchase path a round trip cost the service and PostgreSQL about 0.1 ms of CPU each.
+
+    ``cte(source)`` is the body of a CTE that adds the row once per row of ``source`` (another CTE
+    of the statement, the change: no change, no event), ``notified(name)`` the expression that
+    wakes the relays, for the statement's final SELECT (a SELECT in a CTE runs only if it is
+    read), and ``params`` the named parameters both use (``outbox_*``)::
+
+        ob = Outboxed(topic, envelope)
+        await conn.execute(f"WITH o AS (UPDATE ... RETURNING ...), ob AS ({ob.cte('o')}) "
+                           f"SELECT count(*), {ob.notified('ob')} FROM o", {..., **ob.params})
+    """
+
+    def __init__(self, topic: str, envelope: EventEnvelope) -> None:
+        self.params = dict(zip(("outbox_event_id", "outbox_topic", "outbox_key", "outbox_payload",
+                                "outbox_headers"), _row(topic, envelope), strict=True))
+
+    @staticmethod
+    def cte(source: str) -> str:
+        return ("INSERT INTO outbox (event_id, topic, key, payload, headers) "
+                "SELECT %(outbox_event_id)s, %(outbox_topic)s, %(outbox_key)s, %(outbox_payload)s, "
+                f"%(outbox_headers)s FROM {source} RETURNING id")
+
+    @staticmethod
+    def notified(name: str) -> str:
+        return f"(SELECT count(pg_notify('{CHANNEL}', '')) FROM {name})"
 
 
 def compression_type() -> str:

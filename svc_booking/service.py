@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,10 +33,10 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope, EventPublished
 
-from meshkit.db import reading
+from meshkit.db import autocommit
 from meshkit.errors import DomainError
 from meshkit.events import event_type, payload_of
-from meshkit.outbox import enqueue
+from meshkit.outbox import Outboxed, enqueue
 
 from .adapters import inventory as inv
 from .adapters import messages
@@ -302,14 +303,13 @@ class Booking:
         hold = Hold(hold_id, event_id, user_id, seats, expire, now)
         first = None
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                live = await db.share_event(conn, event_id)  # no rebuild until this commits
+            async with autocommit(self.pool) as conn:  # one statement: no rebuild meanwhile
+                live, written = await db.write_hold(
+                    conn, hold, request_id, stamp, Outboxed(self.topic, messages.hold_created(hold)))
                 if live != stamp:
                     raise _StateRebuilt(live, stamp)
-                if await db.insert_hold(conn, hold, request_id):
-                    await enqueue(conn, self.topic, messages.hold_created(hold))
-                else:  # a retry wrote this hold down first (_adopt), or a retry whose Redis
-                    # request key was lost (restart) made another: the first hold wins
+                if not written:  # a retry wrote this hold down first (_adopt), or a retry whose
+                    # Redis request key was lost (restart) made another: the first hold wins
                     first = await db.hold_by_request(conn, event_id, user_id, request_id)
         except _StateRebuilt as lost:
             kept = await self._take_back(hold, request_id)
@@ -351,7 +351,7 @@ class Booking:
                            request_id: uuid.UUID) -> PricedHold | None:
         """A retry: the hold the request made, as written down; None if it is gone and the
         request is to be made again."""
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             hold = await db.get_hold(conn, hold_id)
         if hold is None:
             hold = await self._adopt(layout, user_id, hold_id, request_id)
@@ -420,7 +420,7 @@ class Booking:
     # --- orders --------------------------------------------------------------------------------
 
     async def hold_event(self, hold_id: uuid.UUID) -> str | None:
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             hold = await db.get_hold(conn, hold_id)
         return hold.event_id if hold else None
 
@@ -430,6 +430,20 @@ class Booking:
         name = model.hold_name(event_id, hold_id)
         layout = await self.layout(event_id)
         now = self.clock()
+        # The common case in two round trips: the hold read, then ordered by one statement if it
+        # is still as read (live, the fan's). Anything else (a retry, another fan's hold, an
+        # expired one, a race) is sorted out by the transaction below, which says why.
+        async with autocommit(self.pool) as conn:
+            hold = await db.get_hold(conn, hold_id)
+            if hold is not None and hold.user_id == user_id and hold.event_id == event_id \
+                    and hold.state is HoldState.ACTIVE and hold.expire_time > now:
+                order = self._new_order(layout, hold, now)
+                try:
+                    if await db.order_live_hold(conn, order, request_id,
+                                                Outboxed(self.topic, messages.order_created(order))):
+                        return order
+                except psycopg.errors.UniqueViolation:
+                    pass  # the request id was used before: the transaction finds that order
         async with self.pool.connection() as conn, conn.transaction():
             prior = await db.order_by_request(conn, user_id, request_id)
             if prior is not None:
@@ -444,18 +458,22 @@ class Booking:
             if hold.state is not HoldState.ACTIVE or hold.expire_time <= now:
                 raise DomainError("HOLD_EXPIRED", f"{name} is no longer live ({hold.state.value})",
                                   metadata={"name": name, "state": hold.state.value})
-            order = Order(
-                order_id=uuid.uuid4(), event_id=event_id, hold_id=hold_id, user_id=user_id,
-                seat_ids=hold.seat_ids, amount=layout.amount(hold.seat_ids),
-                state=OrderState.PENDING_PAYMENT, expire_time=hold.expire_time, payment="",
-                create_time=now, update_time=now)
+            order = self._new_order(layout, hold, now)
             await db.insert_order(conn, order, request_id)
             await db.set_hold_state(conn, hold_id, HoldState.ORDERED)
             await enqueue(conn, self.topic, messages.order_created(order))
         return order
 
+    @staticmethod
+    def _new_order(layout: Layout, hold: Hold, now: datetime) -> Order:
+        return Order(
+            order_id=uuid.uuid4(), event_id=hold.event_id, hold_id=hold.hold_id,
+            user_id=hold.user_id, seat_ids=hold.seat_ids, amount=layout.amount(hold.seat_ids),
+            state=OrderState.PENDING_PAYMENT, expire_time=hold.expire_time, payment="",
+            create_time=now, update_time=now)
+
     async def get_order(self, user_id: str | None, order_id: uuid.UUID) -> Order:
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             order = await db.get_order(conn, order_id)
         if order is None or (user_id is not None and order.user_id != user_id):
             raise model.order_not_found(f"orders/{order_id}")
@@ -493,9 +511,15 @@ class Booking:
             await self.queue.end_session(order.event_id, user_id, confirmed=False)
         return order
 
-    async def confirm_order(self, order_id: uuid.UUID, payment: str) -> Order:
+    async def confirm_order(self, order_id: uuid.UUID, payment: str, known: Order | None = None
+                            ) -> Order:
         """Sell the order to its payment: one transaction (sold_seats, CONFIRMED, OrderConfirmed),
-        then its seats SOLD in Redis and the waiting room told.
+        then its seats SOLD in Redis and the waiting room told. ``known`` is the order as the
+        caller read it, if it did (not read again).
+
+        A pending order is sold by one statement (db.sell_pending), which checks that it still is
+        pending and in time; anything else (a replay, an order gone, a race) by the transaction
+        below, which says why.
 
         Confirming again with the same payment (PaymentSucceeded redelivered: its consumer's mark
         commits after this returns, so a crash between this commit and the steps after it brings
@@ -504,26 +528,10 @@ class Booking:
         seats HELD until the hold's deadline. The fan's session was ended by OrderConfirmed."""
         name = f"orders/{order_id}"
         now = self.clock()
-        replay = False
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                order = await db.get_order(conn, order_id, lock=True)
-                if order is None:
-                    raise model.order_not_found(name)
-                if order.state is OrderState.CONFIRMED:
-                    if order.payment != payment:
-                        raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {order.payment}",
-                                          metadata={"payment": order.payment})
-                    replay = True
-                elif order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
-                    raise DomainError("ORDER_NOT_PAYABLE",
-                                      f"{name} is {order.state.value}: refund the payment",
-                                      metadata={"state": order.state.value})
-                else:
-                    await db.insert_sold(conn, order.event_id, order.seat_ids, order_id)
-                    order = await db.set_order_state(conn, order_id, OrderState.CONFIRMED, payment)
-                    await db.set_hold_state(conn, order.hold_id, HoldState.SOLD)
-                    await enqueue(conn, self.topic, messages.order_confirmed(order))
+            order, replay = await self._sell_pending(order_id, payment, now, known), False
+            if order is None:
+                order, replay = await self._confirm(order_id, payment, now)
         except psycopg.errors.UniqueViolation:
             # sold_seats' primary key: one of these seats is sold already. No double sale.
             raise DomainError("ORDER_NOT_PAYABLE", f"{name}: a seat was sold to another order; "
@@ -539,12 +547,47 @@ class Booking:
                 await self.queue.mark_sold_out(order.event_id)
         return order
 
+    async def _sell_pending(self, order_id: uuid.UUID, payment: str, now: datetime,
+                            known: Order | None) -> Order | None:
+        """The order sold by one statement if it is pending and in time, as read and still; None
+        (nothing written) if not."""
+        async with autocommit(self.pool) as conn:
+            order = known or await db.get_order(conn, order_id)
+            if order is None or order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
+                return None
+            sold = dataclasses.replace(order, state=OrderState.CONFIRMED, payment=payment, update_time=now)
+            if await db.sell_pending(conn, sold, Outboxed(self.topic, messages.order_confirmed(sold))):
+                return sold
+        return None
+
+    async def _confirm(self, order_id: uuid.UUID, payment: str, now: datetime) -> tuple[Order, bool]:
+        """What one statement could not sell, in a transaction that says why: (the order, whether
+        it was confirmed before by this payment)."""
+        name = f"orders/{order_id}"
+        async with self.pool.connection() as conn, conn.transaction():
+            order = await db.get_order(conn, order_id, lock=True)
+            if order is None:
+                raise model.order_not_found(name)
+            if order.state is OrderState.CONFIRMED:
+                if order.payment != payment:
+                    raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {order.payment}",
+                                      metadata={"payment": order.payment})
+                return order, True
+            if order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
+                raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {order.state.value}: refund the payment",
+                                  metadata={"state": order.state.value})
+            await db.insert_sold(conn, order.event_id, order.seat_ids, order_id)
+            order = await db.set_order_state(conn, order_id, OrderState.CONFIRMED, payment)
+            await db.set_hold_state(conn, order.hold_id, HoldState.SOLD)
+            await enqueue(conn, self.topic, messages.order_confirmed(order))
+        return order, False
+
     async def _sold_out(self, event_id: str) -> bool:
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             return await db.sold_out(conn, event_id)
 
     async def expire_order(self, order_id: uuid.UUID) -> Order:
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             order = await db.get_order(conn, order_id)
         if order is None:
             raise model.order_not_found(f"orders/{order_id}")

@@ -26,7 +26,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1 import events_pb2 as ev
 
-from meshkit.db import reading
+from meshkit.db import autocommit
 from meshkit.errors import DomainError, NotFound
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import enqueue
@@ -82,7 +82,7 @@ class Payments:
 
     async def create_payment(self, user_id: str, order_id: uuid.UUID, request_id: uuid.UUID,
                              outcome: Outcome | None = None) -> Payment:
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             prior = await db.by_request(conn, user_id, request_id)
         if prior is not None:
             return prior
@@ -94,7 +94,7 @@ class Payments:
         if order.state != "PENDING_PAYMENT" or (order.expire_time is not None and order.expire_time <= now):
             raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {order.state}, not payable",
                               metadata={"order": name, "state": order.state})
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             live = await db.live_for_order(conn, order_id)
         if live is not None:
             if live.state is PaymentState.PENDING:
@@ -129,7 +129,7 @@ class Payments:
         return first
 
     async def get_payment(self, user_id: str | None, payment_id: uuid.UUID) -> Payment:
-        async with reading(self.pool) as conn:
+        async with autocommit(self.pool) as conn:
             p = await db.get(conn, payment_id)
         if p is None or (user_id is not None and p.user_id != user_id):
             raise model.payment_not_found(f"payments/{payment_id}")

@@ -75,7 +75,7 @@ class PaymentEvents:
             await self._give_back(order.order_id, "AMOUNT_MISMATCH")
             return
         try:
-            await self.booking.confirm_order(order.order_id, msg.payment)
+            await self.booking.confirm_order(order.order_id, msg.payment, known=order)
             self.confirmed += 1
         except DomainError as err:
             if err.reason == "ORDER_NOT_PAYABLE":

@@ -12,7 +12,8 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from meshkit.db import reading
+from meshkit.db import autocommit
+from meshkit.outbox import Outboxed
 from meshkit.seats import SeatMap, Section
 
 from ..domain.model import Hold, HoldState, Layout, Money, Order, OrderState, PriceTier
@@ -64,7 +65,7 @@ def _layout(row: TupleRow) -> Layout:
 
 
 async def load_layout(pool: AsyncConnectionPool, event_id: str) -> Layout | None:
-    async with reading(pool) as conn:
+    async with autocommit(pool) as conn:
         cur = await conn.execute(
             "SELECT event_id, title, seat_limit_per_fan, seat_ranges, price_tiers FROM events "
             "WHERE event_id = %s", (event_id,))
@@ -73,7 +74,7 @@ async def load_layout(pool: AsyncConnectionPool, event_id: str) -> Layout | None
 
 
 async def events_with_live_holds(pool: AsyncConnectionPool) -> list[str]:
-    async with reading(pool) as conn:
+    async with autocommit(pool) as conn:
         cur = await conn.execute(
             "SELECT DISTINCT event_id FROM holds WHERE state IN ('ACTIVE', 'ORDERED')")
         return [r[0] for r in await cur.fetchall()]
@@ -143,6 +144,31 @@ async def insert_hold(conn: Conn, hold: Hold, request_id: uuid.UUID) -> bool:
     return cur.rowcount == 1
 
 
+async def write_hold(conn: Conn, hold: Hold, request_id: uuid.UUID, stamp: str,
+                     created: Outboxed) -> tuple[str | None, bool]:
+    """Write the hold down with its HoldCreated, in one statement (autocommit), if the event's
+    live state is still the one its script ran on (``stamp``); (the live stamp, whether written).
+
+    The event's row is held FOR KEY SHARE meanwhile: a build waits for it, and one that committed
+    first shows its new stamp (a locking read sees the latest row). Not written with the stamp
+    current: a retry of the request (another hold id) wrote its hold first."""
+    cur = await conn.execute(
+        f"""WITH ev AS (SELECT live_stamp FROM events WHERE event_id = %(event)s FOR KEY SHARE),
+                 h AS (INSERT INTO holds ({_HOLD_COLS}, request_id)
+                       SELECT %(hold)s, %(event)s, %(user)s, %(seats)s, %(expire)s, %(create)s,
+                              %(state)s, %(request)s
+                       FROM ev WHERE live_stamp = %(stamp)s
+                       ON CONFLICT DO NOTHING RETURNING hold_id),
+                 ob AS ({created.cte("h")})
+            SELECT (SELECT live_stamp FROM ev), (SELECT count(*) FROM h), {created.notified("ob")}""",
+        {"event": hold.event_id, "hold": hold.hold_id, "user": hold.user_id,
+         "seats": list(hold.seat_ids), "expire": hold.expire_time, "create": hold.create_time,
+         "state": hold.state.value, "request": request_id, "stamp": stamp, **created.params})
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0], row[1] == 1
+
+
 async def get_hold(conn: Conn, hold_id: uuid.UUID, *, lock: bool = False) -> Hold | None:
     cur = await conn.execute(
         f"SELECT {_HOLD_COLS} FROM holds WHERE hold_id = %s" + (" FOR UPDATE" if lock else ""),
@@ -192,6 +218,58 @@ async def insert_order(conn: Conn, order: Order, request_id: uuid.UUID) -> None:
          order.expire_time, order.payment, order.create_time, order.update_time, request_id))
 
 
+async def order_live_hold(conn: Conn, order: Order, request_id: uuid.UUID, created: Outboxed
+                          ) -> bool:
+    """Order a hold that was live when read, in one statement (autocommit): the hold ORDERED if
+    it still is ACTIVE, the fan's and the event's, with these seats, before its deadline; then the
+    order and its OrderCreated. False (nothing written) if the hold is not so any more.
+    Raises psycopg.errors.UniqueViolation if the request id was used before (nothing written)."""
+    cur = await conn.execute(
+        f"""WITH h AS (UPDATE holds SET state = 'ORDERED', update_time = now()
+                       WHERE hold_id = %(hold)s AND user_id = %(user)s AND event_id = %(event)s
+                         AND state = 'ACTIVE' AND expire_time > %(now)s AND expire_time = %(expire)s
+                         AND seat_ids = %(seats)s
+                       RETURNING hold_id),
+                 o AS (INSERT INTO orders ({_ORDER_COLS}, request_id)
+                       SELECT %(order)s, %(event)s, hold_id, %(user)s, %(seats)s, %(currency)s,
+                              %(units)s, %(nanos)s, %(state)s, %(expire)s, %(payment)s, %(now)s,
+                              %(now)s, %(request)s FROM h
+                       RETURNING order_id),
+                 ob AS ({created.cte("o")})
+            SELECT (SELECT count(*) FROM o), {created.notified("ob")}""",
+        {"hold": order.hold_id, "user": order.user_id, "event": order.event_id,
+         "now": order.create_time, "expire": order.expire_time, "seats": list(order.seat_ids),
+         "order": order.order_id, "currency": order.amount.currency_code,
+         "units": order.amount.units, "nanos": order.amount.nanos, "state": order.state.value,
+         "payment": order.payment, "request": request_id, **created.params})
+    row = await cur.fetchone()
+    return bool(row and row[0] == 1)
+
+
+async def sell_pending(conn: Conn, order: Order, confirmed: Outboxed) -> bool:
+    """Sell a PENDING_PAYMENT order to its payment in one statement (autocommit): the order
+    CONFIRMED (``order`` is it as confirmed: its payment and update time), its seats in
+    sold_seats, its hold SOLD, OrderConfirmed. False (nothing written) if the order is no longer
+    pending or its deadline (``order.update_time`` is now) passed. Raises
+    psycopg.errors.UniqueViolation (nothing written) if a seat is sold already."""
+    cur = await conn.execute(
+        f"""WITH o AS (UPDATE orders SET state = 'CONFIRMED', payment = %(payment)s,
+                                         update_time = %(now)s
+                       WHERE order_id = %(order)s AND state = 'PENDING_PAYMENT'
+                         AND expire_time > %(now)s
+                       RETURNING event_id, seat_ids, order_id, hold_id),
+                 s AS (INSERT INTO sold_seats (event_id, seat_id, order_id)
+                       SELECT event_id, unnest(seat_ids), order_id FROM o),
+                 h AS (UPDATE holds SET state = 'SOLD', update_time = %(now)s
+                       WHERE hold_id = (SELECT hold_id FROM o)),
+                 ob AS ({confirmed.cte("o")})
+            SELECT (SELECT count(*) FROM o), {confirmed.notified("ob")}""",
+        {"payment": order.payment, "now": order.update_time, "order": order.order_id,
+         **confirmed.params})
+    row = await cur.fetchone()
+    return bool(row and row[0] == 1)
+
+
 async def get_order(conn: Conn, order_id: uuid.UUID, *, lock: bool = False) -> Order | None:
     cur = await conn.execute(
         f"SELECT {_ORDER_COLS} FROM orders WHERE order_id = %s" + (" FOR UPDATE" if lock else ""),
@@ -231,7 +309,7 @@ async def set_order_state(
 async def list_orders(
     pool: AsyncConnectionPool, user_id: str, after: tuple[datetime, uuid.UUID] | None, limit: int
 ) -> list[Order]:
-    async with reading(pool) as conn:
+    async with autocommit(pool) as conn:
         if after is None:
             cur = await conn.execute(
                 f"SELECT {_ORDER_COLS} FROM orders WHERE user_id = %s "

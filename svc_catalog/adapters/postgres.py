@@ -21,7 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope
 
-from meshkit.db import reading
+from meshkit.db import autocommit
 from meshkit.errors import AlreadyExists
 from meshkit.outbox import enqueue
 
@@ -187,7 +187,7 @@ class EventRepository:
 
     async def get(self, event_id: uuid.UUID) -> Event | None:
         self.reads += 1
-        async with reading(self._pool) as conn:
+        async with autocommit(self._pool) as conn:
             cur = await conn.execute(f"SELECT {_COLUMNS} FROM events WHERE id = %s", (event_id,))
             row = await cur.fetchone()
         return None if row is None else _event(row)
@@ -195,7 +195,7 @@ class EventRepository:
     async def list_published(self, after: Cursor | None, not_before: datetime, limit: int) -> list[Event]:
         """Published events starting at or after ``not_before``, by (start_time, id), after ``after``."""
         self.reads += 1
-        async with reading(self._pool) as conn:
+        async with autocommit(self._pool) as conn:
             if after is None:
                 cur = await conn.execute(_LIST_FIRST, (not_before, limit))
             else:

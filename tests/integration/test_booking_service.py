@@ -418,6 +418,64 @@ async def test_order_lifecycle(wired: Wired, stub: pb_grpc.BookingServiceStub,
     assert page2.next_page_token == ""
 
 
+async def outbox_rows(w: Wired, aggregate: str) -> Counter[str]:
+    """The outbox rows of one hold or order, by event type."""
+    async with w.booking.pool.connection() as conn:
+        cur = await conn.execute("SELECT headers->>'event_type' FROM outbox WHERE key = %s",
+                                 (aggregate,))
+        return Counter(r[0] for r in await cur.fetchall())
+
+
+async def test_racing_orders_and_confirmations_of_one_hold_make_one_order_sold_once(
+        wired: Wired, stub: pb_grpc.BookingServiceStub) -> None:
+    """The one-statement paths (an order of a live hold, the sale of a pending order) race each
+    other and the transactions that sort out the rest: 20 orders of one hold with 20 request
+    ids, then 20 confirmations by 4 payments and a cancellation, all at once."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),))
+    h = await hold(stub, "u-race", event_id, ["A-1-1", "A-1-2"])
+    orders = await asyncio.gather(*(
+        stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                         metadata=fan("u-race", event_id)) for _ in range(20)))
+    assert len({o.name for o in orders}) == 1, "one hold, one order, whatever the request ids"
+    order = orders[0]
+    hold_id = h.name.rsplit("/", 1)[1]
+    assert await outbox_rows(wired, hold_id) == Counter({"hold_created": 1})
+
+    async def confirm(payment: str) -> str:
+        try:
+            done = await stub.ConfirmOrder(pb.ConfirmOrderRequest(
+                order=order.name, payment=payment, request_id=rid()), metadata=INTERNAL)
+            return f"CONFIRMED by {done.payment}"
+        except grpc.aio.AioRpcError as err:
+            info = error_info(err)
+            return info.reason if info else err.code().name
+
+    async def cancel() -> str:
+        try:
+            return pb.OrderState.Name((await stub.CancelOrder(
+                pb.CancelOrderRequest(name=order.name), metadata=fan("u-race", None))).state)
+        except grpc.aio.AioRpcError as err:
+            info = error_info(err)
+            return info.reason if info else err.code().name
+
+    outcomes = await asyncio.gather(*(confirm(f"payments/p{i % 4}") for i in range(20)), cancel())
+    final = await stub.GetOrder(pb.GetOrderRequest(name=order.name), metadata=fan("u-race", None))
+    order_id = order.name.rsplit("/", 1)[1]
+    events = await outbox_rows(wired, order_id)
+    if final.state == pb.ORDER_STATE_CONFIRMED:
+        winner = f"CONFIRMED by {final.payment}"
+        assert set(outcomes[:20]) <= {winner, "ORDER_ALREADY_PAID"} and winner in outcomes
+        assert outcomes[20] == "ORDER_NOT_CANCELLABLE"
+        assert sorted(s for s, o in await sold_rows(wired, event_id)
+                      if str(o) == order_id) == ["A-1-1", "A-1-2"]
+        assert events == Counter({"order_created": 1, "order_confirmed": 1})
+    else:  # the cancellation came first: nobody bought it
+        assert final.state == pb.ORDER_STATE_CANCELLED and outcomes[20] == "ORDER_STATE_CANCELLED"
+        assert set(outcomes[:20]) == {"ORDER_NOT_PAYABLE"}
+        assert await sold_rows(wired, event_id) == []
+        assert events == Counter({"order_created": 1, "order_cancelled": 1})
+
+
 async def test_internal_expire_and_read_for_payment(wired: Wired,
                                                    stub: pb_grpc.BookingServiceStub) -> None:
     event_id = await new_event(wired)

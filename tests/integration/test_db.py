@@ -18,10 +18,10 @@ from meshkit.db import (
     DatabaseUnavailable,
     MigrationError,
     apply_migrations,
+    autocommit,
     close_pool,
     migration_files,
     open_pool,
-    reading,
 )
 
 pytestmark = pytest.mark.integration
@@ -189,13 +189,13 @@ async def test_reads_run_without_a_transaction_and_the_connection_comes_back_tra
         pg_dsn: str) -> None:
     pool = await open_pool(pg_dsn, migrations=None, max_size=1)  # the same connection each time
     try:
-        async with reading(pool) as conn:
+        async with autocommit(pool) as conn:
             await conn.execute("SELECT 1")
             # No transaction left open by the read: nothing for a BEGIN/COMMIT to wrap.
             assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
             backend = conn.info.backend_pid
         with pytest.raises(RuntimeError):
-            async with reading(pool) as conn:
+            async with autocommit(pool) as conn:
                 raise RuntimeError("a failed read")
         async with pool.connection() as conn:  # lent again: a block is a transaction again
             assert conn.info.backend_pid == backend and not conn.autocommit

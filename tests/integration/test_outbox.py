@@ -27,9 +27,9 @@ from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope, PaymentRefunded, Ping
 
 from meshkit.consumer import EventConsumer
-from meshkit.db import close_pool, open_pool
+from meshkit.db import autocommit, close_pool, open_pool
 from meshkit.events import EnvelopeError, new_envelope, payload_of
-from meshkit.outbox import OutboxError, OutboxRelay, enqueue
+from meshkit.outbox import Outboxed, OutboxError, OutboxRelay, enqueue
 
 pytestmark = pytest.mark.integration
 
@@ -265,6 +265,54 @@ async def test_enqueue_refuses_to_run_outside_a_transaction(
         with pytest.raises(RuntimeError, match="inside the transaction"):
             await enqueue(conn, unique_topic, ping("a", 1))
     assert await scalar(pool, "SELECT count(*) FROM outbox") == 0
+
+
+async def test_one_statement_writes_its_event_only_with_its_change_and_wakes_the_relay(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """Outboxed: the change and its outbox row in ONE statement (autocommit), as booking's and
+    payment's hot paths write them. A change that matched no row adds no event; the statement's
+    NOTIFY wakes a relay that would otherwise sleep for 30 s; a failed statement adds nothing."""
+    async with pool.connection() as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS seats_probe (id int PRIMARY KEY, state text)")
+        await conn.execute("INSERT INTO seats_probe VALUES (1, 'FREE') ON CONFLICT DO NOTHING")
+    sold, missed, failed = ping("seat-1", 1, "sold"), ping("seat-2", 1, "no such seat"), ping("seat-1", 2)
+
+    async def sell(seat: int, env: EventEnvelope, new_id: int | None = None) -> int:
+        ob = Outboxed(unique_topic, env)
+        async with autocommit(pool) as conn:
+            cur = await conn.execute(
+                f"""WITH s AS (UPDATE seats_probe SET state = 'SOLD', id = coalesce(%(new)s, id)
+                               WHERE id = %(seat)s RETURNING id),
+                         ob AS ({ob.cte("s")})
+                    SELECT count(*), {ob.notified("ob")} FROM s""",
+                {"seat": seat, "new": new_id, **ob.params})
+            row = await cur.fetchone()
+            assert row is not None and row[0] == row[1]  # one wake-up per event
+            return int(row[0])
+
+    relay = OutboxRelay(pool, kafka_bootstrap, poll_interval=30.0)
+    await relay.start()
+    try:
+        await asyncio.sleep(0.3)  # the relay's first pass has run and found nothing
+        assert await sell(2, missed) == 0
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO seats_probe VALUES (3, 'FREE') ON CONFLICT DO NOTHING")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            await sell(1, failed, new_id=3)  # the change fails: its event goes with it
+        t0 = time.monotonic()
+        assert await sell(1, sold) == 1
+
+        async def published() -> bool:
+            return bool(await scalar(pool, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"))
+
+        latency = await wait_for(published, 10, "the relay to publish")
+    finally:
+        await relay.stop()
+    assert latency < 3, f"statement -> published took {time.monotonic() - t0:.2f}s"
+    records = await read_topic(kafka_bootstrap, unique_topic, expect=1)
+    assert [envelope_of(r) for r in records] == [sold]
+    assert await scalar(pool, "SELECT count(*) FROM outbox") == 1
 
 
 # -- (c) crash between the DB commit and the offset commit ---------------------------------------
