@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,7 +30,7 @@ from ticketping.events.v1 import events_pb2 as ev
 from meshkit.db import autocommit
 from meshkit.errors import DomainError, NotFound
 from meshkit.events import event_type, payload_of
-from meshkit.outbox import enqueue
+from meshkit.outbox import Outboxed, enqueue
 
 from .adapters import messages
 from .adapters import postgres as db
@@ -82,8 +83,8 @@ class Payments:
 
     async def create_payment(self, user_id: str, order_id: uuid.UUID, request_id: uuid.UUID,
                              outcome: Outcome | None = None) -> Payment:
-        async with autocommit(self.pool) as conn:
-            prior = await db.by_request(conn, user_id, request_id)
+        async with autocommit(self.pool) as conn:  # a retry, or the order's payment in progress
+            prior, live = await db.by_request_or_live(conn, user_id, request_id, order_id)
         if prior is not None:
             return prior
         order = await self.booking.order(order_id)
@@ -94,8 +95,6 @@ class Payments:
         if order.state != "PENDING_PAYMENT" or (order.expire_time is not None and order.expire_time <= now):
             raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {order.state}, not payable",
                               metadata={"order": name, "state": order.state})
-        async with autocommit(self.pool) as conn:
-            live = await db.live_for_order(conn, order_id)
         if live is not None:
             if live.state is PaymentState.PENDING:
                 return live  # one checkout per order at a time: the fan gets the one in progress
@@ -109,14 +108,18 @@ class Payments:
         payment = Payment(payment_id, order_id, order.hold, user_id, PaymentState.PENDING, order.amount,
                           self.provider.name, reference, "", now, now)
         first: Payment | None = None
-        async with self.pool.connection() as conn, conn.transaction():
-            await db.lock_order(conn, order_id)
-            ended = await db.order_ended(conn, order_id)
-            if ended is None:
-                if await db.insert_payment(conn, payment, request_id):
-                    return payment
-                first = (await db.by_request(conn, user_id, request_id)
-                         or await db.live_for_order(conn, order_id))
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                await db.lock_order(conn, order_id)
+                ended, inserted = await db.insert_unless_ended(conn, payment, request_id)
+        except psycopg.errors.UniqueViolation:  # the order has a live payment: made meanwhile
+            ended, inserted = None, False
+        if inserted:
+            return payment
+        if ended is None:  # this request's payment, or the order's live one, was made meanwhile
+            async with autocommit(self.pool) as conn:
+                made, live = await db.by_request_or_live(conn, user_id, request_id, order_id)
+            first = made or live
         if ended is not None:  # the order ended while we were opening the checkout
             await self.provider.cancel(reference)
             raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {ended}, not payable",
@@ -141,6 +144,9 @@ class Payments:
         """Apply a signed callback; returns the payment and whether this call changed anything."""
         model.verify(self._secret, signature, body, self.wall(), self.webhook_tolerance)
         event = model.parse_webhook(body)
+        applied = await self._apply_callback(event)
+        if applied is not None:
+            return applied, True
         async with self.pool.connection() as conn, conn.transaction():
             p = await db.by_reference(conn, event.reference, lock=True)
             if p is None:
@@ -156,6 +162,29 @@ class Payments:
             captured = _money_of(event.amount, event.currency)
             after = await self._apply(conn, p, t, captured=captured)
         return after, after.state is not p.state
+
+    async def _apply_callback(self, event: model.WebhookEvent) -> Payment | None:
+        """The common callback, a pending payment succeeding or failing, in two round trips: the
+        payment read, then one statement that applies it if the payment is still as read and the
+        callback new (db.apply_callback). None if not so: the transaction sorts that out."""
+        async with autocommit(self.pool) as conn:
+            p = await db.by_reference(conn, event.reference)
+            if p is None:
+                return None
+            t = model.on_webhook(p, event)
+            if t.effect not in (Effect.SUCCEEDED, Effect.FAILED):  # a refund: the provider first
+                return None
+            after = dataclasses.replace(p, state=t.state, failure_reason=t.reason, update_time=self.clock())
+            made = (messages.payment_succeeded(after) if t.effect is Effect.SUCCEEDED
+                    else messages.payment_failed(after))
+            try:
+                if not await db.apply_callback(conn, p, after, event.event_id, event.type,
+                                               Outboxed(self.topic, made)):
+                    return None
+            except psycopg.errors.UniqueViolation:  # recorded meanwhile: a replay
+                return None
+        self._log_transition(p, after, t)
+        return after
 
     # --- booking's events ------------------------------------------------------------------------
 
@@ -226,6 +255,10 @@ class Payments:
                 await self.provider.cancel(p.provider_reference)
             except ProviderError:
                 log.warning("checkout cancel failed (a late success is refunded)", exc_info=True)
+        self._log_transition(p, after, t)
+        return after
+
+    @staticmethod
+    def _log_transition(p: Payment, after: Payment, t: Transition) -> None:
         log.info("payment %s -> %s", p.state.value, after.state.value,
                  extra={"payment": p.name, "order": p.order, "reason": t.reason})
-        return after

@@ -9,6 +9,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import TupleRow
 
+from meshkit.outbox import Outboxed
+
 from ..domain.model import Money, Payment, PaymentState
 
 Conn = psycopg.AsyncConnection[Any]
@@ -23,28 +25,48 @@ def _payment(row: TupleRow) -> Payment:
                    ref, reason, created, updated)
 
 
-async def insert_payment(conn: Conn, p: Payment, request_id: uuid.UUID) -> bool:
-    """Insert ``p``; False if the request id was used before or the order has a live payment."""
-    try:
-        async with conn.transaction():  # a savepoint: the caller's transaction survives a conflict
-            cur = await conn.execute(
-                f"""INSERT INTO payments ({_COLUMNS}, request_id)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                    ON CONFLICT (user_id, request_id) DO NOTHING""",
-                (p.payment_id, p.order_id, p.hold, p.user_id, p.state.value, p.amount.currency_code,
-                 p.amount.units, p.amount.nanos, p.provider, p.provider_reference, p.failure_reason,
-                 p.create_time, p.update_time, request_id))
-            return cur.rowcount == 1
-    except psycopg.errors.UniqueViolation:  # payments_one_live_per_order
-        return False
-
-
-async def by_request(conn: Conn, user_id: str, request_id: uuid.UUID) -> Payment | None:
+async def by_request_or_live(conn: Conn, user_id: str, request_id: uuid.UUID, order_id: uuid.UUID
+                             ) -> tuple[Payment | None, Payment | None]:
+    """(the payment this request made, the order's live one: PENDING or SUCCEEDED), in one read."""
     cur = await conn.execute(
-        f"SELECT {_COLUMNS} FROM payments WHERE user_id = %s AND request_id = %s",
-        (user_id, request_id))
+        f"""SELECT {_COLUMNS}, user_id = %s AND request_id = %s FROM payments
+            WHERE (user_id = %s AND request_id = %s)
+               OR (order_id = %s AND state IN ('PENDING', 'SUCCEEDED'))""",
+        (user_id, request_id, user_id, request_id, order_id))
+    made = live = None
+    for row in await cur.fetchall():
+        p = _payment(row[:-1])
+        if row[-1]:
+            made = p
+        if p.order_id == order_id and p.state in (PaymentState.PENDING, PaymentState.SUCCEEDED):
+            live = p
+    return made, live
+
+
+async def insert_unless_ended(conn: Conn, p: Payment, request_id: uuid.UUID) -> tuple[str | None, bool]:
+    """Insert ``p`` unless its order ended (ended_orders) or the request id was used before: (the
+    order's end state if it ended, whether inserted). One statement in the caller's transaction,
+    after lock_order (its snapshot is taken after the lock, so it sees every end marked before).
+    Raises psycopg.errors.UniqueViolation if the order has a live payment already
+    (payments_one_live_per_order): the transaction is then aborted."""
+    cur = await conn.execute(
+        f"""WITH ended AS (SELECT state FROM ended_orders WHERE order_id = %(order)s),
+                 ins AS (INSERT INTO payments ({_COLUMNS}, request_id)
+                         SELECT %(payment)s, %(order)s, %(hold)s, %(user)s, %(state)s, %(currency)s,
+                                %(units)s, %(nanos)s, %(provider)s, %(reference)s, %(reason)s,
+                                %(create)s, %(update)s, %(request)s
+                         WHERE NOT EXISTS (SELECT 1 FROM ended)
+                         ON CONFLICT (user_id, request_id) DO NOTHING
+                         RETURNING payment_id)
+            SELECT (SELECT state FROM ended), (SELECT count(*) FROM ins)""",
+        {"order": p.order_id, "payment": p.payment_id, "hold": p.hold, "user": p.user_id,
+         "state": p.state.value, "currency": p.amount.currency_code, "units": p.amount.units,
+         "nanos": p.amount.nanos, "provider": p.provider, "reference": p.provider_reference,
+         "reason": p.failure_reason, "create": p.create_time, "update": p.update_time,
+         "request": request_id})
     row = await cur.fetchone()
-    return _payment(row) if row else None
+    assert row is not None
+    return (None if row[0] is None else str(row[0])), row[1] == 1
 
 
 async def get(conn: Conn, payment_id: uuid.UUID, *, lock: bool = False) -> Payment | None:
@@ -59,14 +81,6 @@ async def by_reference(conn: Conn, reference: str, *, lock: bool = False) -> Pay
     cur = await conn.execute(
         f"SELECT {_COLUMNS} FROM payments WHERE provider_reference = %s"
         + (" FOR UPDATE" if lock else ""), (reference,))
-    row = await cur.fetchone()
-    return _payment(row) if row else None
-
-
-async def live_for_order(conn: Conn, order_id: uuid.UUID) -> Payment | None:
-    cur = await conn.execute(
-        f"SELECT {_COLUMNS} FROM payments WHERE order_id = %s AND state IN ('PENDING', 'SUCCEEDED')",
-        (order_id,))
     row = await cur.fetchone()
     return _payment(row) if row else None
 
@@ -98,6 +112,31 @@ async def set_state(conn: Conn, payment_id: uuid.UUID, state: PaymentState, reas
     return _payment(row)
 
 
+async def apply_callback(conn: Conn, before: Payment, after: Payment, provider_event: str,
+                         event_type: str, outboxed: Outboxed) -> bool:
+    """Apply a provider's callback in one statement (autocommit): the payment moves from its state
+    as read (``before``) to ``after`` (state, reason, update time), the callback is recorded and
+    the change's event is added to the outbox. False (nothing written) if the payment's state is
+    no longer ``before``'s or the callback was recorded before. Raises
+    psycopg.errors.UniqueViolation (nothing written) if it was recorded meanwhile."""
+    cur = await conn.execute(
+        f"""WITH p AS (UPDATE payments SET state = %(state)s, failure_reason = %(reason)s,
+                                           update_time = %(now)s
+                       WHERE payment_id = %(payment)s AND state = %(from)s
+                         AND NOT EXISTS (SELECT 1 FROM provider_events
+                                         WHERE provider = %(provider)s AND event_id = %(event)s)
+                       RETURNING payment_id),
+                 e AS (INSERT INTO provider_events (provider, event_id, payment_id, type)
+                       SELECT %(provider)s, %(event)s, payment_id, %(type)s FROM p),
+                 ob AS ({outboxed.cte("p")})
+            SELECT (SELECT count(*) FROM p), {outboxed.notified("ob")}""",
+        {"state": after.state.value, "reason": after.failure_reason, "now": after.update_time,
+         "payment": before.payment_id, "from": before.state.value, "provider": before.provider,
+         "event": provider_event, "type": event_type, **outboxed.params})
+    row = await cur.fetchone()
+    return bool(row and row[0] == 1)
+
+
 async def record_provider_event(conn: Conn, provider: str, event_id: str, payment_id: uuid.UUID,
                                 type_: str) -> bool:
     """Remember a processed callback; False if it was processed before (a replay)."""
@@ -111,12 +150,6 @@ async def record_provider_event(conn: Conn, provider: str, event_id: str, paymen
 async def lock_order(conn: Conn, order_id: uuid.UUID) -> None:
     """Serialize, per order, payment creation against booking's "order ended" events."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (str(order_id),))
-
-
-async def order_ended(conn: Conn, order_id: uuid.UUID) -> str | None:
-    cur = await conn.execute("SELECT state FROM ended_orders WHERE order_id = %s", (order_id,))
-    row = await cur.fetchone()
-    return str(row[0]) if row else None
 
 
 async def mark_order_ended(conn: Conn, order_id: uuid.UUID, state: str) -> None:

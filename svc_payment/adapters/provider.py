@@ -58,6 +58,8 @@ import aiohttp
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from meshkit.db import autocommit
+
 from ..domain.model import FAILED_TYPE, SIGNATURE_HEADER, SUCCEEDED_TYPE, Money, sign, webhook_body
 
 log = logging.getLogger(__name__)
@@ -274,7 +276,7 @@ class SandboxProvider:
         self._plans[order] = (outcome, delay)
 
     async def checkout(self, reference: str) -> SandboxCheckout | None:
-        async with self._pool.connection(timeout=self.db_timeout) as conn:
+        async with autocommit(self._pool, wait=self.db_timeout) as conn:
             cur = await conn.execute(
                 f"SELECT {_CHECKOUT_COLUMNS} FROM sandbox_checkouts WHERE reference = %s", (reference,))
             row = await cur.fetchone()
@@ -286,7 +288,7 @@ class SandboxProvider:
                                due, attempts, delivered, given_up, cancelled, error)
 
     async def refund_of(self, idempotency_key: str) -> SandboxRefund | None:
-        async with self._pool.connection(timeout=self.db_timeout) as conn:
+        async with autocommit(self._pool, wait=self.db_timeout) as conn:
             cur = await conn.execute(
                 f"SELECT {_REFUND_COLUMNS} FROM sandbox_refunds WHERE idempotency_key = %s",
                 (idempotency_key,))
@@ -294,7 +296,7 @@ class SandboxProvider:
         return _refund_of(row) if row else None
 
     async def refunds_of(self, reference: str) -> list[SandboxRefund]:
-        async with self._pool.connection(timeout=self.db_timeout) as conn:
+        async with autocommit(self._pool, wait=self.db_timeout) as conn:
             cur = await conn.execute(
                 f"SELECT {_REFUND_COLUMNS} FROM sandbox_refunds WHERE reference = %s ORDER BY created_at",
                 (reference,))
@@ -310,7 +312,7 @@ class SandboxProvider:
         chosen: Outcome = outcome or planned or self.outcome
         wait = self.delay if delay is None else delay
         try:
-            async with self._pool.connection(timeout=self.db_timeout) as conn:
+            async with autocommit(self._pool, wait=self.db_timeout) as conn:
                 cur = await conn.execute(_INSERT, (
                     reference, payment_id, order, amount.currency_code, amount.units, amount.nanos,
                     chosen, f"evt_{uuid.uuid4().hex}",
@@ -331,14 +333,14 @@ class SandboxProvider:
         # A real PSP cannot stop a customer who is already paying: the sandbox keeps its callback,
         # so a late success still arrives (and is refunded), as it would in production.
         try:
-            async with self._pool.connection(timeout=self.db_timeout) as conn:
+            async with autocommit(self._pool, wait=self.db_timeout) as conn:
                 await conn.execute(_CANCEL, (reference,))
         except (psycopg.Error, PoolTimeout):
             log.warning("sandbox cancel not recorded", exc_info=True, extra={"reference": reference})
 
     async def refund(self, reference: str, amount: Money, idempotency_key: str) -> str:
         try:
-            async with self._pool.connection(timeout=self.db_timeout) as conn:
+            async with autocommit(self._pool, wait=self.db_timeout) as conn:
                 cur = await conn.execute(_REFUND, (idempotency_key, f"sbx_re_{uuid.uuid4().hex}", reference,
                                                    amount.currency_code, amount.units, amount.nanos))
                 row = await cur.fetchone()
@@ -416,7 +418,7 @@ class SandboxProvider:
 
     async def _claim(self, limit: int) -> tuple[list[_Claimed], float | None]:
         claim = uuid.uuid4()
-        async with self._pool.connection(timeout=self.db_timeout) as conn:
+        async with autocommit(self._pool, wait=self.db_timeout) as conn:
             cur = await conn.execute(_CLAIM, (limit, timedelta(seconds=self.lease), claim))
             rows = await cur.fetchall()
             cur = await conn.execute(_NEXT_DUE)
@@ -475,7 +477,7 @@ class SandboxProvider:
     async def _settle(self, sql: str, params: tuple[Any, ...], c: _Claimed) -> None:
         """Record a send's result. If that fails the lease runs out and the callback is sent again."""
         try:
-            async with self._pool.connection(timeout=self.db_timeout) as conn:
+            async with autocommit(self._pool, wait=self.db_timeout) as conn:
                 await conn.execute(sql, params)
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("sandbox result not recorded; the callback will be sent again",
@@ -498,7 +500,7 @@ class SandboxProvider:
         released = [held for t, held in inflight.items() if t.cancelled()]
         if released:
             try:
-                async with self._pool.connection(timeout=self.db_timeout) as conn:
+                async with autocommit(self._pool, wait=self.db_timeout) as conn:
                     await conn.execute(_RELEASE, ([r for r, _ in released], [c for _, c in released]))
             except (psycopg.Error, PoolTimeout):
                 log.warning("sandbox claims not released; they are sent again when their lease ends",

@@ -344,6 +344,43 @@ async def test_webhook_bad_signature_stale_timestamp_and_replay_change_nothing(
     assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 1
 
 
+@pytest.mark.parametrize("first", ["success", "decline"])
+async def test_racing_callbacks_apply_one_outcome_once(
+    first: str, booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """The one-statement path of a callback (a pending payment read, then moved if still as read)
+    against itself and the transaction that sorts out the rest: one success sent 10 times and a
+    decline sent 10 times, all at once. Whichever lands first decides; the other is a no-op or
+    a refund, and every callback is recorded once."""
+    _, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, o = await ordered(booking, stubs[0], u)
+    pw.provider.plan(o.name, "never")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    won = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                             model.Money("KRW", 330000))
+    lost = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.FAILED_TYPE, p.provider_reference,
+                              model.Money("KRW", 330000))
+    bodies = (won, lost) if first == "success" else (lost, won)
+    answers = await asyncio.gather(*(pstub.HandleWebhook(webhook(b), metadata=signed(b))
+                                     for _ in range(10) for b in bodies))
+    final = await payment_state(pstub, p, u)
+    pid = p.name.removeprefix("payments/")
+    assert await count(pw.payments.pool, "SELECT count(*) FROM provider_events WHERE payment_id = %s",
+                       pid) == 2
+    succeeded = await outbox_count(pw.payments.pool, order_uuid(o), "payment_succeeded")
+    failed = await outbox_count(pw.payments.pool, order_uuid(o), "payment_failed")
+    refunded = await outbox_count(pw.payments.pool, order_uuid(o), "payment_refunded")
+    if final == pb.PAYMENT_STATE_SUCCEEDED:  # the success came first; the decline changed nothing
+        assert (succeeded, failed, refunded) == (1, 0, 0)
+    else:  # the decline came first; the money that arrived anyway went back
+        assert final == pb.PAYMENT_STATE_REFUNDED and (succeeded, failed, refunded) == (0, 1, 1)
+    assert {a.state for a in answers} <= {pb.PAYMENT_STATE_SUCCEEDED, pb.PAYMENT_STATE_FAILED,
+                                          pb.PAYMENT_STATE_REFUNDED}
+
+
 async def test_wrong_amount_is_refunded_and_the_order_cancelled(
     booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
     stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
