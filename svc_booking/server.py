@@ -31,7 +31,6 @@ from .service import Booking
 Ctx: TypeAlias = grpc.aio.ServicerContext
 SEATS_CACHE_CONTROL = (("cache-control", "public, max-age=1"),)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-NO_STORE = (("cache-control", "private, no-store"),)
 ADMISSION_SUB, ADMISSION_EVENT, ADMISSION_JTI = access.ADMISSION_CLAIM_HEADERS
 
 _STATUS = {"A": pb.SEAT_STATUS_AVAILABLE, "S": pb.SEAT_STATUS_SOLD}
@@ -149,7 +148,6 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
         user = await self._admit(context, event_id)
         priced = await self.booking.create_hold(user, event_id, list(request.seat_ids), request_id)
         h = priced.hold
-        await context.send_initial_metadata(NO_STORE)
         return pb.Hold(name=h.name, seat_ids=h.seat_ids, expire_time=ts(h.expire_time),
                        create_time=ts(h.create_time), amount=money(priced.amount))
 
@@ -168,13 +166,11 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
         # NOT_FOUND unless the stored hold is this fan's, in this event.
         user = await self._admit(context, event_id)
         order = await self.booking.create_order(user, event_id, hold_id, request_id)
-        await context.send_initial_metadata(NO_STORE)
         return order_to_proto(order)
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: Ctx) -> pb.Order:
         user = access.signed_in_user(context)
         order = await self.booking.get_order(user, model.parse_order_name(request.name))
-        await context.send_initial_metadata(NO_STORE)
         return order_to_proto(order)
 
     async def ListOrders(self, request: pb.ListOrdersRequest, context: Ctx) -> pb.ListOrdersResponse:
@@ -199,7 +195,6 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
             stamp = (last.create_time - EPOCH) // timedelta(microseconds=1)
             out.next_page_token = base64.urlsafe_b64encode(
                 f"{stamp}:{last.order_id}".encode()).decode()
-        await context.send_initial_metadata(NO_STORE)
         return out
 
     async def CancelOrder(self, request: pb.CancelOrderRequest, context: Ctx) -> pb.Order:

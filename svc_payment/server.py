@@ -19,7 +19,6 @@ from .service import Payments
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 OUTCOME_HEADER = "x-sandbox-outcome"
-NO_STORE = (("cache-control", "private, no-store"),)
 
 STATE = {
     PaymentState.PENDING: pb.PAYMENT_STATE_PENDING,
@@ -57,13 +56,11 @@ class PaymentServicer(pb_grpc.PaymentServiceServicer):
             if wanted in OUTCOMES:
                 outcome = cast(Outcome, wanted)
         p = await self.payments.create_payment(access.signed_in_user(context), order_id, request_id, outcome)
-        await context.send_initial_metadata(NO_STORE)
         return payment_to_proto(p)
 
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Ctx) -> pb.Payment:
         user = access.signed_in_user(context)
         p = await self.payments.get_payment(user, model.parse_payment_name(request.name))
-        await context.send_initial_metadata(NO_STORE)
         return payment_to_proto(p)
 
     async def HandleWebhook(self, request: pb.HandleWebhookRequest, context: Ctx) -> pb.HandleWebhookResponse:

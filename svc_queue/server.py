@@ -35,7 +35,6 @@ from .service import Queue
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 PUBLIC_STATUS = (("cache-control", "public, max-age=1"),)
-NO_STORE = (("cache-control", "no-store"),)
 
 _STATE = {
     "NOT_JOINED": pb.QUEUE_TICKET_STATE_NOT_JOINED,
@@ -100,17 +99,14 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
 
     async def JoinQueue(self, request: pb.JoinQueueRequest, context: Ctx) -> pb.QueueTicket:
         ticket = await self.queue.join(parse_queue_name(request.name), _user(context))
-        await context.send_initial_metadata(NO_STORE)
         return ticket_proto(ticket)
 
     async def GetQueueTicket(self, request: pb.GetQueueTicketRequest, context: Ctx) -> pb.QueueTicket:
         ticket = await self.queue.ticket(parse_ticket_name(request.name), _user(context))
-        await context.send_initial_metadata(NO_STORE)
         return ticket_proto(ticket)
 
     async def LeaveQueue(self, request: pb.LeaveQueueRequest, context: Ctx) -> pb.QueueTicket:
         ticket = await self.queue.leave(parse_queue_name(request.name), _user(context))
-        await context.send_initial_metadata(NO_STORE)
         return ticket_proto(ticket)
 
     # -- the room ---------------------------------------------------------------------------
@@ -133,7 +129,6 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             max_session_ttl_ms=self.queue.max_session_ttl_ms,
         )
         status = await self.queue.update(event_id, change)
-        await context.send_initial_metadata(NO_STORE)
         return queue_proto(status)
 
     # -- internal (booking, identity, the edge) ---------------------------------------------

@@ -178,6 +178,12 @@ def test_a_full_purchase_through_the_edge(http: httpx.Client, admin: Fan):
                         headers=fan.auth)
     assert payment.status_code == 200, payment.text
     assert payment.json()["state"].endswith("PENDING") and payment.json()["providerReference"]
+    # A fan's own answers are marked private by the edge (the services mark only public ones);
+    # the room's public status keeps its own.
+    mine = [order, payment, http.get(f"/v1/{name}", headers=fan.auth),
+            http.get(f"/v1/{event}/queue/me", headers=fan.auth)]
+    assert {r.headers.get("cache-control") for r in mine} == {"private, no-store"}
+    assert http.get(f"/v1/{event}/queue").headers["cache-control"] == "public, max-age=1"
 
     confirmed = _until(lambda: (o := http.get(f"/v1/{name}", headers=fan.auth).json())
                        ["state"].endswith("CONFIRMED") and o)
