@@ -65,15 +65,28 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     """Checks the method's access level, turns DomainError into a status with ErrorInfo, hides
     unexpected errors, records metrics."""
 
+    def __init__(self) -> None:
+        # The wrapped handler of each method, made once: the registered handlers never change,
+        # and making one per call (the handler object and its closure) cost every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method = details.method
+        self._wrapped[method] = wrapped = self._wrap(method, handler)
+        return wrapped
+
+    @staticmethod
+    def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
         level = access.level_of(method)
 
