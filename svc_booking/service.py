@@ -514,8 +514,9 @@ class Booking:
     async def confirm_order(self, order_id: uuid.UUID, payment: str, known: Order | None = None
                             ) -> Order:
         """Sell the order to its payment: one transaction (sold_seats, CONFIRMED, OrderConfirmed),
-        then its seats SOLD in Redis and the waiting room told. ``known`` is the order as the
-        caller read it, if it did (not read again).
+        then its seats SOLD in Redis, and the waiting room told if the house sold out (the fan's
+        session is ended by OrderConfirmed). ``known`` is the order as the caller read it, if it
+        did (not read again).
 
         A pending order is sold by one statement (db.sell_pending), which checks that it still is
         pending and in time; anything else (a replay, an order gone, a race) by the transaction
@@ -525,21 +526,21 @@ class Booking:
         commits after this returns, so a crash between this commit and the steps after it brings
         it back) changes nothing in PostgreSQL but redoes the Redis step and the sold-out signal,
         both idempotent, which the crash may have cut off: otherwise the seat map would show sold
-        seats HELD until the hold's deadline. The fan's session was ended by OrderConfirmed."""
+        seats HELD until the hold's deadline."""
         name = f"orders/{order_id}"
         now = self.clock()
         try:
-            order, replay = await self._sell_pending(order_id, payment, now, known), False
-            if order is None:
-                order, replay = await self._confirm(order_id, payment, now)
+            order = await self._sell_pending(order_id, payment, now, known) \
+                or await self._confirm(order_id, payment, now)
         except psycopg.errors.UniqueViolation:
             # sold_seats' primary key: one of these seats is sold already. No double sale.
             raise DomainError("ORDER_NOT_PAYABLE", f"{name}: a seat was sold to another order; "
                               "refund the payment", metadata={"cause": "SEAT_ALREADY_SOLD"}) from None
         unsold = await self.inventory.sell(order.event_id, str(order.hold_id), order.seat_ids)
+        # The fan's session is ended by OrderConfirmed (the waiting room's consumer), not by a
+        # call from here as well: that was a second gRPC call and Redis script per purchase (a
+        # thirtieth of a sale's CPU) to free the slot a few hundred milliseconds sooner.
         if self.queue is not None:
-            if not replay:
-                await self.queue.end_session(order.event_id, order.user_id, confirmed=True)
             # The live state counts the unsold seats down, so a sale is not a count of every sold
             # seat (which grows with the house: O(seats) per sale). It only says when to ask
             # PostgreSQL, the truth; so does a count it does not know (-1).
@@ -560,9 +561,9 @@ class Booking:
                 return sold
         return None
 
-    async def _confirm(self, order_id: uuid.UUID, payment: str, now: datetime) -> tuple[Order, bool]:
-        """What one statement could not sell, in a transaction that says why: (the order, whether
-        it was confirmed before by this payment)."""
+    async def _confirm(self, order_id: uuid.UUID, payment: str, now: datetime) -> Order:
+        """What one statement could not sell, in a transaction that says why (or the order, if
+        this payment confirmed it before: a replay)."""
         name = f"orders/{order_id}"
         async with self.pool.connection() as conn, conn.transaction():
             order = await db.get_order(conn, order_id, lock=True)
@@ -572,7 +573,7 @@ class Booking:
                 if order.payment != payment:
                     raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {order.payment}",
                                       metadata={"payment": order.payment})
-                return order, True
+                return order
             if order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
                 raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {order.state.value}: refund the payment",
                                   metadata={"state": order.state.value})
@@ -580,7 +581,7 @@ class Booking:
             order = await db.set_order_state(conn, order_id, OrderState.CONFIRMED, payment)
             await db.set_hold_state(conn, order.hold_id, HoldState.SOLD)
             await enqueue(conn, self.topic, messages.order_confirmed(order))
-        return order, False
+        return order
 
     async def _sold_out(self, event_id: str) -> bool:
         async with autocommit(self.pool) as conn:

@@ -1,5 +1,5 @@
 """Booking's calls to the waiting room: is an admission still active (CheckAdmission), and the
-notices booking gives it (EndSession when a fan's order is confirmed or cancelled, MarkSoldOut when
+notices booking gives it (EndSession when a fan's order is cancelled, MarkSoldOut when
 every seat is sold).
 
 Fails closed: a queue that answers UNIMPLEMENTED (not built yet) or "not active" means not

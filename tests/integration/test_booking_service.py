@@ -389,7 +389,10 @@ async def test_order_lifecycle(wired: Wired, stub: pb_grpc.BookingServiceStub,
     seats = await statuses(stub, event_id)
     assert seats["A-1-1"] == seats["B-2-2"] == pb.SEAT_STATUS_SOLD
     assert sorted(s for s, _ in await sold_rows(wired, event_id)) == ["A-1-1", "B-2-2"]
-    assert (event_id, "u-ord", True) in admission.ended  # the fan's queue slot is freed
+    # The fan's queue slot is freed by OrderConfirmed (the waiting room's consumer), not a call.
+    assert not any(e[0] == event_id and e[2] for e in admission.ended)
+    order_id = order.name.rsplit("/", 1)[1]
+    assert await outbox_rows(wired, order_id) == Counter({"order_created": 1, "order_confirmed": 1})
     assert event_id not in admission.sold_out
     code, reason, _ = await fails(stub.CancelOrder(pb.CancelOrderRequest(name=order.name),
                                                    metadata=fan("u-ord", None)))
