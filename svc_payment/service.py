@@ -175,11 +175,11 @@ class Payments:
             if t.effect not in (Effect.SUCCEEDED, Effect.FAILED):  # a refund: the provider first
                 return None
             after = dataclasses.replace(p, state=t.state, failure_reason=t.reason, update_time=self.clock())
-            made = (messages.payment_succeeded(after) if t.effect is Effect.SUCCEEDED
-                    else messages.payment_failed(after))
+            told = messages.of_effect(t.effect, after)
+            assert told is not None
             try:
                 if not await db.apply_callback(conn, p, after, event.event_id, event.type,
-                                               Outboxed(self.topic, made)):
+                                               Outboxed(self.topic, told)):
                     return None
             except psycopg.errors.UniqueViolation:  # recorded meanwhile: a replay
                 return None
@@ -244,13 +244,10 @@ class Payments:
             except ProviderError as exc:
                 raise ProviderUnavailable("PROVIDER_UNAVAILABLE", f"refund failed: {exc}") from exc
         after = await db.set_state(conn, p.payment_id, t.state, t.reason, self.clock(), refund_ref)
-        if t.effect is Effect.SUCCEEDED:
-            await enqueue(conn, self.topic, messages.payment_succeeded(after))
-        elif t.effect in (Effect.FAILED, Effect.FAILED_AND_REFUND):
-            await enqueue(conn, self.topic, messages.payment_failed(after))
-        elif t.effect is Effect.REFUND:
-            await enqueue(conn, self.topic, messages.payment_refunded(after))
-        elif t.effect is Effect.CANCEL:
+        told = messages.of_effect(t.effect, after)
+        if told is not None:
+            await enqueue(conn, self.topic, told)
+        if t.effect is Effect.CANCEL:
             try:
                 await self.provider.cancel(p.provider_reference)
             except ProviderError:

@@ -7,7 +7,7 @@ from ticketping.events.v1 import events_pb2 as ev
 
 from meshkit.events import new_envelope
 
-from ..domain.model import Money, Payment
+from ..domain.model import Effect, Money, Payment
 
 SOURCE = "payment"
 TOPIC = "ticketping.payment.v1"
@@ -32,3 +32,15 @@ def payment_refunded(p: Payment) -> ev.EventEnvelope:
     return new_envelope(SOURCE, str(p.order_id), ev.PaymentRefunded(
         payment=p.name, order=p.order, user_id=p.user_id, amount=money(p.amount),
         reason=p.failure_reason))
+
+
+def of_effect(effect: Effect, after: Payment) -> ev.EventEnvelope | None:
+    """The event a transition with this effect tells, of the payment as it is after it; None
+    if it tells none (a cancelled checkout, no change)."""
+    if effect is Effect.SUCCEEDED:
+        return payment_succeeded(after)
+    if effect in (Effect.FAILED, Effect.FAILED_AND_REFUND):
+        return payment_failed(after)
+    if effect is Effect.REFUND:
+        return payment_refunded(after)
+    return None
