@@ -34,7 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope, EventPublished
 
 from meshkit.db import autocommit
-from meshkit.errors import DomainError
+from meshkit.errors import DomainError, NotFound
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import Outboxed, enqueue
 
@@ -672,6 +672,13 @@ class Booking:
                         break
                 if first is not None:
                     next_ms = min(next_ms, first)
+            except NotFound:
+                # No such event here (booking's database lost it, or it was never published
+                # here): nothing of it can be held. It leaves the index, instead of failing with
+                # a stack trace every half a hold's life, forever.
+                await self.inventory.sweep_forget(event_id)
+                log.info("sweep index named an unknown event; dropped", extra={"event_id": event_id})
+                continue
             except Exception:  # this event only: the others are swept all the same
                 log.warning("sweep of an event failed; looked at again later",
                             exc_info=True, extra={"event_id": event_id})

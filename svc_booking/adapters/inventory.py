@@ -152,6 +152,10 @@ class Inventory:
         """After a sweep of the event: look at it again at at_ms."""
         await self.redis.zadd(SWEEP_KEY, {event_id: at_ms})
 
+    async def sweep_forget(self, event_id: str) -> None:
+        """The event leaves the sweep index (it has nothing that can expire)."""
+        await self.redis.zrem(SWEEP_KEY, event_id)
+
     async def due_for_sweep(self, now_ms: int, limit: int) -> list[str]:
         raw = await self.redis.zrangebyscore(SWEEP_KEY, "-inf", now_ms, start=0, num=limit)
         return [_s(v) for v in raw if isinstance(v, bytes | str)]

@@ -443,6 +443,26 @@ async def test_a_replica_that_never_served_the_event_sweeps_a_hold_left_in_redis
         await redis.aclose()
 
 
+async def test_an_event_booking_does_not_know_leaves_the_sweep_index(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    """The index outlived booking's database (a reset): the unknown event is dropped at its first
+    sweep, and the known ones are swept all the same."""
+    known = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    unknown = str(uuid.uuid4())
+    redis = Redis.from_url(private_redis.url)
+    clock = Clock()
+    booking = Booking(wired.booking.pool, Inventory(redis), clock=clock)
+    try:
+        await booking.ensure_live(await booking.layout(known))
+        await redis.zadd(SWEEP_KEY, {unknown: 0, known: 0})
+        await booking.sweep_once()
+        assert await redis.zscore(SWEEP_KEY, unknown) is None
+        assert await redis.zscore(SWEEP_KEY, known) > int(clock().timestamp() * 1000)  # type: ignore[operator]
+    finally:
+        await redis.aclose()
+
+
 async def test_a_slow_first_attempt_and_its_retry_write_one_hold_and_take_nothing_back(
     wired: Wired, private_redis: PrivateRedis
 ) -> None:
