@@ -84,8 +84,12 @@ class Queue:
 
     async def ticket(self, event_id: str, user_id: str) -> Ticket:
         """The fan's ticket; if their turn has come (within the claim window), this read claims
-        it: ACTIVE, with an admission token (the same token on every later read)."""
-        return await self._in_room(event_id, lambda: self._ticket(event_id, user_id))
+        it: ACTIVE, with an admission token (the same token on every later read). A fan still
+        waiting pokes the room: if the replica their join poked died, this one ticks it now."""
+        ticket = await self._in_room(event_id, lambda: self._ticket(event_id, user_id))
+        if ticket.state is TicketState.WAITING:
+            self.poke(event_id)
+        return ticket
 
     async def _ticket(self, event_id: str, user_id: str) -> Ticket:
         for _ in range(3):

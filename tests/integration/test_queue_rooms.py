@@ -461,22 +461,44 @@ async def test_leaving_frees_the_slot_at_once_and_left_places_cost_nothing(
     assert (await join(stub, event_id, "b")).number == 5  # joining again: at the back
 
 
-async def test_an_idle_room_is_ticked_every_five_seconds_and_a_join_wakes_it_at_once(
+async def test_an_idle_room_is_ticked_once_a_minute_and_a_join_wakes_it_at_once(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
     """Rooms on sale weeks ahead, or nobody waits in, cost (almost) nothing: each tick answers
-    when the room next needs one (at most IDLE_MS, 5 s; to the millisecond of the sale's
+    when the room next needs one (at most IDLE_MS, a minute; to the millisecond of the sale's
     opening); a join puts the room back on every tick of its replica at once."""
     ahead = await open_room(wired, rooms, sale_open=80_000)
     soon = await open_room(wired, rooms, sale_open=2)
     empty = await open_room(wired, rooms)
-    assert (await wired.queue.rooms.tick(ahead)).wait_ms == 5000
+    assert (await wired.queue.rooms.tick(ahead)).wait_ms == 60_000
     assert 1000 < (await wired.queue.rooms.tick(soon)).wait_ms <= 2000
-    assert (await wired.queue.rooms.tick(empty)).wait_ms == 5000
+    assert (await wired.queue.rooms.tick(empty)).wait_ms == 60_000
+    # Fans wait, but nobody may be admitted: no tick on every round either (an unpause pokes).
+    paused = await open_room(wired, rooms, paused=True)
+    sold = await open_room(wired, rooms)
+    for event_id in (paused, sold):
+        await join(stub, event_id, "stuck-1")
+    await wired.queue.mark_sold_out(sold)
+    assert (await wired.queue.rooms.tick(paused)).wait_ms == 60_000
+    assert (await wired.queue.rooms.tick(sold)).wait_ms == 60_000
     await until(lambda: _ticked_later(wired, empty))  # the loop too: not on every round
     t0 = time.monotonic()
     await join(stub, empty, "idle-1")
     await until(lambda: served(stub, empty, 1), within=5)
     assert time.monotonic() - t0 < 1.0  # the join's poke, not the idle wait
+
+
+async def test_a_waiting_fans_read_wakes_a_room_whose_join_another_replica_saw(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """The join landed on a replica that died before ticking: this replica's loop still has the
+    room idle for up to a minute, and the fan's next queue/me (served here) wakes it."""
+    empty = await open_room(wired, rooms)
+    await until(lambda: _ticked_later(wired, empty))
+    await wired.queue.rooms.join(empty, "elsewhere")  # the script alone: no poke on this replica
+    assert await _ticked_later(wired, empty)
+    t0 = time.monotonic()
+    assert (await me(stub, empty, "elsewhere")).state == WAITING
+    await until(lambda: served(stub, empty, 1), within=5)
+    assert time.monotonic() - t0 < 1.0  # the read's poke, not the idle wait
 
 
 async def _ticked_later(w: Wired, event_id: str) -> bool:

@@ -6,8 +6,8 @@
 --    other takes one token and one slot (reserved in `pend` until claimed), while
 --    active + reserved < max. Paused, sold out or before the sale: no advance.
 -- Returns {admitted, serving, skipped, expired sessions, unclaimed, closed (show started),
--- wait_ms (how soon this room needs its next tick: 0 while fans wait, up to IDLE_MS before the
--- sale opens or while nobody waits)}.
+-- wait_ms (how soon this room needs its next tick: 0 while fans wait to be admitted, up to
+-- IDLE_MS before the sale opens, while nobody waits, and while the room is paused or sold out)}.
 local now = now_ms()
 local cfg = load_cfg()
 if not cfg then return {-1} end
@@ -59,7 +59,7 @@ if cfg.start > 0 and now >= cfg.start then closed = 1 end
 local wait = 0
 if not st.drawn then
   wait = math.min(IDLE_MS, math.max(0, cfg.so - now))
-elseif st.serving >= st.seq then
-  wait = IDLE_MS
+elseif st.serving >= st.seq or cfg.paused or cfg.sold then
+  wait = IDLE_MS -- nobody to admit, or nobody may be: an unpause pokes the room
 end
 return {admitted, st.serving, skipped, expired, unclaimed, closed, wait}
