@@ -21,10 +21,10 @@
 local CFG, ST, LOT, LEFT, PEND, ACT, STATS, U = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local TAU_MS = 10000 -- time constant of the measured admission rate
 local MAX_STEPS = 5000 -- most numbers one tick walks over (admitted or skipped)
--- most an idle room (sale not open, nobody waiting) waits for its next tick. Nothing in it needs
--- one: the sale's opening is ticked to the millisecond, and what would (a join, a waiting fan's
--- queue/me, an admin change) pokes the room on the replica that served it, so this only bounds
--- what a replica that saw none of them misses.
+-- most an idle room (sale not open, nobody waiting, paused, sold out) waits for its next tick:
+-- nothing in it needs one. The sale's opening is ticked to the millisecond, and what would (a
+-- join, a waiting fan's queue/me, an admin change) pokes the room on the replica that served it,
+-- so this only bounds what a replica that saw none of them misses.
 local IDLE_MS = 60000
 local RETAIN_MS = 2 * 86400000 -- a room's keys expire this long after its show starts
 
