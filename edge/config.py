@@ -122,16 +122,18 @@ def _local_reply_config() -> dict[str, Any]:
         "status_code": 401,
         "body_format_override": _error_format(16, "UNAUTHENTICATED"),
     }
+    def status(op: str, value: int) -> dict[str, Any]:
+        return {"status_code_filter": {"comparison": {
+            "op": op, "value": {"default_value": value, "runtime_key": f"lr_{op.lower()}_{value}"}}}}
+    # Only errors take the error's shape: a format for every local reply (the old `body_format`)
+    # gave health's 200 the body of an EDGE_ERROR.
     return {
         "mappers": [
             jwt_denied,
-            *({
-                "filter": {"status_code_filter": {"comparison": {
-                    "op": "EQ", "value": {"default_value": status, "runtime_key": f"lr_{status}"}}}},
-                "body_format_override": _error_format(code, reason),
-            } for status, (code, reason) in LOCAL_REPLIES.items()),
+            *({"filter": status("EQ", code), "body_format_override": _error_format(grpc, reason)}
+              for code, (grpc, reason) in LOCAL_REPLIES.items()),
+            {"filter": status("GE", 400), "body_format_override": _error_format(2, "EDGE_ERROR")},
         ],
-        "body_format": _error_format(2, "EDGE_ERROR"),
     }
 
 
