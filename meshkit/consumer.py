@@ -52,6 +52,9 @@ _tracer = trace.get_tracer(__name__)
 Handler = Callable[[EventEnvelope, psycopg.AsyncConnection[Any]], Awaitable[None]]
 # Test hook: called after a record's transaction committed, before its offset is committed.
 AfterCommitHook = Callable[[ConsumerRecord[Any, Any], EventEnvelope], Awaitable[None]]
+# A read-only look at an event before its transaction: False when handling it would change
+# nothing, so it is passed over without a transaction or a de-duplication mark.
+Precheck = Callable[[EventEnvelope], Awaitable[bool]]
 
 _MARK_PROCESSED = """
 INSERT INTO processed_events (consumer_group, event_id, topic, "partition", "offset")
@@ -159,6 +162,7 @@ class EventConsumer:
         after_commit: AfterCommitHook | None = None,
         consumer_config: Mapping[str, Any] | None = None,
         event_types: Iterable[str] | None = None,
+        precheck: Precheck | None = None,
     ) -> None:
         self._pool = pool
         self._bootstrap = bootstrap_servers
@@ -171,6 +175,11 @@ class EventConsumer:
         # nothing, so they are passed over without a transaction or a de-duplication mark.
         # None: every record goes to the handler.
         self.event_types = frozenset(event_types) if event_types is not None else None
+        # The same for records of those types that the handler would find nothing to do for,
+        # which only a read can tell (e.g. an order confirmed by its only payment). Such a
+        # record writes nothing, so passing it over is safe to repeat: a redelivery looks again.
+        # It runs in the retry loop, as the handler does.
+        self._precheck = precheck
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.dlq_suffix = dlq_suffix
@@ -196,6 +205,7 @@ class EventConsumer:
         # Counters for metrics.
         self.processed_total = 0
         self.skipped_total = 0  # records of a type the handler does not act on
+        self.passed_total = 0  # records the precheck found nothing to do for
         self.duplicates_total = 0
         self.retries_total = 0
         self.dlq_total = 0
@@ -420,7 +430,7 @@ class EventConsumer:
         while True:
             attempt += 1
             try:
-                duplicate = await self._process_once(rec, env)
+                outcome = await self._process_once(rec, env)
             except Exception as exc:
                 if self._is_transient(exc):
                     # Not the record's fault: wait for the database, do not spend the retries.
@@ -455,9 +465,11 @@ class EventConsumer:
                 )
                 await asyncio.sleep(delay)
                 continue
-            if duplicate:
+            if outcome == "duplicate":
                 self.duplicates_total += 1
                 log.info("duplicate event skipped", extra=fields)
+            elif outcome == "passed":
+                self.passed_total += 1
             else:
                 self.processed_total += 1
                 log.debug("event processed", extra={**fields, "attempt": attempt})
@@ -465,18 +477,21 @@ class EventConsumer:
                     await self._after_commit(rec, env)
             return
 
-    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> bool:
-        """One attempt in one transaction; True if the event had been processed before."""
+    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> str:
+        """One attempt in one transaction: "processed", "duplicate" (processed before), or
+        "passed" (the precheck found nothing to do: no transaction)."""
+        if self._precheck is not None and not await self._precheck(env):
+            return "passed"
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 _MARK_PROCESSED,
                 (self.group_id, uuid.UUID(env.event_id), rec.topic, rec.partition, rec.offset),
             )
             if cur.rowcount == 0:
-                return True
+                return "duplicate"
             with self.span(rec, env):
                 await self._handler(env, conn)
-        return False
+        return "processed"
 
     def span(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> Any:
         """The consumer span of one record's processing, a child of the producer's trace."""

@@ -73,7 +73,8 @@ async def wire(settings: Settings) -> Wired:
                                      [settings.booking_topic], payments.on_booking_event,
                                      client_id=f"payment-{settings.consumer_group}",
                                      is_transient=_transient,
-                                     event_types=Payments.BOOKING_EVENT_TYPES)
+                                     event_types=Payments.BOOKING_EVENT_TYPES,
+                                     precheck=payments.needs_handling)
             task = asyncio.create_task(consumer.run(), name="payment-consumer")
             stack.push_async_callback(_cancel, task)
             stack.push_async_callback(consumer.stop, 10.0)

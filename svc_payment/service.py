@@ -188,6 +188,22 @@ class Payments:
 
     # --- booking's events ------------------------------------------------------------------------
 
+    async def needs_handling(self, env: ev.EventEnvelope) -> bool:
+        """The consumer's precheck: an order confirmed by its only payment (every purchase) leaves
+        nothing to refund, and is passed over without the de-duplication transaction (three
+        round trips per purchase). Everything else is handled."""
+        if event_type(env) != "order_confirmed":
+            return True
+        msg = payload_of(env)
+        assert isinstance(msg, ev.OrderConfirmed)
+        try:
+            order_id = model.parse_order_name(msg.order)
+            payment_id = model.parse_payment_name(msg.payment, "payment")
+        except DomainError:
+            return True  # the handler says what is wrong with it
+        async with autocommit(self.pool) as conn:
+            return await db.has_other_payment(conn, order_id, payment_id)
+
     async def on_booking_event(self, env: ev.EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
         """The consumer's handler (ticketping.booking.v1), in its de-duplication transaction."""
         if event_type(env) not in self.BOOKING_EVENT_TYPES:

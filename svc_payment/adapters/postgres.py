@@ -93,6 +93,15 @@ async def for_order(conn: Conn, order_id: uuid.UUID) -> list[Payment]:
     return [_payment(r) for r in await cur.fetchall()]
 
 
+async def has_other_payment(conn: Conn, order_id: uuid.UUID, payment_id: uuid.UUID) -> bool:
+    """Whether the order has a payment besides this one (a read: no lock)."""
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = %s AND payment_id <> %s)",
+        (order_id, payment_id))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def for_hold(conn: Conn, hold: str) -> list[Payment]:
     cur = await conn.execute(
         f"SELECT {_COLUMNS} FROM payments WHERE hold = %s ORDER BY create_time, payment_id "

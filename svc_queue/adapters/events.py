@@ -63,6 +63,6 @@ class RedisEventConsumer(EventConsumer):
         super().__init__(None, bootstrap_servers, group_id, topics, _no_sql, **options)  # type: ignore[arg-type]
         self._redis_handler = handler
 
-    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> bool:
+    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> str:
         with self.span(rec, env):
-            return await self._redis_handler(env)
+            return "duplicate" if await self._redis_handler(env) else "processed"

@@ -31,6 +31,7 @@ from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
 
 from devstack.layout import Layout
 from meshkit.errors import error_info
+from meshkit.events import EventEnvelope
 from meshkit.server import start
 from svc_booking.adapters.admission import StaticAdmission
 from svc_booking.bootstrap import Wired as BookingWired
@@ -295,6 +296,55 @@ async def test_full_purchase(booking: BookingWired, payment: tuple[PaymentWired,
                                            metadata=me(u))) == (grpc.StatusCode.FAILED_PRECONDITION,
                                                                  "ORDER_NOT_PAYABLE")
     print(f"create payment → CONFIRMED: {elapsed:.2f}s (sandbox delay 0.2 s)")
+
+
+async def test_an_order_confirmed_by_its_only_payment_is_passed_over_without_a_transaction(
+        booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+        stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub]) -> None:
+    """Every purchase ends in OrderConfirmed, which payment handles only to refund the order's
+    other payments: with none, it is passed over (no de-duplication mark, no transaction). Once
+    the order has another payment, the same event is handled."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    assert pw.consumer is not None
+    u = user()
+    _, o = await ordered(booking, bstub, u)
+    passed_before = pw.consumer.passed_total
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+
+    async def confirmed() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+    await wait_for("order CONFIRMED", confirmed)
+    async with booking.booking.pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT event_id, payload FROM outbox WHERE key = %s AND headers->>'event_type' = %s",
+            (order_uuid(o), "order_confirmed"))).fetchone()
+    event_id, env = row[0], EventEnvelope.FromString(row[1])
+    assert env.order_confirmed.payment == p.name
+    assert await pw.payments.needs_handling(env) is False
+
+    async def passed_over() -> bool:
+        return pw.consumer is not None and pw.consumer.passed_total > passed_before
+    await wait_for("the consumer passed OrderConfirmed over", passed_over)
+    assert await count(pw.payments.pool, "SELECT count(*) FROM processed_events WHERE event_id = %s",
+                       event_id) == 0
+    assert await payment_state(pstub, p, u) == pb.PAYMENT_STATE_SUCCEEDED  # nothing refunded
+
+    # Another (failed) payment of the order: now the event has something to look at.
+    async with pw.payments.pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO payments (payment_id, order_id, hold, user_id, state, currency_code, units,"
+            " nanos, provider, provider_reference, failure_reason, create_time, update_time, request_id)"
+            " SELECT %s, order_id, hold, user_id, 'FAILED', currency_code, units, nanos, provider,"
+            " %s, 'DECLINED', create_time, update_time, %s FROM payments WHERE payment_id = %s",
+            (uuid.uuid4(), f"sbx_other_{uuid.uuid4().hex}", uuid.uuid4(),
+             uuid.UUID(p.name.removeprefix("payments/"))))
+    assert await pw.payments.needs_handling(env) is True
+    # Events it does not look into are always handled.
+    other = EventEnvelope()
+    other.CopyFrom(env)
+    other.order_expired.order = o.name
+    assert await pw.payments.needs_handling(other) is True
 
 
 async def test_webhook_bad_signature_stale_timestamp_and_replay_change_nothing(
