@@ -3,7 +3,7 @@
 Every figure stands beside a baseline measured in the same run on the same machine, because
 machines here are noisy: the ratio is what to compare between runs, not the raw figure.
 
-  edge_health          GET /healthz, answered by Envoy itself after the front-to-core hop
+  edge_health          GET /healthz, answered by Envoy itself (its health filter, in the front)
   events_no_token      GET /v1/events past the edge cache (cache-control: no-cache), no token
   events_with_token    the same with a user token: the cost of the JWT check at the edge
                        (ratio with_token / no_token)
