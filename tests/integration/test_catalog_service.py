@@ -459,7 +459,11 @@ async def test_every_replica_sees_a_write_at_once(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{b.app.port}") as channel:
             stub_b = pb_grpc.CatalogServiceStub(channel)
+            heard = b.listener.notifications
             draft = await create(stub, new_event("Replicated"))
+            # B hears the create's own NOTIFY too, which empties its copy: once it has, what B
+            # reads next stays in memory (otherwise the NOTIFY may land between the reads below)
+            await _heard(b, heard + 1)
             req = pb.GetEventRequest(name=draft.name)
             assert (await stub_b.GetEvent(req, metadata=ADMIN)).title == "Replicated"
             await fails(stub_b.GetEvent(req), grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND")
