@@ -111,13 +111,16 @@ class Layout:
         raise KeyError(name)
 
 
+# Every port stays below Linux's ephemeral range (32768-60999 by default): a listening port in it
+# can be taken first by any process's outgoing connection, and then the service cannot bind it
+# (`make up` met that once: booking on 50064, while the other services were connecting out).
 _SERVICES = (
     # name, grpc, metrics, proto service, postgres, redis
-    ("identity", 50061, 9161, "ticketping.identity.v1.IdentityService", True, True),
-    ("catalog", 50062, 9162, "ticketping.catalog.v1.CatalogService", True, False),
-    ("queue", 50063, 9163, "ticketping.queue.v1.QueueService", False, True),
-    ("booking", 50064, 9164, "ticketping.booking.v1.BookingService", True, True),
-    ("payment", 50065, 9165, "ticketping.payment.v1.PaymentService", True, False),
+    ("identity", 7061, 9161, "ticketping.identity.v1.IdentityService", True, True),
+    ("catalog", 7062, 9162, "ticketping.catalog.v1.CatalogService", True, False),
+    ("queue", 7063, 9163, "ticketping.queue.v1.QueueService", False, True),
+    ("booking", 7064, 9164, "ticketping.booking.v1.BookingService", True, True),
+    ("payment", 7065, 9165, "ticketping.payment.v1.PaymentService", True, False),
 )
 
 

@@ -14,7 +14,7 @@ class Settings(ServiceSettings):
     redis_url: str = Field(min_length=1)
     redis_cluster: bool = False
     kafka_bootstrap: str = Field(min_length=1)
-    # The waiting room (QueueService.CheckAdmission), e.g. "127.0.0.1:50063".
+    # The waiting room (QueueService.CheckAdmission), e.g. "127.0.0.1:7063".
     queue_addr: str = Field(min_length=1)
     # CheckAdmission's deadline. Past it the call fails closed as UNAVAILABLE (retryable). At 0.5 s,
     # a sale's burst on 2 cores made about 1 hold in 20 fail for a queue that was only slow.

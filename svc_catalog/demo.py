@@ -1,6 +1,6 @@
 """Load the demo event, so a newcomer running `make up` has something to look at.
 
-    python -m svc_catalog.demo [--grpc 127.0.0.1:50062]
+    python -m svc_catalog.demo [--grpc 127.0.0.1:7062]
 
 Creates and publishes "Ticketping Demo Night" (3,200 seats in sections A/B/C, tiers VIP/R/S in
 KRW; the waiting room opens now, the sale two minutes later, the show in 30 days) by calling
@@ -28,7 +28,7 @@ from meshkit.errors import error_info
 
 DEMO_REQUEST_ID = "5e1c4a3b-7d2f-4c1e-9a6b-2f0d8e7c6b5a"
 ADMIN_METADATA = (("x-user-id", "demo-admin"), ("x-user-role", "ADMIN"))
-DEFAULT_TARGET = os.environ.get("TP_CATALOG_GRPC", "127.0.0.1:50062")  # devstack's dev profile
+DEFAULT_TARGET = os.environ.get("TP_CATALOG_GRPC", "127.0.0.1:7062")  # devstack's dev profile
 SALE_DELAY = timedelta(minutes=2)
 SHOW_DELAY = timedelta(days=30)
 

@@ -11,7 +11,7 @@ class Settings(ServiceSettings):
     service_name: str = "payment"
     postgres_dsn: str = Field(min_length=1)
     kafka_bootstrap: str = Field(min_length=1)
-    # Booking's gRPC address (GetOrderForPayment), e.g. "127.0.0.1:50064".
+    # Booking's gRPC address (GetOrderForPayment), e.g. "127.0.0.1:7064".
     booking_addr: str = Field(min_length=1)
     booking_timeout_seconds: float = Field(default=2.0, gt=0)
     # Shared with the provider: the key of the webhook's HMAC-SHA256 signature.
