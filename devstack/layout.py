@@ -8,7 +8,7 @@ folder, so ``make test`` never touches (or is touched by) a running ``make up``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +103,15 @@ class Layout:
     def databases(self) -> tuple[str, ...]:
         """Every database devstack creates: one per service that needs PostgreSQL, plus tp_test."""
         return (*(s.database for s in self.services if s.needs_postgres), "tp_test")
+
+    def ports(self) -> list[tuple[int, str]]:
+        """Every port the stack listens on, with what listens there (Redis Cluster buses too)."""
+        found = [(getattr(self, f.name), f.name) for f in fields(self) if f.name.endswith("_port")]
+        for s in self.services:
+            found += [(s.grpc_port, f"{s.name} gRPC"), (s.metrics_port, f"{s.name} metrics")]
+        for p in self.redis_cluster_ports:
+            found += [(p, "redis cluster node"), (p + REDIS_CLUSTER_BUS_SHIFT, "redis cluster bus")]
+        return found
 
     def service(self, name: str) -> Service:
         for s in self.services:

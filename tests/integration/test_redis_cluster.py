@@ -107,23 +107,6 @@ async def topo(redis_cluster_url: str, lay: Layout) -> AsyncIterator[Topology]:
 
 # --- the devstack side -----------------------------------------------------------------------
 
-def test_cluster_ports_collide_with_nothing() -> None:
-    """The nodes' ports and bus ports (port + 10000) are used by nothing else of either profile."""
-    taken: dict[int, str] = {}
-    for profile in ("dev", "test"):
-        lay = layout(profile)
-        others = [getattr(lay, f.name) for f in dataclasses.fields(lay) if f.name.endswith("_port")]
-        others += [p for s in lay.services for p in (s.grpc_port, s.metrics_port)]
-        for p in others:
-            taken[p] = profile
-    for profile in ("dev", "test"):
-        ports = layout(profile).redis_cluster_ports
-        assert len(ports) == 3
-        mine = [*ports, *(p + REDIS_CLUSTER_BUS_SHIFT for p in ports)]
-        assert not [p for p in mine if p in taken], (profile, mine)
-        taken |= dict.fromkeys(mine, profile)
-
-
 def test_the_cluster_is_formed_and_a_second_ensure_keeps_it(redis_cluster_url: str,
                                                              lay: Layout) -> None:
     assert redis_cluster_url == f"redis://127.0.0.1:{lay.redis_cluster_ports[0]}/0"

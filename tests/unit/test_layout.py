@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from devstack.layout import REDIS_CLUSTER_BUS_SHIFT, layout
+from devstack.layout import layout
 
 # Linux's default first ephemeral port (net.ipv4.ip_local_port_range), and this machine's.
 EPHEMERAL_DEFAULT = 32768
@@ -20,11 +19,7 @@ def _first_ephemeral() -> int:
 
 
 def _ports(profile: str) -> list[int]:
-    lay = layout(profile)
-    ports = [getattr(lay, f.name) for f in dataclasses.fields(lay) if f.name.endswith("_port")]
-    ports += [p for s in lay.services for p in (s.grpc_port, s.metrics_port)]
-    ports += [*lay.redis_cluster_ports, *(p + REDIS_CLUSTER_BUS_SHIFT for p in lay.redis_cluster_ports)]
-    return ports
+    return [port for port, _ in layout(profile).ports()]
 
 
 def test_no_port_is_in_the_ephemeral_range() -> None:
@@ -35,7 +30,8 @@ def test_no_port_is_in_the_ephemeral_range() -> None:
         assert [p for p in _ports(profile) if p >= first] == [], profile
 
 
-def test_the_two_profiles_share_no_port() -> None:
+def test_no_two_listeners_share_a_port_in_either_profile_or_across_them() -> None:
+    """The Redis Cluster's nodes and buses (port + 10000) included: dev and test run together."""
     dev, test = _ports("dev"), _ports("test")
     assert len(set(dev)) == len(dev) and len(set(test)) == len(test)
     assert not set(dev) & set(test)
