@@ -33,7 +33,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -55,6 +55,8 @@ AfterCommitHook = Callable[[ConsumerRecord[Any, Any], EventEnvelope], Awaitable[
 # A read-only look at an event before its transaction: False when handling it would change
 # nothing, so it is passed over without a transaction or a de-duplication mark.
 Precheck = Callable[[EventEnvelope], Awaitable[bool]]
+# What one attempt at a record came to.
+Outcome = Literal["processed", "duplicate", "passed"]
 
 _MARK_PROCESSED = """
 INSERT INTO processed_events (consumer_group, event_id, topic, "partition", "offset")
@@ -477,7 +479,7 @@ class EventConsumer:
                     await self._after_commit(rec, env)
             return
 
-    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> str:
+    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> Outcome:
         """One attempt in one transaction: "processed", "duplicate" (processed before), or
         "passed" (the precheck found nothing to do: no transaction)."""
         if self._precheck is not None and not await self._precheck(env):

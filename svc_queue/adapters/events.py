@@ -26,7 +26,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from redis import exceptions as redis_errors
 
-from meshkit.consumer import EventConsumer
+from meshkit.consumer import EventConsumer, Outcome
 from meshkit.events import EventEnvelope
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,6 @@ class RedisEventConsumer(EventConsumer):
         super().__init__(None, bootstrap_servers, group_id, topics, _no_sql, **options)  # type: ignore[arg-type]
         self._redis_handler = handler
 
-    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> str:
+    async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> Outcome:
         with self.span(rec, env):
             return "duplicate" if await self._redis_handler(env) else "processed"
