@@ -70,6 +70,9 @@ def _redis_conf(layout: Layout) -> str:
     return "\n".join([
         f"port {layout.redis_port}",
         "bind 127.0.0.1",
+        # The services' way in (Layout.local_redis_url); only this user may connect.
+        *([f"unixsocket {layout.redis_socket}", "unixsocketperm 700"]
+          if layout.local_redis_url.startswith("unix:") else []),
         "protected-mode yes",
         "daemonize no",
         'logfile ""',  # stdout, i.e. logs/redis.log
@@ -132,7 +135,7 @@ def _let_others_traverse(path: Path) -> None:
 
 
 def _prepare_postgres(layout: Layout) -> None:
-    data, sock, user = layout.run_dir / "postgres", layout.run_dir / "pgsock", _postgres_user()
+    data, sock, user = layout.run_dir / "postgres", layout.postgres_socket_dir, _postgres_user()
     layout.run_dir.chmod(0o755)  # PostgreSQL's own user must reach its folders
     if user is not None:
         _let_others_traverse(layout.run_dir)
@@ -180,7 +183,7 @@ def postgres(layout: Layout) -> Component:
         "-D", str(layout.run_dir / "postgres"),
         "-p", str(layout.postgres_port),
         "-h", "127.0.0.1",
-        "-k", str(layout.run_dir / "pgsock"),
+        "-k", str(layout.postgres_socket_dir),
         "-c", "fsync=on",
         "-c", "max_connections=200",
         "-c", "logging_collector=off",
@@ -348,9 +351,9 @@ def service_env(layout: Layout, svc: Service) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     }
     if svc.needs_postgres:
-        env["TP_POSTGRES_DSN"] = layout.postgres_dsn(svc.database)
+        env["TP_POSTGRES_DSN"] = layout.local_postgres_dsn(svc.database)
     if svc.needs_redis:
-        env["TP_REDIS_URL"] = layout.redis_url
+        env["TP_REDIS_URL"] = layout.local_redis_url
     if svc.name == "identity":
         env["TP_KEY_ENCRYPTION_KEY"] = local_key(layout, "identity-key-encryption-key")
         env["TP_QUEUE_ADDR"] = f"127.0.0.1:{layout.service('queue').grpc_port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from devstack.layout import layout
@@ -35,3 +36,16 @@ def test_no_two_listeners_share_a_port_in_either_profile_or_across_them() -> Non
     dev, test = _ports("dev"), _ports("test")
     assert len(set(dev)) == len(dev) and len(set(test)) == len(test)
     assert not set(dev) & set(test)
+
+
+def test_services_reach_postgres_and_redis_by_socket_and_by_tcp_from_a_deep_checkout() -> None:
+    """The services use Unix sockets (cheaper round trips than loopback TCP); a socket path
+    longer than sun_path allows would fail at connect, so from a deep checkout they use TCP."""
+    near = replace(layout("test"), run_dir=Path("/srv/ticketping/.run/test"))
+    assert near.local_postgres_dsn("tp_booking") == (
+        f"postgresql://ticketping@/tp_booking?host=/srv/ticketping/.run/test/pgsock&port={near.postgres_port}")
+    assert near.local_redis_url == "unix:///srv/ticketping/.run/test/redis/redis.sock?db=0"
+
+    deep = replace(near, run_dir=Path("/", *["nested-folder"] * 9, ".run", "test"))
+    assert deep.local_postgres_dsn("tp_booking") == deep.postgres_dsn("tp_booking")
+    assert deep.local_redis_url == deep.redis_url == f"redis://127.0.0.1:{deep.redis_port}/0"
