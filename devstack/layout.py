@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"  # downloads: Kafka jars, buf from npm
@@ -92,12 +93,14 @@ class Layout:
         if not _fits(self.postgres_socket_dir / f".s.PGSQL.{self.postgres_port}"):
             return self.postgres_dsn(database)
         return (f"postgresql://{self.postgres_user}@/{database}"
-                f"?host={self.postgres_socket_dir}&port={self.postgres_port}")
+                f"?host={quote(str(self.postgres_socket_dir))}&port={self.postgres_port}")
 
     @property
     def local_redis_url(self) -> str:
         """What a service on this machine uses: the socket when its path fits, else TCP."""
-        return f"unix://{self.redis_socket}?db=0" if _fits(self.redis_socket) else self.redis_url
+        if not _fits(self.redis_socket):
+            return self.redis_url
+        return f"unix://{quote(str(self.redis_socket))}?db=0"
 
     @property
     def redis_cluster_ports(self) -> tuple[int, ...]:

@@ -1,9 +1,13 @@
-"""Where devstack listens: every port of both profiles, unique and outside the ephemeral range."""
+"""Where devstack listens: every port of both profiles, unique and outside the ephemeral range;
+the sockets its services use for PostgreSQL and Redis."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+
+import psycopg.conninfo
+from redis.asyncio.connection import ConnectionPool, UnixDomainSocketConnection
 
 from devstack.layout import layout
 
@@ -49,3 +53,13 @@ def test_services_reach_postgres_and_redis_by_socket_and_by_tcp_from_a_deep_chec
     deep = replace(near, run_dir=Path("/", *["nested-folder"] * 9, ".run", "test"))
     assert deep.local_postgres_dsn("tp_booking") == deep.postgres_dsn("tp_booking")
     assert deep.local_redis_url == deep.redis_url == f"redis://127.0.0.1:{deep.redis_port}/0"
+
+
+def test_a_checkout_path_with_a_space_still_gives_the_services_working_urls() -> None:
+    """Both URLs carry the socket's path: percent-encoded, as libpq and redis-py decode it."""
+    spaced = replace(layout("test"), run_dir=Path("/srv/my tickets/.run/test"))
+    dsn = spaced.local_postgres_dsn("tp_booking")
+    assert psycopg.conninfo.conninfo_to_dict(dsn)["host"] == "/srv/my tickets/.run/test/pgsock"
+    pool = ConnectionPool.from_url(spaced.local_redis_url)
+    assert pool.connection_class is UnixDomainSocketConnection
+    assert pool.connection_kwargs["path"] == "/srv/my tickets/.run/test/redis/redis.sock"
