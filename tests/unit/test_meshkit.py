@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 
@@ -14,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from meshkit.config import ServiceSettings, SettingsError, load
 from meshkit.errors import NotFound, status_of, to_status
 from meshkit.logging import JsonFormatter
-from meshkit.server import mark_unimplemented
+from meshkit.server import mark_unimplemented, tune_gc
 
 
 class _Settings(ServiceSettings):
@@ -28,6 +29,32 @@ def test_settings_fail_fast_naming_the_variable(monkeypatch, capsys):
         load(_Settings, service_name="x")
     err = capsys.readouterr().err
     assert "TP_POSTGRES_DSN" in err and "TP_GRPC_PORT" in err
+
+
+def test_gc_tuning_freezes_start_up_and_still_collects_cycles():
+    before = gc.get_threshold()
+    try:
+        tune_gc(20_000)
+        assert gc.get_threshold() == (20_000, before[1], before[2])
+        assert gc.get_freeze_count() > 1000  # what imports built is out of the collector's walks
+
+        class Node:
+            pass
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: reference counting alone never frees it
+        del a, b
+        assert gc.collect() >= 2  # still found by a collection
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_gc_threshold_is_bounded(monkeypatch, capsys):
+    monkeypatch.setenv("TP_GC_YOUNG_THRESHOLD", "0")
+    with pytest.raises(SettingsError):
+        load(ServiceSettings, service_name="x")
+    assert "TP_GC_YOUNG_THRESHOLD" in capsys.readouterr().err
 
 
 def test_settings_from_environment(monkeypatch):
