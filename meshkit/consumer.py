@@ -44,7 +44,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from meshkit import events
 from meshkit.events import EventEnvelope
-from meshkit.outbox import MAX_REQUEST_SIZE, compression_type
+from meshkit.outbox import MAX_REQUEST_SIZE
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -238,7 +238,6 @@ class EventConsumer:
             client_id=f"{self._client_id}-dlq",
             enable_idempotence=True,
             acks="all",
-            compression_type=compression_type(),
             max_request_size=MAX_REQUEST_SIZE,
         )
         consumer.subscribe(list(self.topics), listener=_Rebalance(self))

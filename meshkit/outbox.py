@@ -29,7 +29,6 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaProducer
-from aiokafka.codec import has_zstd
 from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -154,11 +153,6 @@ class Outboxed:
         return f"(SELECT count(pg_notify('{CHANNEL}', '')) FROM {name})"
 
 
-def compression_type() -> str:
-    """zstd when its codec is installed (cramjam), else gzip (always available)."""
-    return "zstd" if has_zstd() else "gzip"
-
-
 class OutboxRelay:
     """Publishes the outbox to Kafka. Start it in the service bootstrap, stop it at exit."""
 
@@ -172,6 +166,7 @@ class OutboxRelay:
         retention: timedelta = timedelta(days=1),
         purge_interval: float = 300.0,
         client_id: str = "meshkit-outbox-relay",
+        compression: str = "none",
         producer_config: Mapping[str, Any] | None = None,
     ) -> None:
         if batch_size < 1:
@@ -183,6 +178,7 @@ class OutboxRelay:
         self.retention = retention
         self.purge_interval = purge_interval
         self._client_id = client_id
+        self.compression = compression
         self._producer_config = dict(producer_config or {})
         self._producer: AIOKafkaProducer | None = None
         self._wake = asyncio.Event()
@@ -212,7 +208,7 @@ class OutboxRelay:
             "outbox relay started",
             extra={
                 "bootstrap": self._bootstrap,
-                "compression": compression_type(),
+                "compression": self.compression,
                 "batch_size": self.batch_size,
             },
         )
@@ -236,7 +232,7 @@ class OutboxRelay:
     async def _start_producer(self) -> None:
         config: dict[str, Any] = {
             "client_id": self._client_id,
-            "compression_type": compression_type(),
+            "compression_type": None if self.compression == "none" else self.compression,
             "max_request_size": MAX_REQUEST_SIZE,
             "linger_ms": 2,
             **self._producer_config,

@@ -21,9 +21,10 @@ async def postgres(stack: contextlib.AsyncExitStack, dsn: str, migrations: Path,
     return pool
 
 
-async def outbox_relay(stack: contextlib.AsyncExitStack, pool, bootstrap: str) -> OutboxRelay:  # type: ignore[no-untyped-def]
+async def outbox_relay(stack: contextlib.AsyncExitStack, pool, bootstrap: str,  # type: ignore[no-untyped-def]
+                       *, compression: str = "none") -> OutboxRelay:
     """Publish this service's outbox to Kafka for as long as the service runs."""
-    relay = OutboxRelay(pool, bootstrap)
+    relay = OutboxRelay(pool, bootstrap, compression=compression)
     await relay.start()
     stack.push_async_callback(relay.stop)
     return relay

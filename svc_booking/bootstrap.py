@@ -47,7 +47,8 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
         pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS,
                                           size=settings.postgres_pool_size)
         redis = await resources.redis(stack, settings.redis_url, cluster=settings.redis_cluster)
-        await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
+        await resources.outbox_relay(stack, pool, settings.kafka_bootstrap,
+                                     compression=settings.kafka_compression)
         notifier: QueueNotifier | None = None
         if admission is None:
             queue = QueueAdmission(settings.queue_addr, timeout=settings.admission_timeout_seconds,

@@ -32,7 +32,8 @@ async def wire(settings: Settings) -> Wired:
     try:
         pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS,
                                           size=settings.postgres_pool_size)
-        await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
+        await resources.outbox_relay(stack, pool, settings.kafka_bootstrap,
+                                     compression=settings.kafka_compression)
         catalog = Catalog(
             EventRepository(pool),
             cache_ttl=settings.cache_ttl_seconds,

@@ -51,7 +51,8 @@ async def wire(settings: Settings) -> Wired:
     try:
         pool = await resources.postgres(stack, settings.postgres_dsn, MIGRATIONS,
                                           size=settings.postgres_pool_size)
-        await resources.outbox_relay(stack, pool, settings.kafka_bootstrap)
+        await resources.outbox_relay(stack, pool, settings.kafka_bootstrap,
+                                     compression=settings.kafka_compression)
         booking = BookingClient(settings.booking_addr, timeout=settings.booking_timeout_seconds)
         stack.push_async_callback(booking.close)
         secret = settings.payment_webhook_secret.get_secret_value().encode()

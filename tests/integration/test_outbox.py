@@ -315,6 +315,24 @@ async def test_one_statement_writes_its_event_only_with_its_change_and_wakes_the
     assert await scalar(pool, "SELECT count(*) FROM outbox") == 1
 
 
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+async def test_the_relay_publishes_with_the_configured_codec(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str, compression: str
+) -> None:
+    """TP_KAFKA_COMPRESSION: uncompressed by default, gzip (or another installed codec) when
+    set; consumers read either, so replicas may differ while a change rolls out."""
+    envs = [ping(f"order-{i}", i, note="x" * 200) for i in range(6)]
+    await enqueue_all(pool, unique_topic, envs)
+    relay = OutboxRelay(pool, kafka_bootstrap, compression=compression)
+    try:
+        assert await drain(relay) == len(envs)
+    finally:
+        await relay.stop()
+    records = await read_topic(kafka_bootstrap, unique_topic, expect=len(envs))
+    assert sorted((envelope_of(r) for r in records), key=lambda e: e.event_id) == sorted(
+        envs, key=lambda e: e.event_id)
+
+
 # -- (c) crash between the DB commit and the offset commit ---------------------------------------
 
 

@@ -57,6 +57,14 @@ def test_gc_threshold_is_bounded(monkeypatch, capsys):
     assert "TP_GC_YOUNG_THRESHOLD" in capsys.readouterr().err
 
 
+def test_kafka_compression_is_one_of_the_codecs(monkeypatch, capsys):
+    assert load(ServiceSettings, service_name="x").kafka_compression == "none"
+    monkeypatch.setenv("TP_KAFKA_COMPRESSION", "brotli")
+    with pytest.raises(SettingsError):
+        load(ServiceSettings, service_name="x")
+    assert "TP_KAFKA_COMPRESSION" in capsys.readouterr().err
+
+
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("TP_POSTGRES_DSN", "postgresql://u@h/db")
     monkeypatch.setenv("TP_GRPC_PORT", "5000")
