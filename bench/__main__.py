@@ -38,6 +38,7 @@ import httpx
 
 from devstack import stack
 from devstack.layout import ROOT, Layout, layout
+from meshkit.memory import tune_gc
 
 from . import booking as booking_bench
 from . import purchases as purchases_bench
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--purchase-seats", type=int, default=2000,
                     help="seats of the purchases scenario (more than its fans want)")
     args = ap.parse_args()
+    tune_gc()  # the purchases scenario's simulator runs in this process (meshkit.memory)
     lay = layout("test")
     stack.ensure_infra(lay)
     stack.start_services(lay)

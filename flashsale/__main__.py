@@ -19,6 +19,7 @@ from dataclasses import asdict
 import uvloop
 
 from devstack.layout import layout
+from meshkit.memory import tune_gc
 
 from . import report
 from .sale import FanPool, Progress, SaleConfig, SaleError, run
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(("\n" if live else "") + f"flashsale: {text}", file=sys.stderr, flush=True)
 
     pool = FanPool(lay.run_dir / "flashsale" / "fans.json")
+    tune_gc()  # the simulator shares the machine's cores with the mesh: as in the services
     try:
         result = uvloop.run(run(lay.edge_url, admin, cfg, pool=pool, fresh_fans=args.fresh_fans,
                                  on_tick=tick, on_phase=phase))

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .jwtkeys import decode_kek
+from .memory import YOUNG_THRESHOLD
 
 
 class ServiceSettings(BaseSettings):
@@ -40,8 +41,8 @@ class ServiceSettings(BaseSettings):
     postgres_pool_size: int = Field(default=24, ge=2, le=200)
     # Allocations between two young-generation garbage collections (CPython's default: 700). At
     # 700, booking, payment and the waiting room spent 3-9 % of their CPU in a sale collecting,
-    # mostly traversing the objects every import left behind (meshkit.server.tune_gc).
-    gc_young_threshold: int = Field(default=20_000, ge=100, le=1_000_000)
+    # mostly traversing the objects every import left behind (meshkit.memory.tune_gc).
+    gc_young_threshold: int = Field(default=YOUNG_THRESHOLD, ge=100, le=1_000_000)
 
 
 S = TypeVar("S", bound=ServiceSettings)

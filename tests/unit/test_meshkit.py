@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from meshkit.config import ServiceSettings, SettingsError, load
 from meshkit.errors import NotFound, status_of, to_status
 from meshkit.logging import JsonFormatter
-from meshkit.server import mark_unimplemented, tune_gc
+from meshkit.memory import tune_gc
+from meshkit.server import mark_unimplemented
 
 
 class _Settings(ServiceSettings):
