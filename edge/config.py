@@ -387,8 +387,15 @@ def _cluster(s: Service) -> dict[str, Any]:
 
 
 def _router() -> dict[str, Any]:
+    # No x-envoy-* headers of the router's own: x-envoy-upstream-service-time told every fan
+    # how long a service took (and rode along in every cached answer, replayed on each hit), and
+    # x-envoy-expected-rq-timeout-ms is nothing the services read (gRPC has its deadline).
+    # The caches fetch what they store through an internal client whose router is Envoy's own,
+    # not this one: public GETs still carry the timing of the front's hop to edge_fill (removing
+    # it there would take a filter in front of the cache, on every cached hit).
     return {"name": "envoy.filters.http.router",
-            "typed_config": {"@type": f"{_TYPES}.http.router.v3.Router"}}
+            "typed_config": {"@type": f"{_TYPES}.http.router.v3.Router",
+                             "suppress_envoy_headers": True}}
 
 
 def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]],

@@ -72,6 +72,9 @@ def test_admin_sets_up_a_sale_and_fans_browse_it(http: httpx.Client, admin: Fan,
     assert body["title"] == draft["title"] and body["seatLimitPerFan"] == 4
     assert body["priceTiers"][0]["price"] == {"currencyCode": "KRW", "units": "165000", "nanos": 0}
     assert "public" in one.headers["cache-control"]
+    # Signed-in calls carry nothing of the edge's internals: no service timings, no timeouts.
+    for resp in (one, published):
+        assert not [h for h in resp.headers if h.lower().startswith("x-envoy-")], resp.headers
     names = [e["name"] for e in list_all(http)]
     assert names.count(draft["name"]) == 1
 

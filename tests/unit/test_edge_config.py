@@ -111,6 +111,15 @@ def test_the_fronts_cache_misses_are_collapsed_in_edge_fill():
     assert "or_filter" in _hcm(cfg, "edge")["access_log"][0]["filter"]
 
 
+def test_no_router_adds_envoy_headers():
+    cfg = build(layout("test"), DESCRIPTOR_SET)
+    routers = [f for lis in cfg["static_resources"]["listeners"]
+               for chain in lis["filter_chains"] for nf in chain["filters"]
+               for f in nf.get("typed_config", {}).get("http_filters", []) if f["name"].endswith(".router")]
+    assert len(routers) >= 4  # edge, edge_fill, edge_core, edge_keys
+    assert all(r["typed_config"]["suppress_envoy_headers"] for r in routers)
+
+
 def test_admin_on_loopback_and_upstreams_guarded():
     cfg = build(layout("dev"), DESCRIPTOR_SET)
     assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
