@@ -20,7 +20,8 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
                        own hold script (ratio booking_hold / Redis alone)
   purchases            one event's sale through the edge (bench/purchases.py, the `make demo`
                        simulator): tickets and purchases per minute, webhook -> CONFIRMED
-                       p50/p99, beside the goal (10,000 tickets/min) and pretix's 300-400
+                       p50/p99, beside the goal (10,000 tickets/min) and pretix's 300-400,
+                       after an unmeasured warm-up sale of 200 fans (--purchase-warmup-fans)
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def main() -> None:
     ap.add_argument("--purchase-fans", type=int, default=800, help="fans of the purchases scenario (0: skip)")
     ap.add_argument("--purchase-seats", type=int, default=2000,
                     help="seats of the purchases scenario (more than its fans want)")
+    ap.add_argument("--purchase-warmup-fans", type=int, default=200,
+                    help="fans of an unmeasured sale before the purchases scenario (0: none)")
     args = ap.parse_args()
     tune_gc()  # the purchases scenario's simulator runs in this process (meshkit.memory)
     lay = layout("test")
@@ -121,7 +124,8 @@ def main() -> None:
     try:
         rows = measure(lay, args.seconds, args.connections)
         if args.purchase_fans:
-            sale = purchases_bench.measure(lay, BENCH_ADMIN, args.purchase_fans, args.purchase_seats)
+            sale = purchases_bench.measure(lay, BENCH_ADMIN, args.purchase_fans, args.purchase_seats,
+                                           args.purchase_warmup_fans)
     finally:
         if not args.keep:
             stack.down(lay)
