@@ -31,9 +31,10 @@ class ServiceSettings(BaseSettings):
     otel_endpoint: str = "http://127.0.0.1:4317"
     kafka_bootstrap: str | None = None
     # How the outbox relay compresses what it publishes. The events are ~300-byte envelopes in
-    # batches of a few: gzip halves their bytes but cost the producer and every consumer about
-    # 50 us of CPU per event, and the broker ~20 us more (measured on loopback, README). Consumers
-    # read any codec whose library is installed, so replicas may differ during a change.
+    # batches of a few: gzip halves their bytes but cost a producer and its consumer together
+    # 40-60 us of CPU per event (measured on loopback, README; the broker's cost varied more than
+    # that either way). Consumers read any codec whose library is installed, so replicas may
+    # differ during a change.
     kafka_compression: Literal["none", "gzip", "zstd", "lz4", "snappy"] = "none"
     # Most PostgreSQL connections one replica keeps (services without a database ignore it). A
     # sale's burst of holds, orders and confirmations each want one; at 10, requests and the
