@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 import uuid
@@ -35,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from meshkit import events
 from meshkit.events import EventEnvelope
+from meshkit.listen import Listener, connect_like
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,9 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Every notification, and every moment some may have been missed, wakes the loop.
+        self._listener = Listener(connect_like(pool), CHANNEL, lambda _note: self._wake.set(),
+                                  meanwhile="polling meanwhile")
         self._pass_lock = asyncio.Lock()
         self._last_deferred = 0
         # Counters for metrics (read them from a Prometheus collector).
@@ -200,10 +203,8 @@ class OutboxRelay:
             raise RuntimeError("relay already started")
         self._stopping = False
         await self._start_producer()
-        self._tasks = [
-            asyncio.create_task(self._listen_loop(), name="outbox-listen"),
-            asyncio.create_task(self._publish_loop(), name="outbox-publish"),
-        ]
+        await self._listener.start(ready_within=0)  # it polls meanwhile
+        self._tasks = [asyncio.create_task(self._publish_loop(), name="outbox-publish")]
         log.info(
             "outbox relay started",
             extra={
@@ -218,9 +219,7 @@ class OutboxRelay:
         self._stopping = True
         self._wake.set()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            if task.get_name() == "outbox-listen":
-                task.cancel()
+        await self._listener.stop()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
@@ -359,42 +358,3 @@ class OutboxRelay:
         """Sleep up to ``seconds``, waking early on a notification or stop()."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
-
-    async def _listen_loop(self) -> None:
-        """Set the wake event on every NOTIFY outbox; reconnect after a lost connection."""
-        backoff = 0.5
-        while not self._stopping:
-            try:
-                conninfo, kwargs = await _connection_params(self._pool)
-                async with await psycopg.AsyncConnection.connect(
-                    conninfo, **{**kwargs, "autocommit": True}
-                ) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    backoff = 0.5
-                    self._wake.set()  # catch up on anything committed while not listening
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "outbox LISTEN connection lost; polling meanwhile",
-                    extra={"error": str(exc), "retry_in_s": backoff},
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-
-
-async def _connection_params(pool: AsyncConnectionPool) -> tuple[str, dict[str, Any]]:
-    """The pool's conninfo and connect kwargs (psycopg_pool allows callables for both)."""
-    conninfo: Any = pool.conninfo
-    kwargs: Any = pool.kwargs
-    if callable(conninfo):
-        conninfo = conninfo()
-        if inspect.isawaitable(conninfo):
-            conninfo = await conninfo
-    if callable(kwargs):
-        kwargs = kwargs()
-        if inspect.isawaitable(kwargs):
-            kwargs = await kwargs
-    return str(conninfo), dict(kwargs or {})

@@ -7,9 +7,10 @@ from pathlib import Path
 from ticketping.catalog.v1 import catalog_service_pb2_grpc as pb_grpc
 
 from meshkit import resources
+from meshkit.listen import Listener
 from meshkit.server import App, Registration, build_server
 
-from .adapters.postgres import ChangeListener, EventRepository
+from .adapters.postgres import EventRepository, change_listener
 from .config import Settings
 from .server import CatalogServicer
 from .service import Catalog
@@ -24,7 +25,7 @@ class Wired:
 
     app: App
     catalog: Catalog
-    listener: ChangeListener
+    listener: Listener
 
 
 async def wire(settings: Settings) -> Wired:
@@ -40,7 +41,7 @@ async def wire(settings: Settings) -> Wired:
             cache_max_entries=settings.cache_max_entries,
         )
         # Every replica drops what another one changed (PostgreSQL NOTIFY catalog_changed).
-        listener = ChangeListener(settings.postgres_dsn, catalog.changed)
+        listener = change_listener(settings.postgres_dsn, catalog.changed)
         await listener.start()
         stack.push_async_callback(listener.stop)
         servicer = CatalogServicer(catalog, max_age_seconds=settings.http_max_age_seconds)

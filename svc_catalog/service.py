@@ -2,7 +2,7 @@
 
 Reads go through an in-process cache (events by id, list pages by cursor), so the browse load
 before a sale is answered from memory; every write invalidates this process's cache after its
-commit and notifies the other replicas (PostgreSQL NOTIFY catalog_changed, see ChangeListener).
+commit and notifies the other replicas (PostgreSQL NOTIFY catalog_changed, see change_listener).
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """Events in PostgreSQL: the repository (each write one transaction) and the change listener.
 
 Every write notifies the channel ``catalog_changed`` (payload: the event id) in its own
-transaction, so PostgreSQL delivers it on commit to every replica's :class:`ChangeListener`,
+transaction, so PostgreSQL delivers it on commit to every replica's :func:`change_listener`,
 which drops that event (and the cached list pages) from the replica's read cache.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from ticketping.events.v1.events_pb2 import EventEnvelope
 
 from meshkit.db import autocommit
 from meshkit.errors import AlreadyExists
+from meshkit.listen import Listener, connect_to
 from meshkit.outbox import enqueue
 
 from ..domain.model import Event, EventSpec, EventState, Money, PriceTier, SeatMap, Section, Venue
@@ -260,58 +259,14 @@ class EventRepository:
 # -- cross-replica invalidation -----------------------------------------------------------------
 
 
-class ChangeListener:
-    """LISTENs on ``catalog_changed`` on its own connection and calls ``on_change(event_id)``.
-
-    On every (re)connect it calls ``on_change(None)`` (drop everything), because notifications
-    sent while it was not listening are lost; the cache's TTL bounds staleness meanwhile.
-    """
-
-    def __init__(self, dsn: str, on_change: Callable[[uuid.UUID | None], None]) -> None:
-        self._dsn = dsn
-        self._on_change = on_change
-        self._task: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
-        self.notifications = 0
-
-    async def start(self, ready_within: float = 10.0) -> None:
-        self._task = asyncio.create_task(self._run(), name="catalog-change-listener")
-        # Start serving only once listening, so a write right after start is not missed.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.connected.wait(), ready_within)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    backoff = 0.5
-                    self._on_change(None)  # whatever happened while not listening
-                    self.connected.set()
-                    async for note in conn.notifies():
-                        self.notifications += 1
-                        try:
-                            changed: uuid.UUID | None = uuid.UUID(note.payload)
-                        except ValueError:
-                            changed = None
-                        self._on_change(changed)
-                raise ConnectionError("notification stream ended")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.connected.clear()
-                self._on_change(None)
-                log.warning(
-                    "catalog_changed LISTEN connection lost; cache on TTL meanwhile",
-                    extra={"error": str(exc), "retry_in_s": backoff},
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+def change_listener(dsn: str, on_change: Callable[[uuid.UUID | None], None]) -> Listener:
+    """LISTEN on ``catalog_changed`` on its own connection: ``on_change(event_id)`` per change,
+    ``on_change(None)`` (drop everything) whenever notifications may have been missed; the
+    cache's TTL bounds staleness meanwhile."""
+    def on_note(payload: str | None) -> None:
+        try:
+            changed = uuid.UUID(payload) if payload else None
+        except ValueError:
+            changed = None
+        on_change(changed)
+    return Listener(connect_to(dsn), CHANNEL, on_note, meanwhile="cache on TTL meanwhile")
