@@ -306,6 +306,12 @@ def _buffer() -> dict[str, Any]:
     }
 
 
+# Methods that hold the call until something happens (long polls), and how long the edge lets
+# them run: their service's own limit and a margin (svc_booking/server.py WAIT_MAX). The other
+# routes' 15 s, and their retries' 5 s per try, would cut them off.
+LONG_POLLS = {"/ticketping.booking.v1.BookingService/WaitOrder": "35s"}
+
+
 def _routes(lay: Layout, descriptor: Path) -> list[dict[str, Any]]:
     retry = {
         "retry_on": "connect-failure,refused-stream,unavailable",
@@ -329,6 +335,14 @@ def _routes(lay: Layout, descriptor: Path) -> list[dict[str, Any]]:
         })
     private = [{"header": {"key": "cache-control", "value": PRIVATE_ANSWER},
                 "append_action": "ADD_IF_ABSENT"}]
+    by_proto = {s.proto_service: s for s in lay.services}
+    for path, timeout in LONG_POLLS.items():
+        routes.append({
+            "match": {"path": path},
+            "route": {"cluster": by_proto[path.split("/")[1]].name, "timeout": timeout,
+                      "retry_policy": {k: v for k, v in retry.items() if k != "per_try_timeout"}},
+            "response_headers_to_add": private,
+        })
     for s in lay.services:
         # REST calls are transcoded first, so they match here by their gRPC path too.
         routes.append({

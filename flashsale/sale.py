@@ -4,10 +4,10 @@ Every fan is a real account with real tokens: it signs in, joins the waiting roo
 sale opens, who are shuffled by the room's lottery, the rest after it, who queue first come first
 served), polls `queue/me` at the pace its ETA suggests, and once admitted reads the seat map, holds
 the best seats it can get (front rows first, so fans collide as they do at a real on-sale), orders
-and pays. The sandbox PSP approves or declines; the fan polls its order until it is CONFIRMED
-(or cancelled). Calls that fail for a transient reason (a restarting service, 502/503/504, a
-dropped connection) are retried with the same `requestId`, as a careful app would: the platform's
-idempotency makes that safe.
+and pays. The sandbox PSP approves or declines; the fan waits on its order (WaitOrder, a long
+poll) until it is CONFIRMED (or cancelled). Calls that fail for a transient reason (a restarting
+service, 502/503/504, a dropped connection) are retried with the same `requestId`, as a careful
+app would: the platform's idempotency makes that safe.
 
 :func:`run` returns a :class:`SaleResult` with every fan's timings; :mod:`flashsale.report` checks
 it against the server's own view (orders, payments, the seat map) and summarises it.
@@ -32,6 +32,8 @@ from typing import Any
 import aiohttp
 
 TRANSIENT = {502, 503, 504}
+# How long one WaitOrder call may wait for the payment's outcome (booking allows up to 30 s).
+WAIT_ORDER = "20s"
 
 
 class SaleError(RuntimeError):
@@ -152,21 +154,29 @@ class Edge:
         self.base_url = base_url.rstrip("/")
         self._connections, self._timeout = connections, timeout
         self._session: aiohttp.ClientSession | None = None
+        self._long: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Edge:
+        timeout = aiohttp.ClientTimeout(total=self._timeout)
         self._session = aiohttp.ClientSession(
-            self.base_url, connector=aiohttp.TCPConnector(limit=self._connections),
-            timeout=aiohttp.ClientTimeout(total=self._timeout))
+            self.base_url, connector=aiohttp.TCPConnector(limit=self._connections), timeout=timeout)
+        # Long polls (WaitOrder) hold their connection until the answer: on connections of their
+        # own, as many as there are fans waiting (each fan's phone has its own), so that they
+        # never make the other requests queue for a connection.
+        self._long = aiohttp.ClientSession(
+            self.base_url, connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._long):
+            if session is not None:
+                await session.close()
 
     async def request(self, method: str, url: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                      headers: dict[str, str] | None = None) -> Reply:
-        assert self._session is not None, "use Edge as an async context manager"
-        async with self._session.request(method, url, json=json, params=params, headers=headers) as resp:
+                      headers: dict[str, str] | None = None, long_poll: bool = False) -> Reply:
+        session = self._long if long_poll else self._session
+        assert session is not None, "use Edge as an async context manager"
+        async with session.request(method, url, json=json, params=params, headers=headers) as resp:
             return Reply(resp.status, await resp.text())
 
 
@@ -609,18 +619,18 @@ class Sale:
             raise SaleError(f"hold: {resp.status_code} {resp.text[:200]}")
 
     async def _settled(self, fan: Fan) -> str:
-        """Poll the order until the payment's outcome has reached it (0.3 s, then backing off
-        to 1 s: the order is read from booking's database, not from a cache)."""
+        """Wait for the payment's outcome to reach the order: WaitOrder answers the moment it
+        does (or after its timeout, still PENDING_PAYMENT, and the fan asks again)."""
         deadline = time.monotonic() + 120
-        pause = 0.3
         while time.monotonic() < deadline:
-            await asyncio.sleep(pause * self.rng.uniform(0.8, 1.2))
-            pause = min(pause * 1.5, 1.0)
-            resp = await self._call(fan, "GET", f"/v1/{fan.order}", headers=fan.auth)
-            if resp.status_code == 200:
-                state = state_of(resp.json()["state"])
-                if state != "PENDING_PAYMENT":
-                    return state
+            resp = await self._call(fan, "GET", f"/v1/{fan.order}:wait", params={"timeout": WAIT_ORDER},
+                                    headers=fan.auth, long_poll=True)
+            if resp.status_code != 200:  # still failing after call()'s retries: a while longer
+                await asyncio.sleep(1.0)
+                continue
+            state = state_of(resp.json()["state"])
+            if state != "PENDING_PAYMENT":
+                return state
         return "PENDING_PAYMENT"
 
 

@@ -12,11 +12,13 @@ from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
 
 from meshkit import resources
 from meshkit.consumer import EventConsumer
+from meshkit.listen import Listener, connect_like
 from meshkit.server import App, Registration, build_server
 
 from .adapters.admission import AdmissionChecker, QueueAdmission, QueueNotifier, StaticAdmission
 from .adapters.inventory import Inventory
 from .adapters.payment_events import PaymentEvents
+from .adapters.settled import CHANNEL as SETTLED_CHANNEL
 from .config import CATALOG_CONSUMER_CONCURRENCY, Settings
 from .server import BookingServicer
 from .service import Booking
@@ -94,6 +96,11 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             sweeper = asyncio.create_task(booking.run_sweeper(settings.sweep_interval_seconds),
                                           name="booking-sweeper")
             stack.push_async_callback(_cancel, sweeper)
+        settled = Listener(connect_like(pool), SETTLED_CHANNEL, booking.settled.on_note,
+                           meanwhile="WaitOrder re-reads every second meanwhile")
+        await settled.start()
+        stack.push_async_callback(settled.stop)
+        booking.settled.listening = settled.connected.is_set
         servicer = BookingServicer(booking, admission, pool)
         reg = Registration(pb_grpc.add_BookingServiceServicer_to_server, servicer, SERVICE)
         app = await build_server(settings, [reg], stack)

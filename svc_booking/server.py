@@ -32,6 +32,12 @@ Ctx: TypeAlias = grpc.aio.ServicerContext
 SEATS_CACHE_CONTROL = (("cache-control", "public, max-age=1"),)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ADMISSION_SUB, ADMISSION_EVENT, ADMISSION_JTI = access.ADMISSION_CLAIM_HEADERS
+# WaitOrder: how long when the caller does not say, and at most (the edge's route for it allows
+# a little more: edge/config.py LONG_POLLS).
+WAIT_DEFAULT = timedelta(seconds=20)
+WAIT_MAX = timedelta(seconds=30)
+# A call with a deadline is answered this much before it, so the answer is not cut off.
+DEADLINE_MARGIN_SECONDS = 0.25
 
 _STATUS = {"A": pb.SEAT_STATUS_AVAILABLE, "S": pb.SEAT_STATUS_SOLD}
 _STATUS_CHAR = {"A": "A", "S": "S"}
@@ -172,6 +178,20 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
         user = access.signed_in_user(context)
         order = await self.booking.get_order(user, model.parse_order_name(request.name))
         return order_to_proto(order)
+
+    async def WaitOrder(self, request: pb.WaitOrderRequest, context: Ctx) -> pb.Order:
+        user = access.signed_in_user(context)
+        order_id = model.parse_order_name(request.name)
+        wait = request.timeout.ToTimedelta() if request.HasField("timeout") else WAIT_DEFAULT
+        if not timedelta(0) <= wait <= WAIT_MAX:
+            raise InvalidArgument("INVALID_TIMEOUT",
+                                  f"timeout must be between 0s and {WAIT_MAX.total_seconds():g}s",
+                                  metadata={"field": "timeout", "max": f"{WAIT_MAX.total_seconds():g}s"})
+        seconds = wait.total_seconds()
+        remaining = context.time_remaining()
+        if remaining is not None:
+            seconds = max(0.0, min(seconds, remaining - DEADLINE_MARGIN_SECONDS))
+        return order_to_proto(await self.booking.wait_order(user, order_id, seconds))
 
     async def ListOrders(self, request: pb.ListOrdersRequest, context: Ctx) -> pb.ListOrdersResponse:
         size = request.page_size or 20

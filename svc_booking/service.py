@@ -42,6 +42,7 @@ from .adapters import inventory as inv
 from .adapters import messages
 from .adapters import postgres as db
 from .adapters.admission import QueueNotifier
+from .adapters.settled import SettledOrders
 from .domain import model
 from .domain.model import Hold, HoldState, Layout, Order, OrderState
 
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 LIVE_HOLD = (HoldState.ACTIVE, HoldState.ORDERED)
+# How often a WaitOrder call reads its order again without being woken: while listening (a
+# notification was lost only if the connection was, which wakes everyone anyway), and while not.
+SETTLED_RECHECK_SECONDS = 5.0
+UNHEARD_RECHECK_SECONDS = 1.0
 
 
 def utcnow() -> datetime:
@@ -111,6 +116,8 @@ class Booking:
         self._layouts: dict[str, Layout] = {}
         self._rebuilding: dict[str, asyncio.Lock] = {}
         self._event_ids: tuple[float, list[str]] = (0.0, [])
+        # WaitOrder's waiters; the bootstrap points their listener at order_settled.
+        self.settled = SettledOrders()
 
     # --- inventory -----------------------------------------------------------------------------
 
@@ -478,6 +485,27 @@ class Booking:
         if order is None or (user_id is not None and order.user_id != user_id):
             raise model.order_not_found(f"orders/{order_id}")
         return order
+
+    async def wait_order(self, user_id: str, order_id: uuid.UUID, within: float) -> Order:
+        """The caller's order once it has left PENDING_PAYMENT, or as it is after ``within``
+        seconds: an app learns its payment's outcome with one call, not a poll every few
+        hundred milliseconds (each a trip through the edge into this service and PostgreSQL).
+
+        Woken by order_settled, which any replica's commit sends; the order is read again then,
+        and every few seconds regardless, so a lost notification delays the answer (by at most
+        SETTLED_RECHECK_SECONDS) and never loses it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        with self.settled.watch(order_id) as woken:
+            while True:
+                woken.clear()  # before the read: a commit after it sets this again
+                order = await self.get_order(user_id, order_id)
+                left = deadline - loop.time()
+                if order.state is not OrderState.PENDING_PAYMENT or left <= 0:
+                    return order
+                recheck = SETTLED_RECHECK_SECONDS if self.settled.listening() else UNHEARD_RECHECK_SECONDS
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(left, recheck))
 
     async def list_orders(
         self, user_id: str, after: tuple[datetime, uuid.UUID] | None, limit: int

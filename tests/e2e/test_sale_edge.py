@@ -197,9 +197,13 @@ def test_a_full_purchase_through_the_edge(http: httpx.Client, admin: Fan):
     assert {r.headers.get("cache-control") for r in mine} == {"private, no-store"}
     assert http.get(f"/v1/{event}/queue").headers["cache-control"] == "public, max-age=1"
 
-    confirmed = _until(lambda: (o := http.get(f"/v1/{name}", headers=fan.auth).json())
-                       ["state"].endswith("CONFIRMED") and o)
-    assert confirmed["seatIds"] == ["A-2-9", "A-2-10"]
+    # The app learns the outcome with one long poll (WaitOrder), answered when booking confirms.
+    waited = http.get(f"/v1/{name}:wait", params={"timeout": "25s"}, headers=fan.auth, timeout=40)
+    assert waited.status_code == 200, waited.text
+    assert waited.headers["cache-control"] == "private, no-store"
+    confirmed = waited.json()
+    assert confirmed["state"].endswith("CONFIRMED") and confirmed["seatIds"] == ["A-2-9", "A-2-10"]
+    assert http.get(f"/v1/{name}", headers=fan.auth).json() == confirmed
     paid = http.get(f"/v1/{payment.json()['name']}", headers=fan.auth).json()
     assert paid["state"].endswith("SUCCEEDED")
     listed = http.get(f"/v1/{event}/seats", headers={"cache-control": "no-cache"}).json()["seats"]
@@ -208,5 +212,8 @@ def test_a_full_purchase_through_the_edge(http: httpx.Client, admin: Fan):
     # Another fan never sees this order.
     other = sign_up(http)
     assert http.get(f"/v1/{name}", headers=other.auth).status_code == 404
+    assert http.get(f"/v1/{name}:wait", headers=other.auth).status_code == 404
+    assert http.get(f"/v1/{name}:wait", params={"timeout": "31s"}, headers=fan.auth).json()[
+        "details"][0]["reason"] == "INVALID_TIMEOUT"
     # The confirmed order ended the fan's session: the slot is free for the next fan.
     _until(lambda: not http.get(f"/v1/{event}/queue/me", headers=fan.auth).json()["state"].endswith("ACTIVE"))

@@ -7,14 +7,17 @@ checks the real gRPC adapter against a queue that answers UNIMPLEMENTED or activ
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc
+import psycopg
 import pytest
 import pytest_asyncio
+from google.protobuf.duration_pb2 import Duration
 from ticketping.booking.v1 import booking_service_pb2 as pb
 from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
 
@@ -24,7 +27,7 @@ from svc_booking.adapters import inventory as inv
 from svc_booking.adapters.admission import StaticAdmission
 from svc_booking.bootstrap import Wired, wire
 from svc_booking.config import Settings
-from svc_booking.service import Booking
+from svc_booking.service import SETTLED_RECHECK_SECONDS, UNHEARD_RECHECK_SECONDS, Booking
 
 from ..support import overlapping_picks
 from .test_booking_support import Clock, event_published, fan, new_event, publish
@@ -419,6 +422,89 @@ async def test_order_lifecycle(wired: Wired, stub: pb_grpc.BookingServiceStub,
                                   metadata=fan("u-ord", None))
     assert [o.name for o in page1.orders] + [o.name for o in page2.orders] == [o2.name, order.name]
     assert page2.next_page_token == ""
+
+
+async def _wait_order(stub: pb_grpc.BookingServiceStub, request: pb.WaitOrderRequest,
+                      metadata: object) -> pb.Order:
+    return await stub.WaitOrder(request, metadata=metadata)
+
+
+async def _waiting(w: Wired, n: int) -> None:
+    """Until ``n`` WaitOrder calls wait in this replica."""
+    for _ in range(200):
+        if len(w.booking.settled) == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(w.booking.settled)} calls waiting, not {n}")
+
+
+async def test_wait_order_answers_when_another_replica_settles_it(
+        wired: Wired, stub: pb_grpc.BookingServiceStub, pg_dsn: str, redis_url: str,
+        kafka_bootstrap: str, admission: StaticAdmission) -> None:
+    """WaitOrder: at its timeout, still pending; woken by order_settled the moment any replica
+    commits the order's outcome, not at its next look; at once when settled already."""
+    event_id = await new_event(wired)
+    me = fan("u-wait", None)
+    orders = []
+    for seat in ("A-7-1", "A-7-2"):
+        h = await hold(stub, "u-wait", event_id, [seat])
+        orders.append(await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                                             metadata=fan("u-wait", event_id)))
+    first, second = orders
+
+    t = time.monotonic()
+    got = await stub.WaitOrder(pb.WaitOrderRequest(name=first.name, timeout=Duration(nanos=300_000_000)),
+                               metadata=me)
+    assert got == first and 0.25 < time.monotonic() - t < 2
+    code, reason, _ = await fails(stub.WaitOrder(pb.WaitOrderRequest(name=first.name),
+                                                 metadata=fan("u-nosy", None)))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND")
+    for bad in (Duration(seconds=31), Duration(seconds=-1)):
+        code, reason, md = await fails(stub.WaitOrder(pb.WaitOrderRequest(name=first.name, timeout=bad),
+                                                      metadata=me))
+        assert (code, reason, md["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TIMEOUT", "timeout")
+
+    # A second replica (its own server, pool and LISTEN connection) sells the order.
+    other = await wire(Settings(grpc_port=0, postgres_dsn=pg_dsn, redis_url=redis_url,
+                                kafka_bootstrap=kafka_bootstrap, queue_addr="127.0.0.1:1",
+                                run_consumer=False, run_sweeper=False), admission=admission)
+    await start(other.app)
+    try:
+        waiting = asyncio.create_task(_wait_order(
+            stub, pb.WaitOrderRequest(name=first.name, timeout=Duration(seconds=20)), me))
+        await _waiting(wired, 1)
+        t = time.monotonic()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{other.app.port}") as channel:
+            sold = await pb_grpc.BookingServiceStub(channel).ConfirmOrder(
+                pb.ConfirmOrderRequest(order=first.name, payment="payments/w1", request_id=rid()),
+                metadata=INTERNAL)
+        got = await asyncio.wait_for(waiting, 10)
+        assert got == sold and got.state == pb.ORDER_STATE_CONFIRMED
+        assert time.monotonic() - t < SETTLED_RECHECK_SECONDS / 2  # woken, not found by a re-read
+        assert len(wired.booking.settled) == 0
+
+        # Settled already: answered at once.
+        t = time.monotonic()
+        assert await stub.WaitOrder(pb.WaitOrderRequest(name=first.name), metadata=me) == sold
+        assert time.monotonic() - t < 1
+    finally:
+        await other.app.stop(1.0)
+
+    # The listening connection lost: a change made meanwhile still reaches the waiting fan, by
+    # the wake-up on losing it and the re-reads until it is back.
+    waiting = asyncio.create_task(_wait_order(
+        stub, pb.WaitOrderRequest(name=second.name, timeout=Duration(seconds=20)), me))
+    await _waiting(wired, 1)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE query = 'LISTEN order_settled' AND pid <> pg_backend_pid()")
+        t = time.monotonic()
+        cancelled = await stub.CancelOrder(pb.CancelOrderRequest(name=second.name), metadata=me)
+    got = await asyncio.wait_for(waiting, SETTLED_RECHECK_SECONDS + 5)
+    assert got == cancelled and got.state == pb.ORDER_STATE_CANCELLED
+    # Within a re-read while not listening (plus the time the cancel took), not after the
+    # longer pause of a replica that is listening.
+    assert time.monotonic() - t < UNHEARD_RECHECK_SECONDS + 2 < SETTLED_RECHECK_SECONDS
 
 
 async def outbox_rows(w: Wired, aggregate: str) -> Counter[str]:

@@ -14,6 +14,7 @@ from meshkit.errors import DomainError
 from meshkit.seats import parse_seat_id
 from svc_booking.adapters import inventory as inv
 from svc_booking.adapters.messages import layout_of
+from svc_booking.adapters.settled import SettledOrders
 from svc_booking.config import Settings
 from svc_booking.domain import model
 from svc_booking.domain.model import Money
@@ -100,3 +101,18 @@ def test_a_pool_the_consumers_could_exhaust_stops_booking_at_start(monkeypatch, 
     assert "TP_PAYMENT_CONSUMER_CONCURRENCY" in capsys.readouterr().err
     monkeypatch.setenv("TP_PAYMENT_CONSUMER_CONCURRENCY", "8")
     assert load(Settings).payment_consumer_concurrency == 8
+
+
+def test_settled_orders_wake_the_waiters_of_that_order_or_all_when_unsure() -> None:
+    settled = SettledOrders()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    with settled.watch(a) as wa1, settled.watch(a) as wa2, settled.watch(b) as wb:
+        assert len(settled) == 3
+        settled.on_note(str(a))
+        assert wa1.is_set() and wa2.is_set() and not wb.is_set()
+        settled.on_note("not an order id")  # ignored, not a crash of the listener
+        settled.on_note(str(uuid.uuid4()))  # nobody waits for it
+        assert not wb.is_set()
+        settled.on_note(None)  # notifications may have been lost: everyone looks again
+        assert wb.is_set()
+    assert len(settled) == 0 and not settled.listening()

@@ -402,6 +402,7 @@ def test_http_rules_are_well_formed(rules, messages) -> None:
 # Public routes beyond rest-api.md ("more routes may exist").
 EXTRA_ROUTES: list[tuple[str, str]] = [
     ("PATCH", "/v1/events/{event}"),  # CatalogService.UpdateEvent, admin, drafts only
+    ("GET", "/v1/orders/{order}:wait"),  # BookingService.WaitOrder, user: a payment's outcome
 ]
 
 

@@ -120,6 +120,24 @@ def test_no_router_adds_envoy_headers():
     assert all(r["typed_config"]["suppress_envoy_headers"] for r in routers)
 
 
+def test_long_polls_outlast_their_service_limit_in_front_and_core():
+    """WaitOrder may wait 30 s: its route allows 35 s and no per-try timeout, ahead of its
+    service's 15 s catch-all, in every listener that routes to the services."""
+    from svc_booking.server import WAIT_MAX
+    cfg = build(layout("test"), DESCRIPTOR_SET)
+    path = "/ticketping.booking.v1.BookingService/WaitOrder"
+    for lis in cfg["static_resources"]["listeners"][:3:2]:  # edge (front), edge_core
+        routes = lis["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+            "virtual_hosts"][0]["routes"]
+        mine = [i for i, r in enumerate(routes) if r["match"].get("path") == path]
+        catch_all = [i for i, r in enumerate(routes)
+                     if r["match"].get("prefix") == "/ticketping.booking.v1.BookingService/"]
+        assert len(mine) == 1 and mine[0] < catch_all[0], lis["name"]
+        route = routes[mine[0]]["route"]
+        assert route["cluster"] == "booking" and "per_try_timeout" not in route["retry_policy"]
+        assert float(route["timeout"].rstrip("s")) > WAIT_MAX.total_seconds()
+
+
 def test_admin_on_loopback_and_upstreams_guarded():
     cfg = build(layout("dev"), DESCRIPTOR_SET)
     assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
