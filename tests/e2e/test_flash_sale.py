@@ -17,8 +17,11 @@ pytestmark = pytest.mark.e2e
 
 
 def test_a_flash_sale_sells_every_seat_once_and_fairly(edge_url: str, admin: Fan):
+    # Which fans reach a payment is the room's lottery and the race for seats, not the seed: with
+    # a fifth of the cards declined, about 17 payers all had good cards one run in fifty (0.8^17);
+    # with 0.35, one in 1,500 (0.65^17).
     cfg = SaleConfig(fans=90, seats=40, admit_rate=30, max_active=25, lead_seconds=3,
-                     arrival_seconds=2, decline_share=0.2, give_up_seconds=4, max_seconds=120, seed=11)
+                     arrival_seconds=2, decline_share=0.35, give_up_seconds=4, max_seconds=120, seed=11)
     result = asyncio.run(run(edge_url, (admin.email, admin.password), cfg, pool=FanPool(None),
                              fresh_fans=True))
     checked = asyncio.run(report.check(result))
