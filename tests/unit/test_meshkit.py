@@ -181,30 +181,3 @@ def test_a_pools_use_is_exported_on_metrics() -> None:
     assert 'meshkit_db_pool_requests_waiting{pool="unit-pool"} 3.0' in text
     assert 'meshkit_db_pool_wait_milliseconds_total{pool="unit-pool"} 1234.0' in text
     assert 'meshkit_db_pool_requests_queued_total{pool="unit-pool"} 7.0' in text
-
-
-def test_grpc_experiments_default_is_set_before_grpc_loads():
-    """grpcio reads GRPC_EXPERIMENTS when it loads: meshkit sets its default on import (a value
-    the deployment set is kept), and every service's entry point imports meshkit first."""
-    import ast
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import meshkit
-
-    root = Path(meshkit.__file__).parent.parent
-    show = "import meshkit, os; print(os.environ['GRPC_EXPERIMENTS'])"
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
-    mine = "-event_engine_client"
-    for preset, expected in ((None, meshkit.GRPC_EXPERIMENTS), (mine, mine)):
-        run_env = env if preset is None else {**env, "GRPC_EXPERIMENTS": preset}
-        out = subprocess.run([sys.executable, "-c", show], env=run_env, cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        assert out == expected
-    for main in sorted(root.glob("svc_*/__main__.py")):
-        imported = [(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name) or "."
-                    for n in ast.parse(main.read_text()).body if isinstance(n, ast.Import | ast.ImportFrom)]
-        first = next(m for m in imported if m.split(".")[0] not in sys.stdlib_module_names)
-        assert first.split(".")[0] == "meshkit", main
