@@ -26,6 +26,10 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    # End each client connection after this long (with a grace for calls in flight): clients
+    # then resolve the service's name again and reach replicas added since (meshkit.channels).
+    # Unset: connections last (one machine, nothing to find).
+    grpc_max_connection_age_seconds: float | None = Field(default=None, gt=0)
     # OpenTelemetry: off unless an exporter is named.
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str = "http://127.0.0.1:4317"

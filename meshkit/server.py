@@ -150,6 +150,23 @@ def mark_unimplemented(servicer: Any, base: type, note: str) -> None:
         setattr(servicer, name, unbuilt)
 
 
+# Calls in flight when a connection reaches its age get this long to finish: more than the
+# longest call a client may make (booking's WaitOrder, at most 30 s).
+CONNECTION_AGE_GRACE_SECONDS = 45
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.grpc_max_connection_age_seconds is not None:
+        options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_seconds * 1000)),
+                    ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_SECONDS * 1000)]
+    return options
+
+
 async def build_server(
     settings: ServiceSettings,
     registrations: Iterable[Registration],
@@ -157,14 +174,7 @@ async def build_server(
 ) -> App:
     regs = list(registrations)
     interceptors: list[grpc.aio.ServerInterceptor] = [*setup_tracing(settings), _Interceptor()]
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for reg in regs:

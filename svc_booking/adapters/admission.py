@@ -18,6 +18,7 @@ import grpc
 from ticketping.queue.v1 import queue_service_pb2 as qpb
 from ticketping.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 
+from meshkit.channels import client_channel
 from meshkit.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class QueueAdmission:
 
     def __init__(self, address: str, *, timeout: float = 0.5, cache_seconds: float = 1.0,
                  max_cached: int = 100_000, retry_for: float = 60.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = client_channel(address)
         self._stub = qpb_grpc.QueueServiceStub(self._channel)
         self.timeout = timeout
         self.cache_seconds = cache_seconds

@@ -14,6 +14,8 @@ import grpc
 from ticketping.queue.v1 import queue_service_pb2 as queue_pb
 from ticketping.queue.v1 import queue_service_pb2_grpc as queue_grpc
 
+from meshkit.channels import client_channel
+
 log = logging.getLogger(__name__)
 
 _JWK_FIELDS = ("kty", "crv", "x", "y", "kid", "use", "alg")
@@ -24,7 +26,7 @@ class QueueKeys:
         self.addr = addr
         self.timeout = timeout
         self.cache_seconds = cache_seconds
-        self._channel = grpc.aio.insecure_channel(addr) if addr else None
+        self._channel = client_channel(addr) if addr else None
         self._stub = queue_grpc.QueueServiceStub(self._channel) if self._channel else None
         self._cached: tuple[float, list[dict[str, str]]] | None = None
 

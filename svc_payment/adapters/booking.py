@@ -10,6 +10,7 @@ import grpc
 from ticketping.booking.v1 import booking_service_pb2 as bpb
 from ticketping.booking.v1 import booking_service_pb2_grpc as bpb_grpc
 
+from meshkit.channels import client_channel
 from meshkit.errors import DomainError, NotFound
 
 from ..domain.model import Money
@@ -34,7 +35,7 @@ class OrderView:
 
 class BookingClient:
     def __init__(self, address: str, *, timeout: float = 2.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = client_channel(address)
         self._stub = bpb_grpc.BookingServiceStub(self._channel)
         self.timeout = timeout
 

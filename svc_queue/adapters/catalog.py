@@ -12,6 +12,8 @@ from ticketping.catalog.v1 import catalog_service_pb2 as cpb
 from ticketping.catalog.v1 import catalog_service_pb2_grpc as cpb_grpc
 from ticketping.events.v1 import events_pb2 as ev
 
+from meshkit.channels import client_channel
+
 
 class CatalogUnreachable(Exception):
     """Catalog did not answer (down, overloaded, too slow): nothing is known about the event."""
@@ -47,7 +49,7 @@ class CatalogClient:
     })
 
     def __init__(self, address: str, *, timeout: float = 1.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = client_channel(address)
         self._stub = cpb_grpc.CatalogServiceStub(self._channel)
         self.timeout = timeout
 
