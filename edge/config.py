@@ -34,12 +34,20 @@ User tokens are checked against identity's keys only (from edge_keys).
 
 Each service is a cluster with gRPC health checks, circuit breakers with a retry budget and
 outlier detection. The admin interface listens on loopback only.
+
+Where it runs (:class:`Placement`): on one machine (devstack), every service is 127.0.0.1 at its
+layout's port and access logs go under the run directory. In a cluster (``--cluster``, what the
+edge's init container runs on Kubernetes, k8s/base/edge), each service is its Service's DNS name
+(headless: Envoy resolves every ready replica and balances per request), Envoy listens on all
+addresses, and access logs go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -357,10 +365,42 @@ def _routes(lay: Layout, descriptor: Path) -> list[dict[str, Any]]:
     return routes
 
 
-def _cluster(s: Service) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Placement:
+    """Where the edge and the services it routes to run (the module's docstring)."""
+
+    host: str = "127.0.0.1"  # the public listener's address
+    # The services' addresses: None, 127.0.0.1 (STATIC); else a DNS name, e.g. "{name}" or
+    # "{name}.ticketping.svc.cluster.local", resolved again and again (STRICT_DNS).
+    service_host: str | None = None
+    stdout_logs: bool = False  # access logs on stdout (a container) instead of the run directory
+
+
+LOCAL = Placement()
+# Kubernetes: k8s/base/services names each Service after its service, all on CLUSTER_GRPC_PORT.
+CLUSTER = Placement(host="0.0.0.0", service_host="{name}", stdout_logs=True)
+CLUSTER_GRPC_PORT = 50051
+
+
+def cluster_layout(lay: Layout) -> Layout:
+    """The layout as seen from the edge's pod: every service on CLUSTER_GRPC_PORT of its own name."""
+    return dataclasses.replace(
+        lay, services=tuple(dataclasses.replace(s, grpc_port=CLUSTER_GRPC_PORT) for s in lay.services))
+
+
+def _cluster(s: Service, placement: Placement) -> dict[str, Any]:
+    address = "127.0.0.1" if placement.service_host is None else placement.service_host.format(name=s.name)
+    discovery: dict[str, Any] = (
+        {"type": "STATIC"} if placement.service_host is None
+        # Pods come and go: every address the name has, resolved again every few seconds, IPv4
+        # first (a cluster's usual Service family). The DNS extension, not Cluster's own
+        # dns_* fields, which Envoy 1.40 deprecates.
+        else {"cluster_type": {"name": "envoy.clusters.dns", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.clusters.dns.v3.DnsCluster",
+            "dns_refresh_rate": "5s", "dns_lookup_family": "V4_PREFERRED"}}})
     return {
         "name": s.name,
-        "type": "STATIC",
+        **discovery,
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -372,7 +412,7 @@ def _cluster(s: Service) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": s.name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": s.grpc_port}
+                "socket_address": {"address": address, "port_value": s.grpc_port}
             }}}]}],
         },
         "health_checks": [{
@@ -413,7 +453,8 @@ def _router() -> dict[str, Any]:
 
 
 def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]],
-         logs: Path) -> dict[str, Any]:
+         logs: Path | None) -> dict[str, Any]:
+    """logs: the directory of the access logs, one file per listener; None: stdout."""
     return {
         "@type": f"{_TYPES}.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": stat_prefix,
@@ -426,7 +467,7 @@ def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str,
             "name": "envoy.access_loggers.file",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(logs / f"{stat_prefix}-access.log"),
+                "path": str(logs / f"{stat_prefix}-access.log") if logs else "/dev/stdout",
                 "log_format": {"json_format": {
                     "ts": "%START_TIME%", "method": "%REQ(:METHOD)%",
                     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", "status": "%RESPONSE_CODE%",
@@ -454,7 +495,7 @@ def _listener(name: str, host: str, port: int, hcm: dict[str, Any]) -> dict[str,
     }
 
 
-def _keys_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
+def _keys_listener(lay: Layout, descriptor: Path, logs: Path | None) -> dict[str, Any]:
     """Loopback only: the key routes jwt_authn fetches (nothing else is routed here)."""
     identity, queue = lay.service("identity"), lay.service("queue")
     routes = [
@@ -464,7 +505,7 @@ def _keys_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
     ]
     filters = [_transcoder([identity, queue], descriptor), _router()]
     return _listener(KEYS_CLUSTER, "127.0.0.1", lay.edge_keys_port,
-                     _hcm(KEYS_CLUSTER, routes, filters, lay.run_dir / "logs"))
+                     _hcm(KEYS_CLUSTER, routes, filters, logs))
 
 
 # What the edge says of an answer whose service did not say whether it may be stored: a fan's
@@ -490,11 +531,11 @@ def _core_filters(lay: Layout, descriptor: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _core_listener(lay: Layout, descriptor: Path) -> dict[str, Any]:
+def _core_listener(lay: Layout, descriptor: Path, logs: Path | None) -> dict[str, Any]:
     """Loopback only: transcoding, token checks and routing to the services, for the front's
     cache misses (through edge_fill) and the GETs that ask for a fresh answer to store."""
     filters = [*_core_filters(lay, descriptor), _router()]
-    hcm = _hcm(CORE_CLUSTER, _routes(lay, descriptor), filters, lay.run_dir / "logs")
+    hcm = _hcm(CORE_CLUSTER, _routes(lay, descriptor), filters, logs)
     return _listener(CORE_CLUSTER, "127.0.0.1", lay.edge_inner_port, hcm)
 
 
@@ -540,13 +581,13 @@ def fill_port(lay: Layout) -> int:
     return lay.edge_fill_port
 
 
-def _fill_listener(lay: Layout) -> dict[str, Any]:
+def _fill_listener(lay: Layout, logs: Path | None) -> dict[str, Any]:
     """Loopback only: the front's cache misses, collapsed per answer into one call to the core."""
     routes = [{"match": {"prefix": "/"}, "route": {"cluster": CORE_CLUSTER, "timeout": "20s"}}]
     # Only the router after the cache (cache_v2 sends its own upstream requests, past any
     # filter behind it).
     filters = [_fill_mutations(), _collapsing_cache(), _router()]
-    hcm = _hcm(FILL_CLUSTER, routes, filters, lay.run_dir / "logs")
+    hcm = _hcm(FILL_CLUSTER, routes, filters, logs)
     del hcm["access_log"]  # the core logs every call that reaches it
     hcm["generate_request_id"] = False  # and gives it an id
     return _listener(FILL_CLUSTER, "127.0.0.1", fill_port(lay), hcm)
@@ -636,25 +677,26 @@ def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
     return cluster
 
 
-def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1") -> dict[str, Any]:
+def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, placement: Placement = LOCAL) -> dict[str, Any]:
     services = list(lay.services)
+    logs = None if placement.stdout_logs else lay.logs_dir
     # The front's hot path (a cached poll) is the cache and the router: the core's filters are
     # off on its route. The client's address is appended to x-forwarded-for by the HCM itself
     # (use_remote_address).
     core_filters = _core_filters(lay, descriptor)
     front = _hcm("edge", _front_routes(_routes(lay, descriptor), sorted({f["name"] for f in core_filters})),
-                 [_cache(), *core_filters, _router()], lay.run_dir / "logs")
+                 [_cache(), *core_filters, _router()], logs)
     front["use_remote_address"] = True
     front["access_log"][0]["filter"] = _logged_here()
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": lay.envoy_admin_port}}},
         "static_resources": {
-            "listeners": [_listener("edge", host, lay.edge_port, front),
-                          _fill_listener(lay),
-                          _core_listener(lay, descriptor),
-                          _keys_listener(lay, descriptor)],
-            "clusters": [*(_cluster(s) for s in services),
+            "listeners": [_listener("edge", placement.host, lay.edge_port, front),
+                          _fill_listener(lay, logs),
+                          _core_listener(lay, descriptor, logs),
+                          _keys_listener(lay, descriptor, logs)],
+            "clusters": [*(_cluster(s, placement) for s in services),
                          _loopback_cluster(FILL_CLUSTER, fill_port(lay), http2=True),
                          _loopback_cluster(CORE_CLUSTER, lay.edge_inner_port, http2=True),
                          _loopback_cluster(KEYS_CLUSTER, lay.edge_keys_port, http2=False)],
@@ -662,23 +704,30 @@ def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, host: str = "127.0.0.1
     }
 
 
-def write_config(lay: Layout, path: Path, descriptor: Path = DESCRIPTOR_SET) -> Path:
+def write_config(lay: Layout, path: Path, descriptor: Path = DESCRIPTOR_SET,
+                 placement: Placement = LOCAL) -> Path:
     if not descriptor.exists():
         raise FileNotFoundError(f"{descriptor} is missing: run `make gen` first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    (lay.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(build(lay, descriptor), sort_keys=False))
+    if not placement.stdout_logs:
+        lay.logs_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(build(lay, descriptor, placement), sort_keys=False))
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--cluster", action="store_true",
+                    help="for a pod on Kubernetes: services by DNS name on port "
+                         f"{CLUSTER_GRPC_PORT}, listen on all addresses, access logs on stdout")
     ap.add_argument("-o", "--output", type=Path, default=None)
     args = ap.parse_args(argv)
     lay = layout(args.profile)
+    if args.cluster:
+        lay = cluster_layout(lay)
     out = args.output or lay.run_dir / "envoy.yaml"
-    write_config(lay, out)
+    write_config(lay, out, placement=CLUSTER if args.cluster else LOCAL)
     print(out, file=sys.stderr)
 
 

@@ -12,21 +12,47 @@ import yaml
 from devstack.layout import DESCRIPTOR_SET, layout
 from edge.config import (
     CACHE_VALIDATORS,
+    CLUSTER,
+    CLUSTER_GRPC_PORT,
     CORE_CLUSTER,
     FILL_CLUSTER,
     TRANSPORT_HEADERS,
     TRUSTED_HEADER_PREFIXES,
     TRUSTED_HEADERS,
     build,
+    cluster_layout,
     write_config,
 )
 
 ENVOY = Path(sys.executable).parent / "envoy"
 
 
-@pytest.fixture(params=["dev", "test"])
+@pytest.fixture(params=["dev", "test", "cluster"])
 def config_file(request, tmp_path) -> Path:
+    """The local profiles' configs, and the one the edge's pod renders on Kubernetes (k8s/)."""
+    if request.param == "cluster":
+        return write_config(cluster_layout(layout("dev")), tmp_path / "envoy-cluster.yaml",
+                            placement=CLUSTER)
     return write_config(layout(request.param), tmp_path / f"envoy-{request.param}.yaml")
+
+
+def test_the_cluster_config_finds_every_replica_by_name_and_logs_to_stdout():
+    cfg = build(cluster_layout(layout("dev")), DESCRIPTOR_SET, CLUSTER)
+    res = cfg["static_resources"]
+    (edge,) = [lis for lis in res["listeners"] if lis["name"] == "edge"]
+    assert edge["address"]["socket_address"]["address"] == "0.0.0.0"
+    inner = [lis for lis in res["listeners"] if lis["name"] != "edge"]
+    assert {lis["address"]["socket_address"]["address"] for lis in inner} == {"127.0.0.1"}
+    assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    for svc in layout("dev").services:
+        (cluster,) = [c for c in res["clusters"] if c["name"] == svc.name]
+        assert cluster["cluster_type"]["name"] == "envoy.clusters.dns" and "type" not in cluster
+        (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert endpoint["endpoint"]["address"]["socket_address"] == {
+            "address": svc.name, "port_value": CLUSTER_GRPC_PORT}
+    paths = [log["typed_config"]["path"] for lis in res["listeners"]
+             for log in lis["filter_chains"][0]["filters"][0]["typed_config"].get("access_log", [])]
+    assert len(paths) >= 2 and set(paths) == {"/dev/stdout"}
 
 
 def test_envoy_validates_the_generated_config(config_file):
