@@ -207,7 +207,7 @@ async def _serve(settings: S, create_server: Callable[[S], Awaitable[App]]) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if settings.metrics_port is not None:
-        metrics.serve_metrics(settings.metrics_port)
+        metrics.serve_metrics(settings.metrics_port, settings.grpc_host)
     app = await create_server(settings)
     await start(app)
     tune_gc(settings.gc_young_threshold)
