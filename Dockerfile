@@ -6,16 +6,20 @@
 #   python -m svc_booking                   a service (settings: TP_* variables, svc_*/config.py)
 #   python -m edge.config --cluster -o F    the edge's config for a cluster, then `envoy -c F`
 FROM python:3.11-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_NO_CACHE=1
 WORKDIR /app
-COPY requirements.lock ./
-RUN python -m venv .venv \
- && .venv/bin/pip install -q "uv==0.13.9" \
- && .venv/bin/uv pip sync -q --python .venv/bin/python requirements.lock
+RUN pip install -q "uv==0.13.9"
+COPY pyproject.toml requirements.lock ./
+# The runtime: pyproject's dependencies (no test or lint tools) at the lock's versions.
+RUN uv venv -q --python /usr/local/bin/python3.11 .venv \
+ && uv pip install -q --python .venv/bin/python -r pyproject.toml -c requirements.lock
+# The stubs' generators (grpcio-tools, mypy-protobuf): the whole lock, in this stage only.
 COPY protos/ protos/
 COPY scripts/gen_protos.py scripts/
-RUN .venv/bin/python scripts/gen_protos.py \
- && .venv/bin/uv pip install -q --python .venv/bin/python --no-deps ./gen/python
+RUN uv venv -q --python /usr/local/bin/python3.11 /opt/gen \
+ && uv pip sync -q --python /opt/gen/bin/python requirements.lock \
+ && /opt/gen/bin/python scripts/gen_protos.py \
+ && uv pip install -q --python .venv/bin/python --no-deps ./gen/python
 
 FROM python:3.11-slim-bookworm
 # A fixed non-root uid: the manifests' securityContext names it (runAsUser 10001).
