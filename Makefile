@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto' 2>/dev/null)
 PYTEST_ARGS ?=
 
 .PHONY: help venv gen install up down status test test-unit test-integration test-e2e \
-        lint lint-protos breaking edge-validate bench demo clean
+        lint lint-protos breaking edge-validate k8s bench demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -49,6 +49,9 @@ breaking: gen  ## buf breaking against main's contracts
 
 edge-validate: gen  ## envoy --mode validate over every config the project produces
 	$(PY) -m pytest -q tests/unit/test_edge_config.py
+
+k8s: gen install  ## build every k8s/ overlay with kustomize and check it (schemas, settings, policies)
+	$(PY) -m pytest -q tests/unit/test_k8s.py tests/unit/test_image.py
 
 lint: venv  ## ruff and mypy
 	.venv/bin/ruff check .

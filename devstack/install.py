@@ -4,6 +4,7 @@ Idempotent and fast when everything is there (only file checks). What it may ins
   apt:   redis-server redis-tools postgresql wrk (and a JRE, Maven, npm if those are missing)
   Maven: Kafka 3.9.1 (kafka_2.13) + slf4j-reload4j into .cache/kafka/libs (devstack/kafka/pom.xml)
   npm:   @bufbuild/buf into .cache/npm
+  Go:    kustomize (sigs.k8s.io/kustomize/kustomize/v5) into .cache/go/bin, for k8s/'s tests
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ KAFKA_STAMP = KAFKA_LIBS / ".devstack-stamp"
 NPM_PREFIX = CACHE / "npm"
 BUF_VERSION = "1.75.0"
 BUF_BIN = NPM_PREFIX / "node_modules" / ".bin" / "buf"
+# v5.8 needs Go 1.27; this machine's Go is 1.26.
+KUSTOMIZE_VERSION = "v5.7.1"
+KUSTOMIZE_BIN = CACHE / "go" / "bin" / "kustomize"
 
 # Debian package -> is it already here?  (binary on PATH, or a check of its own)
 _APT: tuple[tuple[str, str], ...] = (
@@ -105,9 +109,30 @@ def _ensure_buf() -> list[str]:
     return [f"npm: @bufbuild/buf {BUF_VERSION} -> {BUF_BIN}"]
 
 
+def kustomize_installed() -> bool:
+    if not KUSTOMIZE_BIN.exists():
+        return False
+    out = run_checked([str(KUSTOMIZE_BIN), "version"], "kustomize version")
+    return out.strip() == KUSTOMIZE_VERSION
+
+
+def _ensure_kustomize() -> list[str]:
+    if kustomize_installed():
+        return []
+    if shutil.which("go") is None:
+        raise DevstackError("k8s/'s tests build its overlays with kustomize, which is installed with "
+                            "`go install` from the Go module proxy: Go is not on PATH")
+    env = {**os.environ, "GOBIN": str(KUSTOMIZE_BIN.parent), "GOFLAGS": "-modcacherw"}
+    run_checked(["go", "install", f"sigs.k8s.io/kustomize/kustomize/v5@{KUSTOMIZE_VERSION}"],
+                "go install kustomize", env=env)
+    if not kustomize_installed():
+        raise DevstackError(f"go install left no kustomize {KUSTOMIZE_VERSION} at {KUSTOMIZE_BIN}")
+    return [f"go: kustomize {KUSTOMIZE_VERSION} -> {KUSTOMIZE_BIN}"]
+
+
 def ensure_installed(verbose: bool = True) -> list[str]:
     """Install whatever is missing; return (and print) one line per thing installed."""
-    done = [*_ensure_apt(), *_ensure_kafka(), *_ensure_buf()]
+    done = [*_ensure_apt(), *_ensure_kafka(), *_ensure_buf(), *_ensure_kustomize()]
     if verbose:
         for line in done:
             print(f"installed {line}", flush=True)
