@@ -7,17 +7,13 @@ edge (transcoding, a gRPC call, Python) differs.
 from __future__ import annotations
 
 import contextlib
-import sys
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import yaml
 
+from devstack.components import another_envoy
 from devstack.layout import Layout
-from devstack.proc import ProcSpec, spawn, stop_all, wait_until
 
-ENVOY = Path(sys.executable).parent / "envoy"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
@@ -50,18 +46,5 @@ def direct_envoy(lay: Layout, bodies: dict[str, tuple[str, str]]) -> Iterator[st
     path = lay.run_dir / "bench" / "baseline-envoy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config(port, admin_port, bodies)))
-    # Envoy dies with its parent (PR_SET_PDEATHSIG): a waiting shell stays its parent.
-    spec = ProcSpec("envoy-baseline", ("/bin/sh", "-c", '"$@"; exit $?', "keeper", str(ENVOY),
-                                       "-c", str(path), "--base-id", str(port)),
-                    cwd=lay.run_dir, stop_timeout=10)
-    pid = spawn(spec, lay.run_dir)
-    try:
-        def ready() -> bool:
-            url = f"http://127.0.0.1:{admin_port}/ready"
-            return urllib.request.urlopen(url, timeout=1).read().strip() == b"LIVE"
-
-        wait_until("baseline envoy", ready, timeout=30, pid=pid,
-                   log=lay.run_dir / "logs" / "envoy-baseline.log")
+    with another_envoy(lay, "envoy-baseline", path, admin_port):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_all([spec], lay.run_dir)

@@ -8,14 +8,16 @@ ensure (databases, topics, the Kafka round trip) and must be idempotent.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import stat
 import sys
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,7 +33,16 @@ from devstack.layout import (
     Layout,
     Service,
 )
-from devstack.proc import DevstackError, ProcSpec, log_path, run_checked, running_pid
+from devstack.proc import (
+    DevstackError,
+    ProcSpec,
+    log_path,
+    run_checked,
+    running_pid,
+    spawn,
+    stop_all,
+    wait_until,
+)
 
 VENV = ROOT / ".venv"
 _VENV_PY = VENV / "bin" / "python"
@@ -458,6 +469,26 @@ def envoy(layout: Layout) -> Component:
         timeout=60,
         prepare=partial(render_envoy_config, layout, envoy_config_path(layout)),
     )
+
+
+@contextlib.contextmanager
+def another_envoy(layout: Layout, name: str, config: Path, admin_port: int) -> Iterator[int]:
+    """Run a second Envoy from `config` beside the stack's (a benchmark's baseline, a test of
+    another placement) until the block ends; yield its pid once its admin says LIVE."""
+    # Envoy dies with its parent (PR_SET_PDEATHSIG): a waiting shell stays its parent.
+    spec = ProcSpec(name, ("/bin/sh", "-c", '"$@"; exit $?', "keeper", str(ENVOY), "-c", str(config),
+                           "--base-id", str(admin_port), "--log-path", str(log_path(layout.run_dir, name))),
+                    cwd=layout.run_dir, stop_timeout=10)
+    pid = spawn(spec, layout.run_dir)
+    try:
+        def ready() -> bool:
+            url = f"http://127.0.0.1:{admin_port}/ready"
+            return urllib.request.urlopen(url, timeout=1).read().strip() == b"LIVE"
+
+        wait_until(name, ready, timeout=30, pid=pid, log=log_path(layout.run_dir, name))
+        yield pid
+    finally:
+        stop_all([spec], layout.run_dir)
 
 
 def everything(layout: Layout) -> list[Component]:
