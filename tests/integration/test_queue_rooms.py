@@ -401,6 +401,26 @@ async def test_three_replicas_admit_at_the_configured_rate_not_three_times_it(
     assert 0.75 * 20 * took <= serving <= 20 * took + 3, (serving, took)  # not 3 x 20 per second
 
 
+async def test_an_unpaused_room_starts_at_its_rate_without_a_burst(
+        backend: Backend, wired: Wired, rooms: list[str]) -> None:
+    """A paused room is ticked once a minute at most: its bucket's last refill is long past when
+    an admin unpauses it, and it must not pay out a whole second's worth at once."""
+    replica = await serve(backend, admission_tick_seconds=0.01)
+    try:
+        event_id = await open_room(replica, rooms, rate=20, max_active=10_000, paused=True)
+        await asyncio.gather(*(replica.queue.join(event_id, f"u{i}") for i in range(100)))
+        await asyncio.sleep(1.5)  # paused: no tick since the last join's
+        await replica.queue.update(event_id, RoomChange(paused=False))
+        t0 = time.monotonic()
+        await asyncio.sleep(0.5)
+        serving = (await replica.queue.status(event_id)).serving_number
+        took = time.monotonic() - t0
+    finally:
+        await replica.app.stop(0.5)
+    assert serving <= 20 * took + 2, (serving, took)  # not 20 at once, then 20 per second
+    assert serving >= 0.5 * 20 * took, (serving, took)
+
+
 async def test_an_unclaimed_turn_returns_its_slot_and_the_fan_sees_expired(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
     event_id = await open_room(wired, rooms, max_active=1, claim=0.5)

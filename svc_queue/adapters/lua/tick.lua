@@ -23,6 +23,8 @@ if not st.drawn or cfg.paused or cfg.sold then
 else
   local tt = st.tt
   if tt <= 0 or tt > now then tt = now end
+  -- tokens accrue from the sale's opening, not from the last tick before it (up to IDLE_MS)
+  if tt < cfg.so then tt = math.min(cfg.so, now) end
   local tk = math.min(math.max(1, cfg.rate), st.tk + cfg.rate * (now - tt) / 1000)
   local free = cfg.max - redis.call('ZCARD', ACT) - redis.call('ZCARD', PEND)
   local budget = math.min(math.floor(tk), free)
