@@ -1,7 +1,7 @@
 """`python -m devstack install`: put every tool the local platform needs on this machine.
 
 Idempotent and fast when everything is there (only file checks). What it may install:
-  apt:   redis-server redis-tools postgresql wrk (and a JRE, Maven, npm if those are missing)
+  apt:   redis-server redis-tools postgresql wrk prometheus (and a JRE, Maven, npm if missing)
   Maven: Kafka 3.9.1 (kafka_2.13) + slf4j-reload4j into .cache/kafka/libs (devstack/kafka/pom.xml)
   npm:   @bufbuild/buf into .cache/npm
   Go:    kustomize (sigs.k8s.io/kustomize/kustomize/v5) into .cache/go/bin, for k8s/'s tests
@@ -37,6 +37,7 @@ _APT: tuple[tuple[str, str], ...] = (
     ("maven", "mvn"),
     ("npm", "npm"),
     ("wrk", "wrk"),  # make bench's load generator
+    ("prometheus", "promtool"),  # checks and unit-tests monitoring/'s config and alerts
 )
 
 

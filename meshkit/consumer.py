@@ -42,7 +42,7 @@ from aiokafka.structs import ConsumerRecord
 from opentelemetry import propagate, trace
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from meshkit import events
+from meshkit import events, metrics
 from meshkit.events import EventEnvelope
 from meshkit.outbox import MAX_REQUEST_SIZE
 
@@ -212,6 +212,24 @@ class EventConsumer:
         self.retries_total = 0
         self.dlq_total = 0
         self.commit_failures_total = 0
+        metrics.watch_consumer(self)
+
+    def lag(self) -> int:
+        """Records in its partitions past the last one handled, as of the last fetch. Read from
+        the metrics endpoint's thread: a rebalance racing the read gives 0 for that scrape."""
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        try:
+            total = 0
+            for tp in list(consumer.assignment()):
+                high = consumer.highwater(tp)
+                done = self._done.get(tp, self._committed.get(tp))
+                if high is not None and done is not None:
+                    total += max(0, high - done)
+            return total
+        except Exception:  # noqa: BLE001 (a changing assignment: next scrape)
+            return 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 

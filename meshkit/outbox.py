@@ -32,7 +32,7 @@ from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from meshkit import events
+from meshkit import events, metrics
 from meshkit.events import EventEnvelope
 from meshkit.listen import Listener, connect_like
 
@@ -194,6 +194,8 @@ class OutboxRelay:
         self.failed_passes_total = 0
         self.deferred_total = 0  # rows left for later to keep per-key order
         self.purged_total = 0
+        self.last_pass_at = 0.0  # unix time of the last publish pass that succeeded
+        metrics.watch_relay(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -325,6 +327,7 @@ class OutboxRelay:
             self._wake.clear()
             try:
                 n = await self.publish_pending()
+                self.last_pass_at = time.time()
                 backoff = 0.0
             except asyncio.CancelledError:
                 raise

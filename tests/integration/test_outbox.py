@@ -861,3 +861,49 @@ async def test_a_consumer_passes_over_the_event_types_its_handler_does_not_act_o
     assert (consumer.processed_total, consumer.skipped_total, consumer.dlq_total) == (2, 1, 0)
     marks = await scalar(pool, "SELECT count(*) FROM processed_events WHERE consumer_group = %s", (g,))
     assert marks == 2
+
+
+async def test_the_metrics_endpoint_sees_the_relay_publish_and_the_consumer_catch_up(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """What the alerts read (monitoring/alerts.yml): the relay's last pass and counts, and a
+    consumer's lag, which grows while its handler is slow and falls to 0 once it catches up."""
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        value = REGISTRY.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    n = 60
+    await enqueue_all(pool, unique_topic, [ping(f"order-{i % 3}", i // 3) for i in range(n)])
+    relay = OutboxRelay(pool, kafka_bootstrap)
+    published_before = sample("meshkit_outbox_published_total")
+    before = time.time()
+    async with contextlib.AsyncExitStack() as stack:
+        await relay.start()
+        stack.push_async_callback(relay.stop)
+
+        async def published() -> bool:
+            return sample("meshkit_outbox_published_total") - published_before >= n
+
+        await wait_for(published, 30, "the relay publishing")
+        assert sample("meshkit_outbox_last_pass_timestamp_seconds") >= before
+
+        g = group()
+        record = recorder(g)
+        lags: list[float] = []
+
+        async def slow(env: EventEnvelope, conn: Any) -> None:
+            lags.append(sample("meshkit_consumer_lag", group=g))
+            await asyncio.sleep(0.02)
+            await record(env, conn)
+
+        consumer = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], slow, max_concurrency=1)
+        async with running(consumer):
+
+            async def caught_up() -> bool:
+                return sample("meshkit_consumer_processed_total", group=g) >= n
+
+            await wait_for(caught_up, 60, "the consumer catching up")
+            assert max(lags) > 0, lags  # behind while the slow handler worked
+            assert sample("meshkit_consumer_lag", group=g) == 0
