@@ -50,10 +50,15 @@ class App:
     health: health.aio.HealthServicer
     service_names: list[str]
     resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    # Called when the server starts to drain: a long call (a long poll) answers now with what it
+    # has, rather than hold the drain up or be cut off at the grace's end.
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
         """Refuse new work (health NOT_SERVING), let calls in flight finish, then close resources."""
         await self.health.enter_graceful_shutdown()
+        for release in self.on_drain:
+            release()
         try:  # grpc cancels what is left after `grace`; never let a stuck stop keep the process
             await asyncio.wait_for(self.server.stop(grace), grace + STOP_MARGIN)
         except TimeoutError:

@@ -104,6 +104,7 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
         servicer = BookingServicer(booking, admission, pool)
         reg = Registration(pb_grpc.add_BookingServiceServicer_to_server, servicer, SERVICE)
         app = await build_server(settings, [reg], stack)
+        app.on_drain.append(booking.settled.drain)
         return Wired(app, booking, consumer, payment_consumer, payment_events)
     except BaseException:
         await stack.aclose()

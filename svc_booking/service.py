@@ -501,7 +501,7 @@ class Booking:
                 woken.clear()  # before the read: a commit after it sets this again
                 order = await self.get_order(user_id, order_id)
                 left = deadline - loop.time()
-                if order.state is not OrderState.PENDING_PAYMENT or left <= 0:
+                if order.state is not OrderState.PENDING_PAYMENT or left <= 0 or self.settled.draining:
                     return order
                 recheck = SETTLED_RECHECK_SECONDS if self.settled.listening() else UNHEARD_RECHECK_SECONDS
                 with contextlib.suppress(TimeoutError):

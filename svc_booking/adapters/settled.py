@@ -24,6 +24,13 @@ class SettledOrders:
         self._waiting: dict[uuid.UUID, set[asyncio.Event]] = {}
         # Whether notifications arrive now (the listener's connection is up).
         self.listening: Callable[[], bool] = lambda: False
+        # The server drains: every waiting call answers with the order as it is now (the app
+        # asks again, of another replica), and no new one waits.
+        self.draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+        self.on_note(None)
 
     def __len__(self) -> int:
         return sum(len(w) for w in self._waiting.values())

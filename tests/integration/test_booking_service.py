@@ -507,6 +507,33 @@ async def test_wait_order_answers_when_another_replica_settles_it(
     assert time.monotonic() - t < UNHEARD_RECHECK_SECONDS + 2 < SETTLED_RECHECK_SECONDS
 
 
+async def test_a_draining_replica_answers_its_waiting_calls_at_once(
+        wired: Wired, stub: pb_grpc.BookingServiceStub, pg_dsn: str, redis_url: str,
+        kafka_bootstrap: str, admission: StaticAdmission) -> None:
+    """A rolling update stops replicas while fans wait on them: each waiting WaitOrder answers
+    with the order as it is (still pending; the app asks again, of another replica) as soon as
+    the drain begins, instead of holding the drain up to its grace and then being cut off."""
+    event_id = await new_event(wired)
+    h = await hold(stub, "u-drain", event_id, ["A-8-1"])
+    order = await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                                   metadata=fan("u-drain", event_id))
+    other = await wire(Settings(grpc_port=0, postgres_dsn=pg_dsn, redis_url=redis_url,
+                                kafka_bootstrap=kafka_bootstrap, queue_addr="127.0.0.1:1",
+                                run_consumer=False, run_sweeper=False), admission=admission)
+    await start(other.app)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{other.app.port}") as channel:
+        waiting = asyncio.create_task(_wait_order(
+            pb_grpc.BookingServiceStub(channel),
+            pb.WaitOrderRequest(name=order.name, timeout=Duration(seconds=25)), fan("u-drain", None)))
+        await _waiting(other, 1)
+        t = time.monotonic()
+        stopping = asyncio.create_task(other.app.stop(20.0))
+        got = await asyncio.wait_for(waiting, 5)
+        assert got == order and got.state == pb.ORDER_STATE_PENDING_PAYMENT
+        await asyncio.wait_for(stopping, 10)
+    assert time.monotonic() - t < 3, "the drain waited for the long poll"
+
+
 async def outbox_rows(w: Wired, aggregate: str) -> Counter[str]:
     """The outbox rows of one hold or order, by event type."""
     async with w.booking.pool.connection() as conn:
