@@ -371,7 +371,7 @@ class Placement:
 
     host: str = "127.0.0.1"  # the public listener's address
     # The services' addresses: None, 127.0.0.1 (STATIC); else a DNS name, e.g. "{name}" or
-    # "{name}.ticketping.svc.cluster.local", resolved again and again (STRICT_DNS).
+    # "{name}.ticketping.svc.cluster.local", resolved again and again (Envoy's DNS cluster).
     service_host: str | None = None
     stdout_logs: bool = False  # access logs on stdout (a container) instead of the run directory
 
