@@ -212,6 +212,7 @@ class EventConsumer:
         self.retries_total = 0
         self.dlq_total = 0
         self.commit_failures_total = 0
+        self._counted = metrics.consumer_counters(group_id)
         metrics.watch_consumer(self)
 
     def lag(self) -> int:
@@ -472,6 +473,7 @@ class EventConsumer:
                     await self._to_dlq(rec, describe(exc), attempts=attempt)
                     return
                 self.retries_total += 1
+                self._counted["retries"].inc()
                 delay = self.retry_backoff * (2 ** (attempt - 1))
                 log.warning(
                     "handler failed; retrying",
@@ -486,11 +488,13 @@ class EventConsumer:
                 continue
             if outcome == "duplicate":
                 self.duplicates_total += 1
+                self._counted["duplicates"].inc()
                 log.info("duplicate event skipped", extra=fields)
             elif outcome == "passed":
                 self.passed_total += 1
             else:
                 self.processed_total += 1
+                self._counted["processed"].inc()
                 log.debug("event processed", extra={**fields, "attempt": attempt})
                 if self._after_commit is not None:
                     await self._after_commit(rec, env)
@@ -556,6 +560,7 @@ class EventConsumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_INFRA_BACKOFF)
         self.dlq_total += 1
+        self._counted["dead_lettered"].inc()
         log.warning("record parked on the DLQ", extra=self._fields(rec, dlq_topic=topic))
 
     # -- offsets -----------------------------------------------------------------------------
@@ -577,6 +582,7 @@ class EventConsumer:
             except KafkaError as exc:
                 # The records stay handled (and marked): a redelivery is skipped as a duplicate.
                 self.commit_failures_total += 1
+                self._counted["commit_failures"].inc()
                 log.warning(
                     "offset commit failed; records will be redelivered and skipped",
                     extra={"consumer_group": self.group_id, "error": describe(exc)},

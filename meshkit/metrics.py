@@ -109,20 +109,31 @@ def watch_pool(pool: Any) -> None:
     _POOLS.pools.add(pool)
 
 
-class _EventsCollector(Collector):
-    """The outbox relays' and event consumers' own counters, read at each scrape (nothing is
-    counted twice on the hot path): is every committed event published, and every published
-    one handled?"""
+# The outbox relays' and event consumers' counts: is every committed event published, and every
+# published one handled? (Counters of the process, so they never go down when one relay or
+# consumer object is replaced by another.)
+OUTBOX_PUBLISHED = Counter("meshkit_outbox_published", "Outbox relay: rows published to Kafka.")
+OUTBOX_FAILED_PASSES = Counter("meshkit_outbox_failed_passes",
+                               "Outbox relay: publish passes that failed (rows stay, sent again).")
+OUTBOX_PURGED = Counter("meshkit_outbox_purged", "Outbox relay: published rows deleted after retention.")
+_CONSUMER = {
+    "processed": "events handled and committed",
+    "duplicates": "events seen before (skipped)",
+    "retries": "failed handler attempts, retried",
+    "dead_lettered": "events parked on the dead-letter topic",
+    "commit_failures": "offset commits that failed",
+}
+_CONSUMER_COUNTERS = {name: Counter(f"meshkit_consumer_{name}", f"Event consumer: {text}.", ["group"])
+                      for name, text in _CONSUMER.items()}
 
-    RELAY = {"published_total": ("meshkit_outbox_published", "outbox rows published to Kafka"),
-             "failed_passes_total": ("meshkit_outbox_failed_passes", "publish passes that failed "
-                                     "(rows stay and are sent again)"),
-             "purged_total": ("meshkit_outbox_purged", "published rows deleted after retention")}
-    CONSUMER = {"processed_total": ("meshkit_consumer_processed", "events handled and committed"),
-                "duplicates_total": ("meshkit_consumer_duplicates", "events seen before (skipped)"),
-                "retries_total": ("meshkit_consumer_retries", "failed handler attempts, retried"),
-                "dlq_total": ("meshkit_consumer_dead_lettered", "events parked on the dead-letter topic"),
-                "commit_failures_total": ("meshkit_consumer_commit_failures", "offset commits that failed")}
+
+def consumer_counters(group: str) -> dict[str, Any]:
+    """One consumer group's counters (children looked up once), by the names of _CONSUMER."""
+    return {name: counter.labels(group) for name, counter in _CONSUMER_COUNTERS.items()}
+
+
+class _EventsCollector(Collector):
+    """What is read at each scrape: when a relay last published, and each consumer's lag."""
 
     def __init__(self) -> None:
         self.relays: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -130,20 +141,11 @@ class _EventsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         relays, consumers = list(self.relays), list(self.consumers)
-        if relays:  # a service without an outbox has none of these (an alert watches the time)
-            for attr, (name, text) in self.RELAY.items():
-                family = CounterMetricFamily(name, f"Outbox relay: {text}.")
-                family.add_metric([], sum(getattr(r, attr) for r in relays))
-                yield family
+        if relays:  # a service without an outbox has no such time (an alert watches it)
             last = GaugeMetricFamily("meshkit_outbox_last_pass_timestamp_seconds",
                                      "Outbox relay: last successful publish pass (unix time, 0: never).")
             last.add_metric([], max(r.last_pass_at for r in relays))
             yield last
-        for attr, (name, text) in self.CONSUMER.items():
-            family = CounterMetricFamily(name, f"Event consumer: {text}.", labels=["group"])
-            for c in consumers:
-                family.add_metric([c.group_id], getattr(c, attr))
-            yield family
         lag = GaugeMetricFamily("meshkit_consumer_lag", "Event consumer: records published to its "
                                 "partitions and not handled yet (as of its last fetch).", labels=["group"])
         for c in consumers:
@@ -156,10 +158,10 @@ REGISTRY.register(_EVENTS)
 
 
 def watch_relay(relay: Any) -> None:
-    """Export an outbox relay's counters on /metrics while it lives."""
+    """Export when an outbox relay last published on /metrics while it lives."""
     _EVENTS.relays.add(relay)
 
 
 def watch_consumer(consumer: Any) -> None:
-    """Export an event consumer's counters and lag on /metrics while it lives."""
+    """Export an event consumer's lag on /metrics while it lives."""
     _EVENTS.consumers.add(consumer)

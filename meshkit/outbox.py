@@ -302,6 +302,7 @@ class OutboxRelay:
                     ) from errors[0]
                 await conn.execute(_MARK, ([r[0] for r in ready],))
             self.published_total += len(ready)
+            metrics.OUTBOX_PUBLISHED.inc(len(ready))
             return len(ready)
 
     async def purge_published(self, older_than: timedelta | None = None, chunk: int = 5000) -> int:
@@ -316,6 +317,7 @@ class OutboxRelay:
             if n < chunk:
                 break
         self.purged_total += total
+        metrics.OUTBOX_PURGED.inc(total)
         return total
 
     # -- loops -------------------------------------------------------------------------------
@@ -333,6 +335,7 @@ class OutboxRelay:
                 raise
             except Exception:
                 self.failed_passes_total += 1
+                metrics.OUTBOX_FAILED_PASSES.inc()
                 backoff = min(max(backoff * 2, 0.5), 10.0)
                 log.warning("outbox publish failed; retrying", exc_info=True, extra={"retry_in_s": backoff})
                 # A failed idempotent producer may be wedged (sequence errors): start a new one.
