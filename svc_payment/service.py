@@ -84,8 +84,8 @@ class Payments:
     async def create_payment(self, user_id: str, order_id: uuid.UUID, request_id: uuid.UUID,
                              outcome: Outcome | None = None) -> Payment:
         async with autocommit(self.pool) as conn:  # a retry, or the order's payment in progress
-            prior, live = await db.by_request_or_live(conn, user_id, request_id, order_id)
-        if prior is not None:
+            prior, live, failed = await db.by_request_or_live(conn, user_id, request_id, order_id)
+        if prior is not None and not model.is_dropped_checkout(prior):
             return prior
         order = await self.booking.order(order_id)
         name = f"orders/{order_id}"
@@ -100,6 +100,13 @@ class Payments:
                 return live  # one checkout per order at a time: the fan gets the one in progress
             raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {live.name}",
                               metadata={"payment": live.name})
+        if failed is not None:  # PaymentFailed cancels the order: a new payment would be refunded
+            raise DomainError("ORDER_NOT_PAYABLE",
+                              f"{name} is being cancelled: {failed.name} failed ({failed.failure_reason})",
+                              metadata={"order": name, "state": order.state, "payment": failed.name})
+        if prior is not None:  # this request id's checkout was dropped; the id cannot open another
+            raise DomainError("REQUEST_ID_USED", f"request {request_id} was used for {prior.name}, which "
+                              "was not needed; send a new request id", metadata={"payment": prior.name})
         payment_id = model.payment_id_for(user_id, request_id)
         try:
             reference = await self.provider.create_checkout(payment_id, name, order.amount, outcome)
@@ -118,18 +125,28 @@ class Payments:
             return payment
         if ended is None:  # this request's payment, or the order's live one, was made meanwhile
             async with autocommit(self.pool) as conn:
-                made, live = await db.by_request_or_live(conn, user_id, request_id, order_id)
+                made, live, _ = await db.by_request_or_live(conn, user_id, request_id, order_id)
             first = made or live
-        if ended is not None:  # the order ended while we were opening the checkout
-            await self.provider.cancel(reference)
+        if ended is not None:  # the order ended (or its payment failed) while the checkout opened
+            await self._drop_checkout(payment, request_id)
             raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {ended}, not payable",
                               metadata={"order": name, "state": ended})
         if first is None:
             raise DomainError("REQUEST_IN_PROGRESS", "another payment of this order is being made; retry",
                               code=grpc.StatusCode.ABORTED)
         if first.payment_id != payment_id:  # a concurrent attempt won: drop our checkout
-            await self.provider.cancel(reference)
+            await self._drop_checkout(payment, request_id)
         return first
+
+    async def _drop_checkout(self, payment: Payment, request_id: uuid.UUID) -> None:
+        """Keep the checkout as a CANCELLED payment (model.CHECKOUT_DROPPED), then cancel it at the
+        provider: if its money arrives anyway, the webhook refunds it like any late success."""
+        dropped = dataclasses.replace(payment, state=PaymentState.CANCELLED,
+                                      failure_reason=model.CHECKOUT_DROPPED)
+        async with autocommit(self.pool) as conn:
+            await db.insert_unless_ended(conn, dropped, request_id)
+        await self.provider.cancel(payment.provider_reference)
+        log.info("checkout dropped", extra={"payment": payment.name, "order": payment.order})
 
     async def get_payment(self, user_id: str | None, payment_id: uuid.UUID) -> Payment:
         async with autocommit(self.pool) as conn:
@@ -254,7 +271,9 @@ class Payments:
         refund_ref: str | None = None
         if t.effect in (Effect.REFUND, Effect.FAILED_AND_REFUND):
             # Before the commit, idempotent on the payment: a retry after a crash refunds once.
-            amount = captured if t.effect is Effect.FAILED_AND_REFUND and captured else p.amount
+            # What the provider says it captured, when a callback is the cause (a late or wrong
+            # success); otherwise the payment's own amount, which a success matched.
+            amount = captured if captured is not None else p.amount
             try:
                 refund_ref = await self.provider.refund(p.provider_reference, amount, str(p.payment_id))
             except ProviderError as exc:

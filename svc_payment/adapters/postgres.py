@@ -26,39 +26,47 @@ def _payment(row: TupleRow) -> Payment:
 
 
 async def by_request_or_live(conn: Conn, user_id: str, request_id: uuid.UUID, order_id: uuid.UUID
-                             ) -> tuple[Payment | None, Payment | None]:
-    """(the payment this request made, the order's live one: PENDING or SUCCEEDED), in one read."""
+                             ) -> tuple[Payment | None, Payment | None, Payment | None]:
+    """(the payment this request made, the order's live one: PENDING or SUCCEEDED, a FAILED one of
+    the order), in one read."""
     cur = await conn.execute(
         f"""SELECT {_COLUMNS}, user_id = %s AND request_id = %s FROM payments
             WHERE (user_id = %s AND request_id = %s)
-               OR (order_id = %s AND state IN ('PENDING', 'SUCCEEDED'))""",
+               OR (order_id = %s AND state IN ('PENDING', 'SUCCEEDED', 'FAILED'))""",
         (user_id, request_id, user_id, request_id, order_id))
-    made = live = None
+    made = live = failed = None
     for row in await cur.fetchall():
         p = _payment(row[:-1])
         if row[-1]:
             made = p
         if p.order_id == order_id and p.state in (PaymentState.PENDING, PaymentState.SUCCEEDED):
             live = p
-    return made, live
+        elif p.order_id == order_id and p.state is PaymentState.FAILED:
+            failed = p
+    return made, live, failed
 
 
 async def insert_unless_ended(conn: Conn, p: Payment, request_id: uuid.UUID) -> tuple[str | None, bool]:
-    """Insert ``p`` unless its order ended (ended_orders) or the request id was used before: (the
-    order's end state if it ended, whether inserted). One statement in the caller's transaction,
-    after lock_order (its snapshot is taken after the lock, so it sees every end marked before).
+    """Insert ``p`` unless its order is over for payment or the request id was used before: (why
+    the order is over: its end state in ended_orders, or PAYMENT_FAILED if a payment of it failed;
+    whether inserted). One statement in the caller's transaction, after lock_order (its snapshot
+    is taken after the lock, so it sees every end marked before). A payment that is not PENDING
+    (the record of a dropped checkout) is inserted whether or not the order is over.
     Raises psycopg.errors.UniqueViolation if the order has a live payment already
     (payments_one_live_per_order): the transaction is then aborted."""
     cur = await conn.execute(
-        f"""WITH ended AS (SELECT state FROM ended_orders WHERE order_id = %(order)s),
+        f"""WITH ended AS (SELECT state FROM ended_orders WHERE order_id = %(order)s
+                           UNION ALL
+                           SELECT 'PAYMENT_FAILED' FROM payments
+                            WHERE order_id = %(order)s AND state = 'FAILED' LIMIT 1),
                  ins AS (INSERT INTO payments ({_COLUMNS}, request_id)
                          SELECT %(payment)s, %(order)s, %(hold)s, %(user)s, %(state)s, %(currency)s,
                                 %(units)s, %(nanos)s, %(provider)s, %(reference)s, %(reason)s,
                                 %(create)s, %(update)s, %(request)s
-                         WHERE NOT EXISTS (SELECT 1 FROM ended)
+                         WHERE NOT EXISTS (SELECT 1 FROM ended) OR %(state)s <> 'PENDING'
                          ON CONFLICT (user_id, request_id) DO NOTHING
                          RETURNING payment_id)
-            SELECT (SELECT state FROM ended), (SELECT count(*) FROM ins)""",
+            SELECT (SELECT state FROM ended LIMIT 1), (SELECT count(*) FROM ins)""",
         {"order": p.order_id, "payment": p.payment_id, "hold": p.hold, "user": p.user_id,
          "state": p.state.value, "currency": p.amount.currency_code, "units": p.amount.units,
          "nanos": p.amount.nanos, "provider": p.provider, "reference": p.provider_reference,

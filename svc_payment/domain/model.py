@@ -104,6 +104,17 @@ def payment_not_found(name: str) -> NotFound:
     return NotFound("PAYMENT_NOT_FOUND", f"{name} not found", metadata={"name": name})
 
 
+# A checkout CreatePayment opened and then did not use (another payment of the order was made
+# first, or the order ended meanwhile) is kept as a CANCELLED payment with this reason: cancelling
+# a checkout cannot stop a customer who is already paying, and a success that arrives anyway must
+# find a payment to refund. The fan was never given it.
+CHECKOUT_DROPPED = "CHECKOUT_DROPPED"
+
+
+def is_dropped_checkout(p: Payment) -> bool:
+    return p.state is PaymentState.CANCELLED and p.failure_reason == CHECKOUT_DROPPED
+
+
 # --- the webhook's signature -----------------------------------------------------------------------
 
 

@@ -528,12 +528,16 @@ async def test_same_payment_succeeded_twice_confirms_once(
                        order_uuid(o)) == 2
 
 
+@pytest.mark.parametrize("captured", [model.Money("KRW", 165000), model.Money("KRW", 170000),
+                                      model.Money("USD", 125, 500_000_000)],
+                         ids=["the order's amount", "more", "another currency"])
 async def test_late_success_after_the_order_expired_is_refunded(
     booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
-    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub], captured: model.Money,
 ) -> None:
     """OrderExpired reaches payment first: the pending payment is cancelled, the late success
-    that follows is refunded at once (booking never sees a PaymentSucceeded)."""
+    that follows is refunded at once (booking never sees a PaymentSucceeded), by what the
+    provider says it captured, whatever the order cost."""
     bstub, pstub = stubs
     pw, _ = payment
     u = user()
@@ -548,12 +552,13 @@ async def test_late_success_after_the_order_expired_is_refunded(
         return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_CANCELLED
     await wait_for("payment CANCELLED", cancelled)
     body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
-                              model.Money("KRW", 165000))
+                              captured)
     resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
     assert resp.state == pb.PAYMENT_STATE_REFUNDED
     got = await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))
     assert got.failure_reason == "ORDER_EXPIRED"
-    assert await pw.provider.refund_of(p.name.removeprefix("payments/")) is not None
+    refund = await pw.provider.refund_of(p.name.removeprefix("payments/"))
+    assert refund is not None and refund.amount == captured
     assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_refunded") == 1
     assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_succeeded") == 0
     assert await order_state(bstub, o) == bpb.ORDER_STATE_EXPIRED
@@ -671,8 +676,109 @@ async def test_order_ending_while_the_payment_is_created_is_not_left_pending(
     assert refs
     co = await pw.provider.checkout(refs[0])
     assert co is not None and co.cancelled
+    assert await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s AND "
+                       "(state <> 'CANCELLED' OR failure_reason <> 'CHECKOUT_DROPPED')", order_uuid(o)) == 0
+    # A customer who was already paying is not stopped by the cancel: the money is given back.
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, refs[0],
+                              model.Money("KRW", 165000))
+    resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+    assert resp.state == pb.PAYMENT_STATE_REFUNDED
+    kept = await pstub.GetPayment(pb.GetPaymentRequest(name=resp.payment), metadata=me(u))
+    assert kept.failure_reason == "CHECKOUT_DROPPED" and kept.provider_reference == refs[0]
+    assert [r.amount for r in await pw.provider.refunds_of(refs[0])] == [model.Money("KRW", 165000)]
+
+
+async def test_a_checkout_dropped_for_a_concurrent_payment_is_refunded_if_paid_anyway(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two CreatePayment calls of one order with different request ids (a double tap): both open
+    a checkout, the second writes its payment first, so the first answers with the second's
+    payment and drops its own checkout. That checkout is kept as a CANCELLED payment: if the
+    customer pays it anyway, the webhook refunds the money instead of answering 404 until the
+    provider gives up (money kept, no order)."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    event_id, o = await ordered(booking, bstub, u, ("A-7-3", "A-7-4"))
+    real = pw.provider.create_checkout
+    refs: list[str] = []
+    second_written = asyncio.Event()
+
+    async def checkout(*args: Any, **kw: Any) -> str:
+        ref = await real(*args, **kw)
+        refs.append(ref)
+        if len(refs) == 1:
+            await second_written.wait()
+        return ref
+
+    monkeypatch.setattr(pw.provider, "create_checkout", checkout)
+    pw.provider.plan(o.name, "never")  # the first checkout's own callback: none, we send it below
+    first = asyncio.ensure_future(pstub.CreatePayment(
+        pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u)))
+
+    async def first_opened() -> bool:
+        return len(refs) == 1
+    await wait_for("the first checkout opened", first_opened)
+    second = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()),
+                                       metadata=me(u))
+    second_written.set()
+    got = await first
+    assert got.name == second.name and got.provider_reference == refs[1]
+    dropped = await pw.provider.checkout(refs[0])
+    assert dropped is not None and dropped.cancelled
+
+    async def confirmed() -> bool:
+        return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+    await wait_for("order CONFIRMED by the second payment", confirmed)
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, refs[0],
+                              model.Money("KRW", 330000))
+    resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+    assert resp.state == pb.PAYMENT_STATE_REFUNDED
+    kept = await pstub.GetPayment(pb.GetPaymentRequest(name=resp.payment), metadata=me(u))
+    assert kept.failure_reason == "CHECKOUT_DROPPED" and kept.provider_reference == refs[0]
+    assert [r.amount for r in await pw.provider.refunds_of(refs[0])] == [model.Money("KRW", 330000)]
+    assert await payment_state(pstub, second, u) == pb.PAYMENT_STATE_SUCCEEDED
+    assert await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+    assert await seat_statuses(bstub, event_id, ("A-7-3", "A-7-4")) == {bpb.SEAT_STATUS_SOLD}
+    # The same webhook again: a replay, no second refund.
+    again = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+    assert again.state == pb.PAYMENT_STATE_REFUNDED
+    assert len(await pw.provider.refunds_of(refs[0])) == 1
+
+
+async def test_a_new_payment_after_a_declined_one_is_refused(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A declined payment cancels its order (PaymentFailed). Until booking has done so, the order
+    still reads PENDING_PAYMENT: a second payment then must be refused, not taken and refunded
+    a moment later with the seats gone."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, o = await ordered(booking, bstub, u, ("A-7-5",))
+    pw.provider.plan(o.name, "never")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    before = await pw.payments.booking.order(uuid.UUID(order_uuid(o)))
+    assert before.state == "PENDING_PAYMENT"
+
+    async def not_yet_cancelled(order_id: uuid.UUID) -> Any:
+        return before  # booking has not consumed the PaymentFailed yet
+
+    monkeypatch.setattr(pw.payments.booking, "order", not_yet_cancelled)
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.FAILED_TYPE, p.provider_reference,
+                              model.Money("KRW", 165000), reason="CARD_DECLINED")
+    assert (await pstub.HandleWebhook(webhook(body), metadata=signed(body))).state == pb.PAYMENT_STATE_FAILED
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    info = error_info(exc.value)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info is not None and info.reason == "ORDER_NOT_PAYABLE" and info.metadata["payment"] == p.name
     assert await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s",
-                       order_uuid(o)) == 0
+                       order_uuid(o)) == 1
 
 
 async def test_concurrent_purchases_money_and_seats_agree(
