@@ -20,6 +20,7 @@ from meshkit.redis import AnyRedis
 
 from ..domain.room import (
     EventNotFound,
+    QueueClosed,
     QueueNotOpen,
     RoomDefaults,
     RoomStatus,
@@ -200,6 +201,8 @@ class RoomStore:
             reason = _text(reply[1])
             if reason == "QUEUE_NOT_OPEN":
                 raise QueueNotOpen(event_id, int(reply[2]))
+            if reason == "QUEUE_CLOSED":
+                raise QueueClosed(event_id, int(reply[2]))
             raise EventNotFound(event_id)
 
     def _ticket(self, event_id: str, reply: list[Any]) -> TicketReply:

@@ -68,6 +68,18 @@ class QueueNotOpen(DomainError):
         self.queue_open_ms = queue_open_ms
 
 
+class QueueClosed(DomainError):
+    """FAILED_PRECONDITION (HTTP 412 at the edge): the show has started, the room takes nobody in."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, event_id: str, start_ms: int) -> None:
+        name = event_name(event_id)
+        starts = rfc3339(start_ms)
+        super().__init__("QUEUE_CLOSED", f"the waiting room of {name} closed when the show started"
+                         f" at {starts}", metadata={"name": name, "start_time": starts})
+
+
 def rfc3339(ms: int) -> str:
     from datetime import UTC, datetime
 

@@ -39,7 +39,7 @@ from meshkit.server import start
 from svc_queue.adapters.rooms import RoomKeys, tag, ticket_key
 from svc_queue.bootstrap import Wired, wire
 from svc_queue.config import Settings
-from svc_queue.domain.room import RoomChange, RoomDefaults
+from svc_queue.domain.room import RoomChange, RoomDefaults, TicketState
 
 pytestmark = pytest.mark.integration
 
@@ -131,19 +131,21 @@ async def rooms(wired: Wired, raw: AnyRedis) -> AsyncIterator[list[str]]:
 async def open_room(
     w: Wired, made: list[str], *, queue_open: float = -60, sale_open: float = -30,
     max_active: int = 1000, rate: float = 1000.0, ttl: float = 600, claim: float = 60,
-    paused: bool = False,
+    paused: bool = False, start: float = 86_400, tick: bool = True,
 ) -> str:
-    """A published event's room (what EventPublished makes); times in seconds from now."""
+    """A published event's room (what EventPublished makes); times in seconds from now. With
+    ``tick=False`` the room is left out of the registry: no admission loop runs it."""
     event_id = str(uuid.uuid4())
     now = int(time.time() * 1000)
     made.append(event_id)
     await w.queue.rooms.configure(
         event_id, queue_open_ms=now + int(queue_open * 1000), sale_open_ms=now + int(sale_open * 1000),
-        start_ms=now + 86_400_000, seats=1000,
+        start_ms=now + int(start * 1000), seats=1000,
         defaults=RoomDefaults(max_active, rate, int(ttl * 1000), int(claim * 1000)))
     if paused:
         await w.queue.rooms.update(event_id, {"paused": "1"})
-    await w.queue.registry.add(event_id)  # the admission loops tick it from now on
+    if tick:
+        await w.queue.registry.add(event_id)  # the admission loops tick it from now on
     return event_id
 
 
@@ -439,6 +441,42 @@ async def test_an_unclaimed_turn_returns_its_slot_and_the_fan_sees_expired(
     assert (again.state, again.number) == (WAITING, 3)
 
 
+async def test_joining_again_after_a_lost_turn_or_session_places_the_fan_at_once(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """No queue/me in between: the join itself sees that the turn or the session ran out (the
+    ticket still says served or active until someone reads it) and places the fan at the back,
+    instead of answering EXPIRED and placing them only on a second join."""
+    event_id = await open_room(wired, rooms, max_active=1, claim=0.5, ttl=1.0)
+    assert [(await join(stub, event_id, u)).number for u in ("a", "b")] == [1, 2]
+    await until(lambda: served(stub, event_id, 2), within=3)  # "a" never claimed its turn
+    again = await join(stub, event_id, "a")
+    assert (again.state, again.number) == (WAITING, 3)
+    tb = await me(stub, event_id, "b")
+    assert tb.state == ACTIVE
+    await asyncio.sleep(max(0.0, tb.admission_expire_time.ToMilliseconds() / 1000 - time.time()) + 0.05)
+    again = await join(stub, event_id, "b")
+    assert (again.state, again.number) == (WAITING, 4)
+
+
+async def test_keys_made_after_the_rooms_last_tick_still_expire(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, raw: AnyRedis, rooms: list[str]) -> None:
+    """Each script that may create a room key gives it the room's expiry (two days after the
+    show starts): a set a claim or a leave creates after the room's last tick does not live
+    forever."""
+    event_id = await open_room(wired, rooms, max_active=1, tick=False)
+    for u in ("a", "b"):
+        await wired.queue.rooms.join(event_id, u)
+    for _ in range(2):  # the first tick starts the token bucket, the second serves "a"
+        await wired.queue.rooms.tick(event_id)
+        await asyncio.sleep(0.01)
+    keys = RoomKeys.of(event_id)
+    assert not await raw.exists(keys.act) and not await raw.exists(keys.left)
+    assert (await wired.queue.rooms.ticket(event_id, "a", "jti-a")).ticket.state is TicketState.ACTIVE
+    assert (await wired.queue.rooms.leave(event_id, "b")).state is TicketState.LEFT
+    for key in (keys.act, keys.left):
+        assert 86_400_000 < await raw.pttl(key) <= 3 * 86_400_000, key
+
+
 async def test_an_expired_session_frees_its_slot(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
     event_id = await open_room(wired, rooms, max_active=1, ttl=1.0)
@@ -541,6 +579,10 @@ async def test_sold_out_stops_admission_and_waiting_fans_see_it(
     assert ((await me(stub, event_id, "e")).state, (await me(stub, event_id, "f")).state) == \
         (SOLD_OUT, SOLD_OUT)
     await leave(stub, event_id, "a")
+    # Leaving and joining again is joining anew: no number either (not LEFT, nor a place).
+    rejoined = await join(stub, event_id, "a")
+    assert (rejoined.state, rejoined.number) == (SOLD_OUT, 0)
+    assert (await join(stub, event_id, "b")).state == SOLD_OUT
     await asyncio.sleep(0.3)
     status = await room(stub, event_id)
     assert status.serving_number == 2 and status.sold_out and status.active_count == 0
@@ -697,6 +739,14 @@ async def test_join_before_the_room_opens_is_412_with_the_opening_time(
     assert info is not None and info.reason == "QUEUE_NOT_OPEN"
     assert info.metadata["queue_open_time"].endswith("Z")
     assert (await me(stub, event_id, "early-bird")).state == NOT_JOINED
+    # Once the show starts the room is no longer ticked: a new place would never be served.
+    started = await open_room(wired, rooms, start=-1)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await join(stub, started, "latecomer")
+    info = error_info(exc.value)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info is not None and info.reason == "QUEUE_CLOSED" and info.metadata["start_time"].endswith("Z")
+    assert (await me(stub, started, "latecomer")).state == NOT_JOINED
     with pytest.raises(grpc.aio.AioRpcError) as exc:  # no verified user: the edge would not pass it
         await stub.JoinQueue(pb.JoinQueueRequest(name=qname(event_id)), timeout=5)
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED

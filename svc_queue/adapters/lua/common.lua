@@ -108,6 +108,7 @@ local function view(user, now, cfg, st, claim_jti)
     redis.call('ZREM', PEND, n)
     local exp = now + cfg.ttl
     redis.call('ZADD', ACT, exp, user)
+    retain(cfg, {ACT})  -- the set may be new (the room's last tick may be past): it must expire
     redis.call('HSET', U, 's', 'A', 'jti', claim_jti, 'exp', exp, 'ca', now)
     redis.call('HDEL', U, 'tok')
     redis.call('HINCRBY', STATS, 'claimed', 1)

@@ -14,6 +14,7 @@ if s == 'W' then
     redis.call('ZREM', LOT, user)
   elseif n > st.serving then
     redis.call('SADD', LEFT, n)
+    retain(cfg, {LEFT})  -- the set may be new: no key of a room outlives it
   else
     redis.call('ZREM', PEND, n)
   end
