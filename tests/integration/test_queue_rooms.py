@@ -559,6 +559,20 @@ async def test_a_waiting_fans_read_wakes_a_room_whose_join_another_replica_saw(
     assert time.monotonic() - t0 < 1.0  # the read's poke, not the idle wait
 
 
+async def test_a_room_lost_from_the_registry_is_healed_by_its_fans(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """The registry set is gone (on Redis Cluster it sits on another master than the room, which
+    may fail over to an empty replica) but the room's keys are not: no recovery runs, since
+    the room exists. A fan's join (or a waiting fan's queue/me) puts it back in the registry,
+    and it is admitted."""
+    event_id = await open_room(wired, rooms, tick=False)
+    assert event_id not in await wired.queue.registry.members()
+    assert (await join(stub, event_id, "a")).number == 1
+    await until(lambda: served(stub, event_id, 1), within=5)
+    assert (await me(stub, event_id, "a")).state == ACTIVE
+    assert event_id in await wired.queue.registry.members()
+
+
 async def _ticked_later(w: Wired, event_id: str) -> bool:
     return w.loop._due.get(event_id, 0.0) - time.monotonic() > 3.0
 

@@ -14,10 +14,16 @@ class Registry:
         self.rooms = list(rooms)
 
     async def members(self) -> list[str]:
-        return self.rooms
+        return list(self.rooms)  # a copy, as Redis answers
 
     async def remove(self, event_id: str) -> None:
         self.rooms.remove(event_id)
+
+    async def add(self, event_id: str) -> bool:
+        if event_id in self.rooms:
+            return False
+        self.rooms.append(event_id)
+        return True
 
 
 class IdleRooms:
@@ -63,3 +69,18 @@ async def test_a_poke_while_the_rooms_tick_runs_outranks_the_ticks_idle_answer()
     rooms.hold = None
     await loop.tick_all()
     assert rooms.ticks == ["e1", "e1"]
+
+
+async def test_a_poked_room_missing_from_the_registry_is_registered_again_and_ticked() -> None:
+    # The registry set was lost (on Redis Cluster it lives on another master than the rooms)
+    # while the room's keys survived: fans still join and wait. Their pokes put the room back.
+    rooms, registry = IdleRooms(), Registry()
+    loop = AdmissionLoop(rooms, registry, tick_seconds=0.01)  # type: ignore[arg-type]
+    await loop.tick_all()
+    assert rooms.ticks == []
+    loop.poke("e1")
+    await loop.tick_all()
+    assert (rooms.ticks, registry.rooms) == (["e1"], ["e1"])
+    loop.poke("e1")  # known now: no second SADD, ticked again on the next round
+    await loop.tick_all()
+    assert (rooms.ticks, registry.rooms) == (["e1", "e1"], ["e1"])
