@@ -79,6 +79,10 @@ async def wire(settings: Settings) -> Wired:
             task = asyncio.create_task(consumer.run(), name="payment-consumer")
             stack.push_async_callback(_cancel, task)
             stack.push_async_callback(consumer.stop, 10.0)
+        sweeper = asyncio.create_task(
+            payments.sweep_unmatched(settings.unmatched_sweep_seconds, settings.unmatched_refund_seconds),
+            name="payment-unmatched-sweeper")
+        stack.push_async_callback(_cancel, sweeper)
         servicer = PaymentServicer(payments, outcome_header=settings.sandbox_outcome_header)
         reg = Registration(pb_grpc.add_PaymentServiceServicer_to_server, servicer, SERVICE)
         app = await build_server(settings, [reg], stack)

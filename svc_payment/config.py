@@ -29,5 +29,9 @@ class Settings(ServiceSettings):
     sandbox_delay_seconds: float = Field(default=1.0, ge=0)
     sandbox_outcome: Literal["approve", "decline", "never"] = "approve"
     sandbox_max_attempts: int = Field(default=8, ge=1)
+    # A success callback no payment claims for this long is refunded (migration 0004). It must
+    # outlast the provider's re-sends and an order's payment deadline (booking's hold TTL).
+    unmatched_refund_seconds: float = Field(default=3600.0, gt=0)
+    unmatched_sweep_seconds: float = Field(default=60.0, gt=0)
     # Let CreatePayment's `x-sandbox-outcome` metadata pick one payment's outcome (tests, demo).
     sandbox_outcome_header: bool = False

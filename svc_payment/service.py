@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import random
 import time
 import uuid
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from typing import Any
 
 import grpc
 import psycopg
+from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1 import events_pb2 as ev
 
@@ -40,6 +43,10 @@ from .domain import model
 from .domain.model import Effect, Money, Payment, PaymentState, Transition
 
 log = logging.getLogger(__name__)
+
+UNMATCHED_REFUNDS = Counter("payment_unmatched_refunds",
+                            "Money a provider captured for no payment (no payment ever claimed its "
+                            "success callback), refunded.")
 
 
 def utcnow() -> datetime:
@@ -164,21 +171,26 @@ class Payments:
         applied = await self._apply_callback(event)
         if applied is not None:
             return applied, True
+        captured = _money_of(event.amount, event.currency)
         async with self.pool.connection() as conn, conn.transaction():
             p = await db.by_reference(conn, event.reference, lock=True)
-            if p is None:
-                # Unknown (or not yet written: the checkout is opened before the row): the
-                # provider retries; nothing is recorded.
-                raise NotFound("PAYMENT_NOT_FOUND", "no payment has this provider reference",
-                               metadata={"reference": event.reference})
-            if not await db.record_provider_event(conn, p.provider, event.event_id, p.payment_id, event.type):
-                log.info("webhook replay ignored", extra={"provider_event": event.event_id,
-                                                          "payment": p.name})
-                return p, False
-            t = model.on_webhook(p, event)
-            captured = _money_of(event.amount, event.currency)
-            after = await self._apply(conn, p, t, captured=captured)
-        return after, after.state is not p.state
+            if p is not None:
+                if not await db.record_provider_event(conn, p.provider, event.event_id, p.payment_id,
+                                                      event.type):
+                    log.info("webhook replay ignored", extra={"provider_event": event.event_id,
+                                                              "payment": p.name})
+                    return p, False
+                t = model.on_webhook(p, event)
+                after = await self._apply(conn, p, t, captured=captured)
+                return after, after.state is not p.state
+        # Unknown, or not written yet (the checkout is opened before the row): the provider
+        # re-sends. Money captured is kept in mind, and refunded if no payment ever claims it
+        # (refund_unmatched).
+        if event.type == model.SUCCEEDED_TYPE:
+            async with autocommit(self.pool) as conn:
+                await db.record_unmatched(conn, self.provider.name, event.reference, event.event_id, captured)
+        raise NotFound("PAYMENT_NOT_FOUND", "no payment has this provider reference",
+                       metadata={"reference": event.reference})
 
     async def _apply_callback(self, event: model.WebhookEvent) -> Payment | None:
         """The common callback, a pending payment succeeding or failing, in two round trips: the
@@ -202,6 +214,42 @@ class Payments:
                 return None
         self._log_transition(p, after, t)
         return after
+
+    async def refund_unmatched(self, older_than: float, limit: int = 100) -> int:
+        """Refund the money of success callbacks that no payment claimed for ``older_than`` seconds:
+        the checkout was opened, then the process died before writing its payment, and the app
+        never retried (a retry reuses the checkout and writes it). ``older_than`` must outlast the
+        provider's re-sends and an order's payment deadline, so that no payment can still claim
+        it. Several replicas may run this at once (SKIP LOCKED); a refund is asked once per
+        reference (idempotency key). Returns how many were refunded."""
+        done = 0
+        async with self.pool.connection() as conn, conn.transaction():
+            await db.forget_matched(conn)
+            for u in await db.due_unmatched(conn, older_than, limit):
+                try:
+                    ref = await self.provider.refund(u.reference, u.captured, f"unmatched:{u.reference}")
+                except ProviderError:
+                    log.warning("refund of an unmatched capture failed; retried on the next pass",
+                                exc_info=True, extra={"reference": u.reference})
+                    break
+                await db.mark_unmatched_refunded(conn, u, ref)
+                UNMATCHED_REFUNDS.inc()
+                log.warning("money captured for no payment refunded",
+                            extra={"reference": u.reference, "amount": u.captured.text(),
+                                   "currency": u.captured.currency_code})
+                done += 1
+        return done
+
+    async def sweep_unmatched(self, every: float, older_than: float) -> None:
+        """refund_unmatched every ``every`` seconds (jittered), for the process' lifetime."""
+        while True:
+            try:
+                await self.refund_unmatched(older_than)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("unmatched-callback sweep failed; retrying", exc_info=True)
+            await asyncio.sleep(every * random.uniform(0.8, 1.2))
 
     # --- booking's events ------------------------------------------------------------------------
 

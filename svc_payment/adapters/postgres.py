@@ -1,8 +1,9 @@
-"""Payment's tables (see migrations/): payments, provider_events."""
+"""Payment's tables (see migrations/): payments, provider_events, ended_orders, unmatched_callbacks."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -172,3 +173,46 @@ async def lock_order(conn: Conn, order_id: uuid.UUID) -> None:
 async def mark_order_ended(conn: Conn, order_id: uuid.UUID, state: str) -> None:
     await conn.execute("INSERT INTO ended_orders (order_id, state) VALUES (%s, %s) "
                        "ON CONFLICT (order_id) DO NOTHING", (order_id, state))
+
+
+# --- success callbacks no payment had (migration 0004) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    provider: str
+    reference: str
+    captured: Money
+
+
+async def record_unmatched(conn: Conn, provider: str, reference: str, event_id: str, captured: Money) -> None:
+    await conn.execute(
+        """INSERT INTO unmatched_callbacks (provider, reference, event_id, currency_code, units, nanos)
+           VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (provider, reference) DO NOTHING""",
+        (provider, reference, event_id, captured.currency_code, captured.units, captured.nanos))
+
+
+async def forget_matched(conn: Conn) -> int:
+    """Unmatched callbacks whose payment has been written since (the usual race): nothing to do."""
+    cur = await conn.execute(
+        """DELETE FROM unmatched_callbacks u WHERE refunded_at IS NULL
+             AND EXISTS (SELECT 1 FROM payments p WHERE p.provider_reference = u.reference)""")
+    return cur.rowcount
+
+
+async def due_unmatched(conn: Conn, older_than_seconds: float, limit: int) -> list[Unmatched]:
+    """Not refunded, first seen longer ago than that, still no payment; locked (SKIP LOCKED: each
+    one goes to one replica)."""
+    cur = await conn.execute(
+        """SELECT provider, reference, currency_code, units, nanos FROM unmatched_callbacks u
+            WHERE refunded_at IS NULL AND first_seen < now() - make_interval(secs => %s)
+              AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.provider_reference = u.reference)
+            ORDER BY first_seen LIMIT %s FOR UPDATE SKIP LOCKED""",
+        (older_than_seconds, limit))
+    return [Unmatched(r[0], r[1], Money(r[2], r[3], r[4])) for r in await cur.fetchall()]
+
+
+async def mark_unmatched_refunded(conn: Conn, u: Unmatched, refund_reference: str) -> None:
+    await conn.execute(
+        """UPDATE unmatched_callbacks SET refund_reference = %s, refunded_at = now()
+            WHERE provider = %s AND reference = %s""", (refund_reference, u.provider, u.reference))

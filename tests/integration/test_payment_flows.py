@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaProducer
@@ -37,6 +38,7 @@ from svc_booking.adapters.admission import StaticAdmission
 from svc_booking.bootstrap import Wired as BookingWired
 from svc_booking.bootstrap import wire as wire_booking
 from svc_booking.config import Settings as BookingSettings
+from svc_payment.adapters import postgres as payment_db
 from svc_payment.bootstrap import Wired as PaymentWired
 from svc_payment.bootstrap import wire as wire_payment
 from svc_payment.config import Settings as PaymentSettings
@@ -639,6 +641,56 @@ async def test_callback_racing_the_payment_row_is_retried_by_the_provider(
     co = await pw.provider.checkout(p.provider_reference)
     assert co is not None and co.delivered and co.attempts >= 1
     assert await seat_statuses(bstub, event_id, ("A-6-1",)) == {bpb.SEAT_STATUS_SOLD}
+    # A callback that only raced its payment is forgotten by the unmatched sweep, never refunded.
+    await pw.payments.refund_unmatched(older_than=0)
+    assert await pw.provider.refunds_of(p.provider_reference) == []
+    assert await count(pw.payments.pool, "SELECT count(*) FROM unmatched_callbacks WHERE reference = %s",
+                       p.provider_reference) == 0
+
+
+async def test_money_captured_for_no_payment_is_refunded_once_nothing_claims_it(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The checkout is opened, then the process dies before writing the payment, and the app
+    never retries. The provider's success finds no payment (404, re-sent until it gives up); it
+    is kept in mind, and once no payment has claimed it for TP_UNMATCHED_REFUND_SECONDS the money
+    is refunded, once, as the callback states it."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, o = await ordered(booking, bstub, u, ("A-7-6",))
+    real = pw.provider.create_checkout
+    refs: list[str] = []
+
+    async def checkout(*args: Any, **kw: Any) -> str:
+        refs.append(await real(*args, **kw))
+        return refs[-1]
+
+    async def died(*args: Any, **kw: Any) -> Any:
+        raise psycopg.OperationalError("the process died between the checkout and the insert")
+
+    monkeypatch.setattr(pw.provider, "create_checkout", checkout)
+    monkeypatch.setattr(payment_db, "insert_unless_ended", died)
+    pw.provider.plan(o.name, "never")  # its success is sent below
+    with pytest.raises(grpc.aio.AioRpcError):
+        await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    monkeypatch.undo()
+    assert refs and await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s",
+                                order_uuid(o)) == 0
+    captured = model.Money("KRW", 165000)
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, refs[0], captured)
+    assert await fails(pstub.HandleWebhook(webhook(body), metadata=signed(body))) == (
+        grpc.StatusCode.NOT_FOUND, "PAYMENT_NOT_FOUND")
+    await pw.payments.refund_unmatched(older_than=3600)  # too young: a payment may still claim it
+    assert await pw.provider.refunds_of(refs[0]) == []
+    await pw.payments.refund_unmatched(older_than=0)
+    assert [r.amount for r in await pw.provider.refunds_of(refs[0])] == [captured]
+    # The provider re-sends; nothing claims it still; the sweep runs again: no second refund.
+    assert (await fails(pstub.HandleWebhook(webhook(body), metadata=signed(body))))[1] == "PAYMENT_NOT_FOUND"
+    await pw.payments.refund_unmatched(older_than=0)
+    assert len(await pw.provider.refunds_of(refs[0])) == 1
 
 
 async def test_order_ending_while_the_payment_is_created_is_not_left_pending(
