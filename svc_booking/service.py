@@ -204,9 +204,13 @@ class Booking:
                 if built:
                     await db.set_live_stamp(conn, event_id, stamp)
         except BaseException:
-            if built:  # written to Redis, but PostgreSQL does not vouch for it: build it again
-                with contextlib.suppress(Exception):
-                    await self.inventory.forget_build(event_id, stamp)
+            # Written to Redis (or maybe: the call was cancelled, or its connection dropped, after
+            # Redis ran the script), but PostgreSQL does not vouch for it: it must be built again.
+            # forget_build only drops a build with this attempt's own stamp, so it is harmless if
+            # the script never ran; without it, a build PostgreSQL never recorded would stay live
+            # and every hold on it would fail the stamp check, for good.
+            with contextlib.suppress(Exception):
+                await self.inventory.forget_build(event_id, stamp)
             raise
         log.info("live state rebuilt" if built else "live state was rebuilt by another replica",
                  extra={"event": model.event_name(event_id), "sold": len(sold),

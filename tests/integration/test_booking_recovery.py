@@ -330,6 +330,42 @@ async def test_a_hold_lost_with_redis_before_its_row_was_written_is_never_given_
         await redis.aclose()
 
 
+class LosesTheRebuildsReply(Inventory):
+    """The first rebuild script runs in Redis, then its caller never hears back: the request was
+    cancelled (an edge timeout, a fan who gave up) or the connection dropped."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.lost = False
+
+    async def rebuild(self, *args: Any, **kwargs: Any) -> bool:
+        built = await super().rebuild(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            raise asyncio.CancelledError
+        return built
+
+
+async def test_a_rebuild_whose_reply_was_lost_is_built_again_not_stuck(
+    wired: Wired, private_redis: PrivateRedis
+) -> None:
+    """Redis ran the rebuild (a new stamp is live there) but PostgreSQL's transaction rolled back
+    (the old stamp stays): a build nobody vouches for. It must be dropped and built again, not
+    left live with every hold failing the stamp check for good."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    redis = Redis.from_url(private_redis.url)
+    try:
+        booking = Booking(wired.booking.pool, LosesTheRebuildsReply(redis))
+        with pytest.raises(asyncio.CancelledError):
+            await booking.create_hold("u-cut", event_id, ["A-1-1"], uuid.uuid4())
+        held = await booking.create_hold("u-next", event_id, ["A-1-2"], uuid.uuid4())
+        assert list(held.hold.seat_ids) == ["A-1-2"]
+        _, values = await wired.booking.seat_statuses(event_id)
+        assert (values["A-1-1"], values["A-1-2"]) == ("A", f"H{held.hold.hold_id}")
+    finally:
+        await redis.aclose()
+
+
 class Died(Exception):
     """Stands for a kill -9: raised past every handler, so nothing after the script runs."""
 
