@@ -5,7 +5,8 @@ One public port serves REST/JSON (``grpc_json_transcoder`` over the descriptor s
 one call (edge-notes.md), so each is turned off per route where the other works, and one Envoy
 runs four listeners:
 
-  edge (public)        cache → buffer → health_check → header_mutation → grpc_json_transcoder →
+  edge (public)        cache → buffer → health_check → header_mutation → lua (FAILED_PRECONDITION
+                       answers become 412, not the transcoder's 400) → grpc_json_transcoder →
                        jwt_authn → rbac → router. GETs without a token (what a service marks
                        cacheable, for as long as it says) see only the cache and go on to
                        edge_fill on a miss, or to edge_core when they ask for a fresh answer;
@@ -175,6 +176,36 @@ def _header_sanitizer() -> dict[str, Any]:
                     *({"remove_on_match": {"key_matcher": {"exact": h}}} for h in TRUSTED_HEADERS),
                 ]
             },
+        },
+    }
+
+
+# google.rpc's HTTP mapping, which the transcoder's convert_grpc_status follows, makes
+# FAILED_PRECONDITION a 400, the same as a malformed request. The REST API says 412: "the request
+# is fine, the resource is not in a state to take it" (a room not open yet, an order not payable,
+# an event no longer a draft), which an app must tell from its own mistake. The transcoder drops
+# grpc-status from what it converts, so its status JSON is read, on 400s only (the body is
+# buffered for those alone; every other answer passes untouched).
+_PRECONDITION_CODE = '{"code":9,'
+_PRECONDITION_LUA = f"""
+function envoy_on_response(handle)
+  if handle:headers():get(":status") ~= "400" then return end
+  local body = handle:body()  -- waits for the whole body: headers must be fetched again after
+  if body ~= nil and body:length() >= {len(_PRECONDITION_CODE)}
+      and body:getBytes(0, {len(_PRECONDITION_CODE)}) == '{_PRECONDITION_CODE}' then
+    handle:headers():replace(":status", "412")
+  end
+end
+"""
+
+
+def _precondition_status() -> dict[str, Any]:
+    """Before the transcoder in the chain, so it sees the transcoder's converted answers."""
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": f"{_TYPES}.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": _PRECONDITION_LUA},
         },
     }
 
@@ -525,6 +556,7 @@ def _core_filters(lay: Layout, descriptor: Path) -> list[dict[str, Any]]:
         _health_filter(HEALTH_PATH, services),
         *(_health_filter(f"{HEALTH_PATH}/{s.name}", [s]) for s in services),
         _header_sanitizer(),
+        _precondition_status(),
         _transcoder(services, descriptor),
         _jwt_authn(lay, descriptor),
         _rbac(descriptor),

@@ -65,6 +65,10 @@ def test_admin_sets_up_a_sale_and_fans_browse_it(http: httpx.Client, admin: Fan,
     published = http.post(f"/v1/{draft['name']}:publish", json={}, headers=admin.auth)
     assert published.status_code == 200, published.text
     assert published.json()["state"] == "EVENT_STATE_PUBLISHED"
+    # Only a draft changes: the request is fine, the event is not in a state to take it (412).
+    late = http.patch(f"/v1/{draft['name']}", params={"updateMask": "title"}, json={"title": "x"},
+                      headers=admin.auth)
+    assert late.status_code == 412 and late.json()["details"][0]["reason"] == "EVENT_NOT_DRAFT", late.text
 
     one = http.get(f"/v1/{draft['name']}", headers=fan.auth)
     assert one.status_code == 200

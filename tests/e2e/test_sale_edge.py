@@ -87,6 +87,26 @@ def sale(http: httpx.Client, admin: Fan) -> tuple[str, list[Fan]]:
     return event, fans
 
 
+def test_join_before_the_room_opens_is_412_with_a_reason(http: httpx.Client, admin: Fan):
+    """FAILED_PRECONDITION is HTTP 412 at the edge (the transcoder alone would say 400, as for a
+    malformed request); the reason and the opening time come with it."""
+    now = datetime.now(UTC)
+    body = event_json(queueOpenTime=_iso(now + timedelta(hours=1)),
+                      saleOpenTime=_iso(now + timedelta(hours=2)))
+    name = create_and_publish(http, admin, body)["name"]
+    fan = sign_up(http)
+    deadline = time.monotonic() + 15  # the queue learns of the event from Kafka
+    while (joined := http.post(f"/v1/{name}/queue:join", json={}, headers=fan.auth)).status_code == 404:
+        assert time.monotonic() < deadline, "the waiting room never learned of the event"
+        time.sleep(0.2)
+    assert joined.status_code == 412, joined.text
+    info = joined.json()["details"][0]
+    assert info["reason"] == "QUEUE_NOT_OPEN" and info["metadata"]["queue_open_time"].endswith("Z")
+    malformed = http.post(f"/v1/{name}/queue:join", content=b"{",
+                          headers={**fan.auth, "content-type": "application/json"})
+    assert malformed.status_code == 400, malformed.text
+
+
 def test_join_is_idempotent_and_status_is_public(http: httpx.Client, sale):
     event, fans = sale
 

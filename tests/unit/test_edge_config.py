@@ -71,8 +71,8 @@ def _filters(cfg: dict, listener: str = "edge_core") -> list[dict]:
 def test_filter_chain_order_and_sanitizing():
     cfg = build(layout("dev"), DESCRIPTOR_SET)
     names = [f["name"].rsplit(".", 1)[-1] for f in _filters(cfg)]
-    assert names[-5:] == ["header_mutation", "grpc_json_transcoder", "jwt_authn", "rbac", "router"]
-    assert names[0] == "buffer" and set(names[1:-5]) == {"health_check"}
+    assert names[-6:] == ["header_mutation", "lua", "grpc_json_transcoder", "jwt_authn", "rbac", "router"]
+    assert names[0] == "buffer" and set(names[1:-6]) == {"health_check"}
     # The front: the cache, then the core's chain; never both at work on one route (they break
     # each other, edge-notes.md).
     front = _filters(cfg, "edge")
