@@ -226,7 +226,8 @@ def _transcoder(services: list[Service], descriptor: Path) -> dict[str, Any]:
             },
             # Unknown REST paths fall through to the router's JSON 404 (the transcoder's own
             # rejection would answer plain text).
-            "request_validation_options": {"reject_unknown_method": False},
+            "request_validation_options": {"reject_unknown_method": False,
+                                           "reject_binding_body_field_collisions": True},
             "ignore_unknown_query_parameters": True,
         },
     }

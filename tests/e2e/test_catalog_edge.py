@@ -100,6 +100,24 @@ def test_bad_events_are_400_with_a_reason(http: httpx.Client, admin: Fan, reason
     assert resp.json()["details"][0]["reason"] == reason
 
 
+def test_a_name_in_the_body_cannot_redirect_a_call_to_another_resource(http: httpx.Client, admin: Fan):
+    """With body "*", the transcoder let a body field override the same field bound from the path:
+    PATCH /v1/events/A with {"name": "events/B"} changed B. A body that disagrees with its path
+    is now 400; one that repeats the path's name is fine."""
+    a = create(http, admin, event_json()).json()["name"]
+    b = create(http, admin, event_json()).json()["name"]
+    moved = http.patch(f"/v1/{a}", params={"updateMask": "title"}, json={"name": b, "title": "CHANGED"},
+                       headers=admin.auth)
+    assert moved.status_code == 400, moved.text
+    assert http.get(f"/v1/{b}", headers=admin.auth).json()["title"] != "CHANGED"
+    same = http.patch(f"/v1/{a}", params={"updateMask": "title"}, json={"name": a, "title": "kept"},
+                      headers=admin.auth)
+    assert same.status_code == 200 and same.json()["title"] == "kept", same.text
+    published = http.post(f"/v1/{a}:publish", json={"name": b}, headers=admin.auth)
+    assert published.status_code == 400, published.text
+    assert http.get(f"/v1/{b}", headers=admin.auth).json()["state"] == "EVENT_STATE_DRAFT"
+
+
 def test_unknown_event_is_404(http: httpx.Client):
     resp = http.get(f"/v1/events/{uuid.uuid4()}")
     assert resp.status_code == 404
