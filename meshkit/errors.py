@@ -62,13 +62,24 @@ class Unimplemented(DomainError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+# An error often repeats what the caller sent (a seat id, a name). It travels in the call's
+# trailers, twice (grpc-message and the status details), and a 24,000-character seat id made them
+# too large for the edge: a 502/503 instead of the 400 it was. Echoed text is cut to this.
+MAX_ERROR_TEXT = 512
+
+
+def clip(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def to_status(
     code: grpc.StatusCode, reason: str, message: str, metadata: dict[str, str] | None = None
 ) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN,
+                                       metadata={k: clip(v) for k, v in (metadata or {}).items()})
     detail = any_pb2.Any()
     detail.Pack(info)
-    st = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    st = status_pb2.Status(code=code.value[0], message=clip(message), details=[detail])
     return rpc_status.to_status(st)
 
 

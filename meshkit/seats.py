@@ -39,15 +39,26 @@ def seat_id(section: str, row: int, number: int) -> str:
     return f"{section}-{row}-{number}"
 
 
+MAX_SEAT_ID = 64  # far beyond any real one ("<section>-<row>-<number>")
+
+
 def parse_seat_id(raw: str) -> tuple[str, int, int] | None:
-    """``(section, row, number)`` of a well-formed seat id, else None (section names hold no '-')."""
+    """``(section, row, number)`` of a well-formed seat id, else None (section names hold no '-';
+    rows and numbers are ASCII digits: str.isdigit() also takes "²" or "١", which int() refuses
+    or reads as another number)."""
+    if len(raw) > MAX_SEAT_ID:
+        return None
     parts = raw.split("-")
     if len(parts) != 3 or not parts[0]:
         return None
     section, row, number = parts
-    if not (row.isdigit() and number.isdigit()) or row[0] == "0" or number[0] == "0":
+    if not (_digits(row) and _digits(number)) or row[0] == "0" or number[0] == "0":
         return None
     return section, int(row), int(number)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True)

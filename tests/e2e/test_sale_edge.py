@@ -140,6 +140,13 @@ def test_admitted_fans_hold_seats_and_nobody_else_does(http: httpx.Client, sale)
     assert held.json()["seatIds"] == ["A-1-1", "A-1-2"]
     taken = _hold(http, alice, event, token, ["A-1-2", "A-1-3"])
     assert taken.status_code == 409 and taken.json()["details"][0]["reason"] == "SEAT_UNAVAILABLE"
+    # Nonsense seat ids are a 400 with the reason, however long: the answer that repeats them is
+    # cut (a 24,000-character one made it too large for the edge, a 503), and nothing is held.
+    for bad in (["Z" * 24_000], ["A-\u00b2-1"], [f"A-1-{n}" + "x" * 1500 for n in range(50)]):
+        refused = _hold(http, alice, event, token, bad)
+        assert refused.status_code == 400, refused.text[:300]
+        assert refused.json()["details"][0]["reason"] in ("UNKNOWN_SEAT", "TOO_MANY_SEATS",
+                                                          "INVALID_SEAT_IDS"), refused.text[:300]
 
     # Bob with Alice's admission token: the edge lets it through (both tokens valid), booking not.
     stolen = _hold(http, bob, event, token, ["A-2-1"])

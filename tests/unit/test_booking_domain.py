@@ -53,6 +53,9 @@ def test_amount_comes_from_the_tiers_with_nanos_carried() -> None:
 def test_seat_id_parsing() -> None:
     assert parse_seat_id("VIP1-12-3") == ("VIP1", 12, 3)
     assert parse_seat_id("A-1-0") is None and parse_seat_id("A--1") is None
+    # Unicode digits are not digits here ("²" made int() raise: a 500 instead of UNKNOWN_SEAT).
+    assert parse_seat_id("A-\u00b2-1") is None and parse_seat_id("A-\u0661-1") is None
+    assert parse_seat_id("Z" * 70 + "-1-1") is None  # longer than any seat id
 
 
 def test_names() -> None:

@@ -89,6 +89,14 @@ def test_status_carries_error_info():
         "EVENT_NOT_FOUND", "ticketping.dev", {"event": "e1"})
 
 
+def test_echoed_text_in_an_error_is_cut_so_the_trailers_stay_small():
+    huge = "Z" * 50_000
+    st = to_status(grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_SEAT", f"no seat {huge}", {"seats": huge})
+    info = _error_info(st)
+    assert info.reason == "UNKNOWN_SEAT" and len(info.metadata["seats"]) == 512
+    assert len(st.details) == 512 and st.details.startswith("no seat ZZZ") and st.details.endswith("…")
+
+
 def test_domain_error_maps_to_its_code():
     st = status_of(NotFound("ORDER_NOT_FOUND", "no such order"))
     assert st.code == grpc.StatusCode.NOT_FOUND and st.details == "no such order"
