@@ -22,6 +22,7 @@ MAX_TITLE = 200
 MAX_TEXT = 500  # artist, venue name and address
 MAX_NAME = 32  # tier and section names
 MAX_TIERS = 50
+MAX_PRICE_UNITS = 10**12  # a seat's price in major units
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 # ISO 4217 minor-unit exponents that differ from the usual 2.
@@ -53,6 +54,10 @@ def validate_money(price: Money, field: str) -> None:
         )
     if price.units < 0 or price.nanos < 0:
         raise invalid("NEGATIVE_PRICE", f"{field} must not be negative", field)
+    if price.units > MAX_PRICE_UNITS:
+        # A hold's total (up to MAX_SEAT_LIMIT_PER_FAN seats) must fit money's int64 units: a
+        # price near 2**63 made every hold of two seats an overflow, after its seats were taken.
+        raise invalid("PRICE_TOO_HIGH", f"{field} is above {MAX_PRICE_UNITS:,} units", f"{field}.units")
     if price.nanos >= NANOS_PER_UNIT:
         raise invalid("INVALID_PRICE", f"{field}.nanos must be below 1,000,000,000", f"{field}.nanos")
     step = NANOS_PER_UNIT // 10 ** currency_decimals(price.currency_code)
@@ -70,6 +75,7 @@ def _check_name(value: str, field: str) -> None:
         raise invalid("MISSING_FIELD", f"{field} is required", field)
     if len(value) > MAX_NAME:
         raise invalid("FIELD_TOO_LONG", f"{field} is longer than {MAX_NAME} characters", field)
+    _check_characters(value, field)
 
 
 def _check_text(value: str, field: str, limit: int, required: bool) -> None:
@@ -77,6 +83,17 @@ def _check_text(value: str, field: str, limit: int, required: bool) -> None:
         raise invalid("MISSING_FIELD", f"{field} is required", field)
     if len(value) > limit:
         raise invalid("FIELD_TOO_LONG", f"{field} is longer than {limit} characters", field)
+    _check_characters(value, field)
+
+
+# Control characters have no place on a ticket; NUL, which PostgreSQL's text refuses, made the
+# write a 500. Tabs and line breaks (an address) are fine.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _check_characters(value: str, field: str) -> None:
+    if _CONTROL.search(value):
+        raise invalid("INVALID_CHARACTERS", f"{field} contains control characters", field)
 
 
 def validate_times(spec: EventSpec) -> None:

@@ -64,6 +64,13 @@ def test_a_valid_event_counts_its_seats() -> None:
         ({"start_time": None}, "MISSING_FIELD"),
         ({"price_tiers": ()}, "MISSING_FIELD"),
         ({"title": "x" * 201}, "FIELD_TOO_LONG"),
+        ({"title": "a\x00b"}, "INVALID_CHARACTERS"),  # PostgreSQL refuses NUL: it was a 500
+        ({"artist": "\x1b[31m"}, "INVALID_CHARACTERS"),
+        ({"venue": Venue("Hall\x00")}, "INVALID_CHARACTERS"),
+        ({"price_tiers": (PriceTier("V\x00", Money("KRW", 1)), PriceTier("R", Money("KRW", 1)))},
+         "INVALID_CHARACTERS"),
+        ({"price_tiers": (PriceTier("VIP", Money("USD", 2**63 - 1)), PriceTier("R", Money("USD", 1)))},
+         "PRICE_TOO_HIGH"),  # two seats' total overflowed a hold's int64 amount after the seats were taken
         # times: queue opens <= sale opens < show starts
         ({"queue_open_time": NOW + timedelta(days=2)}, "INVALID_TIMES"),
         ({"sale_open_time": NOW + timedelta(days=30)}, "INVALID_TIMES"),
