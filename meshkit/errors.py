@@ -72,6 +72,14 @@ def clip(text: str, limit: int = MAX_ERROR_TEXT) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def request_id_reused(request_id: object, used_for: str) -> InvalidArgument:
+    """A request id names one request: the same id with other arguments is the client's mistake,
+    not a retry (answering the first request's result would hide it)."""
+    return InvalidArgument("REQUEST_ID_REUSED",
+                           f"request id {request_id} was used for {used_for}; a new request needs a new id",
+                           metadata={"request_id": str(request_id), "used_for": used_for})
+
+
 def to_status(
     code: grpc.StatusCode, reason: str, message: str, metadata: dict[str, str] | None = None
 ) -> grpc.Status:

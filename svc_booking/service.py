@@ -34,7 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope, EventPublished
 
 from meshkit.db import autocommit
-from meshkit.errors import DomainError, NotFound
+from meshkit.errors import DomainError, NotFound, request_id_reused
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import Outboxed, enqueue
 
@@ -75,6 +75,12 @@ class _StateRebuilt(Exception):
         super().__init__(f"live state {live!r}, hold made on {made_on!r}")
         self.live = live
         self.made_on = made_on
+
+
+def _same_request(hold: Hold, seats: Sequence[str], request_id: uuid.UUID) -> None:
+    """A hold request answered from an earlier one with this id must have asked for its seats."""
+    if sorted(hold.seat_ids) != sorted(seats):
+        raise request_id_reused(request_id, model.hold_name(hold.event_id, hold.hold_id))
 
 
 @dataclass(frozen=True)
@@ -301,7 +307,10 @@ class Booking:
                 break
             await self.ensure_live(layout)
         if res.outcome == "DUP":
-            return await self._replay_hold(layout, user_id, uuid.UUID(res.values[0]), request_id)
+            replayed = await self._replay_hold(layout, user_id, uuid.UUID(res.values[0]), request_id)
+            if replayed is not None:
+                _same_request(replayed.hold, seats, request_id)
+            return replayed
         if res.outcome == "TAKEN":
             raise model.SeatUnavailable(res.values)
         if res.outcome == "LIMIT":
@@ -340,6 +349,7 @@ class Booking:
         if first is not None:
             if first.hold_id != hold_id:
                 await self._take_back(hold, request_id)
+            _same_request(first, seats, request_id)
             return PricedHold(first, layout.amount(first.seat_ids))
         return PricedHold(hold, layout.amount(seats))
 
@@ -458,6 +468,8 @@ class Booking:
         async with self.pool.connection() as conn, conn.transaction():
             prior = await db.order_by_request(conn, user_id, request_id)
             if prior is not None:
+                if prior.hold_id != hold_id:
+                    raise request_id_reused(request_id, model.hold_name(prior.event_id, prior.hold_id))
                 return prior
             hold = await db.get_hold(conn, hold_id, lock=True)
             if hold is None or hold.user_id != user_id or hold.event_id != event_id:

@@ -31,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1 import events_pb2 as ev
 
 from meshkit.db import autocommit
-from meshkit.errors import DomainError, NotFound
+from meshkit.errors import DomainError, NotFound, request_id_reused
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import Outboxed, enqueue
 
@@ -92,6 +92,8 @@ class Payments:
                              outcome: Outcome | None = None) -> Payment:
         async with autocommit(self.pool) as conn:  # a retry, or the order's payment in progress
             prior, live, failed = await db.by_request_or_live(conn, user_id, request_id, order_id)
+        if prior is not None and prior.order_id != order_id:
+            raise request_id_reused(request_id, prior.name)
         if prior is not None and not model.is_dropped_checkout(prior):
             return prior
         order = await self.booking.order(order_id)

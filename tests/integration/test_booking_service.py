@@ -220,6 +220,11 @@ async def test_hold_errors_and_idempotent_retry(wired: Wired, stub: pb_grpc.Book
     third = await hold(stub, "u-retry", event_id, ["A-1-1", "A-1-2"], key)
     assert third.name == first.name
     assert (await fails(hold(stub, "u-retry", event_id, ["A-1-1"])))[1] == "SEAT_UNAVAILABLE"
+    # The same request id for other seats is not a retry: it was answered with the first hold.
+    code, reason, md = await fails(hold(stub, "u-retry", event_id, ["A-1-3"], key))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+    assert md["used_for"] == first.name
+    assert (await statuses(stub, event_id))["A-1-3"] == pb.SEAT_STATUS_AVAILABLE
     delta = first.expire_time.ToDatetime() - first.create_time.ToDatetime()
     assert delta.total_seconds() == pytest.approx(300, abs=1)
 
@@ -368,6 +373,13 @@ async def test_order_lifecycle(wired: Wired, stub: pb_grpc.BookingServiceStub,
     again = await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=key),
                                    metadata=fan("u-ord", event_id))
     assert again == order
+    # The same request id for another hold is not a retry: it was answered with this order.
+    other = await hold(stub, "u-ord", event_id, ["A-2-1"])
+    code, reason, md = await fails(stub.CreateOrder(pb.CreateOrderRequest(hold=other.name, request_id=key),
+                                                    metadata=fan("u-ord", event_id)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+    assert md["used_for"] == h.name
+    await stub.DeleteHold(pb.DeleteHoldRequest(name=other.name), metadata=fan("u-ord", event_id))
     code, reason, _ = await fails(stub.DeleteHold(pb.DeleteHoldRequest(name=h.name),
                                                   metadata=fan("u-ord", event_id)))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "HOLD_ORDERED")

@@ -800,6 +800,28 @@ async def test_a_checkout_dropped_for_a_concurrent_payment_is_refunded_if_paid_a
     assert len(await pw.provider.refunds_of(refs[0])) == 1
 
 
+async def test_a_request_id_used_for_one_order_cannot_pay_another(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """It was answered with the first order's payment, and the app believed the second paid."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, first = await ordered(booking, bstub, u, ("A-7-7",))
+    _, second = await ordered(booking, bstub, u, ("A-7-8",))
+    key = rid()
+    pw.provider.plan(first.name, "never")
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=first.name, request_id=key), metadata=me(u))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await pstub.CreatePayment(pb.CreatePaymentRequest(order=second.name, request_id=key), metadata=me(u))
+    info = error_info(exc.value)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info is not None and info.reason == "REQUEST_ID_REUSED" and info.metadata["used_for"] == p.name
+    assert await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s",
+                       order_uuid(second)) == 0
+
+
 async def test_a_new_payment_after_a_declined_one_is_refused(
     booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
     stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
