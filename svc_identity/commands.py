@@ -44,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
     admin = sub.add_parser("create-admin", help="create the first admin, or promote an account to ADMIN")
     admin.add_argument("--email", required=True)
     admin.add_argument("--display-name", default="")
+    admin.add_argument(
+        "--promote", action="store_true",
+        help="the email has an account already (anyone may have signed it up): make it ADMIN, with the "
+             "password from TP_ADMIN_PASSWORD (or asked for) and every session of it signed out")
     ensure = sub.add_parser("ensure-user", help="create or update an account (idempotent)")
     ensure.add_argument("--email", required=True)
     ensure.add_argument("--display-name", default="")
@@ -71,7 +75,7 @@ def run(argv: Sequence[str]) -> int:
                   settings.log_json)
     try:
         if args.command == "create-admin":
-            return asyncio.run(create_admin(settings, args.email, args.display_name))
+            return asyncio.run(create_admin(settings, args.email, args.display_name, promote=args.promote))
         if args.command == "ensure-user":
             password = os.environ.get(args.password_env)
             if not password:
@@ -94,17 +98,27 @@ async def _identity(stack: contextlib.AsyncExitStack, settings: Settings):  # ty
     return await open_identity(stack, settings, serving=False)
 
 
-async def create_admin(settings: Settings, email: str, display_name: str) -> int:
+async def create_admin(settings: Settings, email: str, display_name: str, *, promote: bool = False) -> int:
     async with contextlib.AsyncExitStack() as stack:
         identity = await _identity(stack, settings)
         existing = await identity.users.credentials(normalize_email(email))
-        password = None
-        if existing is None:
-            password = os.environ.get("TP_ADMIN_PASSWORD") or _prompt_password()
-            if password is None:
-                print("error: set TP_ADMIN_PASSWORD (no terminal to ask on)", file=sys.stderr)
-                return EXIT_BAD_INPUT
+        if existing is not None and existing.user.role is Role.ADMIN:
+            print(f"already an admin: {existing.user.email} ({existing.user.name})")
+            return 0
+        if existing is not None and not promote:
+            # Sign-up needs no proof of the address: whoever registered it first holds its
+            # password and sessions. Promoting it as it is would hand them the admin role.
+            print(f"error: EXISTING_ACCOUNT: {existing.user.email} already has an account, which anyone "
+                  "may have signed up; pass --promote to make it an admin with a new password "
+                  "(TP_ADMIN_PASSWORD) and every session of it signed out", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        password = os.environ.get("TP_ADMIN_PASSWORD") or _prompt_password()
+        if password is None:
+            print("error: set TP_ADMIN_PASSWORD (no terminal to ask on)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         user, outcome = await identity.ensure_user(email, display_name, Role.ADMIN, password)
+        if existing is not None:
+            await identity.sessions.revoke_all(user.id, "PROMOTED")
         word = {"created": "created admin", "updated": "promoted to admin",
                 "unchanged": "already an admin"}[outcome.value]
         print(f"{word}: {user.email} ({user.name})")

@@ -196,6 +196,18 @@ class SessionRepository:
                 await self._revoke_family(conn, family, "LOGOUT")
             return RevokeOutcome(found=True, owner=owner)
 
+    async def revoke_all(self, user_id: uuid.UUID, reason: str) -> int:
+        """Sign the account out everywhere: every family of its refresh tokens; how many."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE refresh_families SET revoked_at = now(), revoke_reason = %s "
+                "WHERE user_id = %s AND revoked_at IS NULL RETURNING id", (reason, user_id))
+            families = [row[0] for row in await cur.fetchall()]
+            await conn.execute(
+                "UPDATE refresh_tokens SET revoked_at = now() "
+                "WHERE family_id = ANY(%s) AND revoked_at IS NULL", (families,))
+        return len(families)
+
     @staticmethod
     async def _revoke_family(conn, family: uuid.UUID, reason: str) -> None:  # type: ignore[no-untyped-def]
         await conn.execute(

@@ -88,15 +88,28 @@ async def test_create_admin_creates_then_is_idempotent(
     assert await role_after_login(stub, email, password) == "ADMIN"
 
 
-async def test_create_admin_promotes_an_existing_fan(stub: pb_grpc.IdentityServiceStub, pg_dsn: str) -> None:
-    email = f"fan-{uuid.uuid4().hex[:8]}@example.com"
-    await stub.CreateUser(pb.CreateUserRequest(email=email, password="fan password 1", display_name="Fan"))
-    assert await role_after_login(stub, email, "fan password 1") == "USER"
-    done = await run(pg_dsn, "create-admin", "--email", email, "--display-name", "Fan")
+async def test_create_admin_promotes_an_existing_account_only_when_told_and_takes_it_over(
+        stub: pb_grpc.IdentityServiceStub, pg_dsn: str) -> None:
+    """Sign-up proves no address: whoever signed up the admin-to-be's email first holds its
+    password and sessions. create-admin refuses such an account unless --promote is given, and
+    then gives it a new password and signs every session of it out."""
+    email = f"ops-{uuid.uuid4().hex[:8]}@example.com"
+    await stub.CreateUser(pb.CreateUserRequest(email=email, password="squatter pass 1", display_name="X"))
+    squatter = await stub.CreateSession(pb.CreateSessionRequest(email=email, password="squatter pass 1"))
+    refused = await run(pg_dsn, "create-admin", "--email", email, TP_ADMIN_PASSWORD="admin password 123")
+    assert refused.returncode == 2 and "EXISTING_ACCOUNT" in refused.stderr
+    assert await role_after_login(stub, email, "squatter pass 1") == "USER"
+
+    done = await run(pg_dsn, "create-admin", "--email", email, "--promote",
+                     TP_ADMIN_PASSWORD="admin password 123")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("promoted to admin: ")
-    # the password is untouched, the role is ADMIN from the next token on
-    assert await role_after_login(stub, email, "fan password 1") == "ADMIN"
+    assert await role_after_login(stub, email, "admin password 123") == "ADMIN"
+    with pytest.raises(grpc.aio.AioRpcError) as exc:  # the old password is gone
+        await stub.CreateSession(pb.CreateSessionRequest(email=email, password="squatter pass 1"))
+    assert error_info(exc.value).reason == "INVALID_CREDENTIALS"  # type: ignore[union-attr]
+    with pytest.raises(grpc.aio.AioRpcError):  # and so is every session it had
+        await stub.RefreshSession(pb.RefreshSessionRequest(refresh_token=squatter.refresh_token))
 
 
 async def test_create_admin_refuses_bad_input(pg_dsn: str) -> None:
