@@ -292,6 +292,10 @@ def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
                     "issuer": access.USER_TOKEN_ISSUER,
                     "audiences": [access.USER_TOKEN_AUDIENCE],
                     "remote_jwks": _remote_jwks(lay, USER_JWKS_PATH),
+                    # Said outright: by default jwt_authn also takes ?access_token=, which puts a
+                    # live token in URLs (access logs, the services' x-envoy-original-path) and
+                    # past the front's "GETs without a token" routing.
+                    "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
                     "jwt_cache_config": {"jwt_cache_size": JWT_CACHE_SIZE},
                     "forward": False,
                     "clock_skew_seconds": 30,

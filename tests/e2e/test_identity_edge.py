@@ -78,6 +78,13 @@ def test_sign_up_log_in_me(http: httpx.Client, fan: Fan):
     assert 0 < claims["exp"] - claims["iat"] <= 15 * 60
 
 
+def test_a_token_in_the_url_is_no_token(http: httpx.Client, fan: Fan):
+    """Only the Authorization header carries a user token: a URL's ?access_token= (jwt_authn's
+    default) would leave live tokens in logs and skip the edge's routing of tokened calls."""
+    assert http.get("/v1/users/me", params={"access_token": fan.access_token}).status_code == 401
+    assert http.get("/v1/users/me", headers=fan.auth).status_code == 200
+
+
 def test_public_jwks_lists_the_signing_key(http: httpx.Client, fan: Fan):
     keys = http.get("/.well-known/jwks.json").json()["keys"]
     kid = jwt.get_unverified_header(fan.access_token)["kid"]
