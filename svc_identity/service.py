@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -95,7 +96,9 @@ class IdentityService:
     # --- sessions ---
 
     async def log_in(self, email: str, password: str, client: str) -> TokenPair:
-        email = email.strip()
+        # As sign-up stores it (normalize_email): "José" typed with a combining accent is the
+        # same address. Not the whole normalisation: a malformed address just matches nobody.
+        email = unicodedata.normalize("NFC", email.strip())
         if not email or not password:
             raise _invalid_credentials()
         if self.throttle is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -123,6 +124,15 @@ async def test_sign_up_log_in_and_me(stub: pb_grpc.IdentityServiceStub) -> None:
 
     me = await stub.GetUser(pb.GetUserRequest(name="users/me"), metadata=as_user(claims["sub"]))
     assert (me.id, me.email, me.display_name, me.role) == (user.id, address, "Min-ji", pb.ROLE_USER)
+
+
+async def test_an_address_typed_with_combining_accents_logs_in(stub: pb_grpc.IdentityServiceStub) -> None:
+    """Sign-up stores the NFC form; log-in compares the same form, whichever the keyboard sent."""
+    decomposed = f"jose\u0301-{uuid.uuid4().hex[:8]}@example.com"
+    await stub.CreateUser(pb.CreateUserRequest(email=decomposed, password=PASSWORD, display_name="J"))
+    for typed in (decomposed, unicodedata.normalize("NFC", decomposed)):
+        session = await stub.CreateSession(pb.CreateSessionRequest(email=typed, password=PASSWORD))
+        assert session.access_token
 
 
 async def test_me_needs_an_identity(stub: pb_grpc.IdentityServiceStub) -> None:
