@@ -102,13 +102,18 @@ class IdentityService:
         if not email or not password:
             raise _invalid_credentials()
         if self.throttle is not None:
-            await self.throttle.check(email, client)
+            await self.throttle.begin(email, client)  # counted before the password is checked
         creds = None
-        if len(password) <= self.settings.password_max_length:
-            creds = await self.users.credentials(email)
-            ok = await self.passwords.verify(creds.password_hash if creds else None, password)
-        else:
-            ok = False
+        try:
+            if len(password) <= self.settings.password_max_length:
+                creds = await self.users.credentials(email)
+                ok = await self.passwords.verify(creds.password_hash if creds else None, password)
+            else:
+                ok = False
+        except BaseException:
+            if self.throttle is not None:  # no outcome to count: give the attempt back
+                await self.throttle.release(email, client)
+            raise
         if not ok or creds is None:
             blocked = await self.throttle.failed(email, client) if self.throttle is not None else 0.0
             log.info(
@@ -117,7 +122,7 @@ class IdentityService:
             )
             raise _invalid_credentials()
         if self.throttle is not None:
-            await self.throttle.succeeded(email)
+            await self.throttle.succeeded(email, client)
         if self.passwords.needs_rehash(creds.password_hash):
             new_hash = await self.passwords.hash(password)
             await self.users.set_password_hash(creds.user.id, creds.password_hash, new_hash)

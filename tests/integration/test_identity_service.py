@@ -388,6 +388,29 @@ async def test_failed_logins_per_account_are_slowed_down_then_forgotten(
     assert (await stub.CreateSession(right, metadata=from_address("198.51.100.30"))).access_token
 
 
+async def test_a_burst_of_parallel_guesses_gets_no_more_password_checks_than_allowed(
+    strict_stub: pb_grpc.IdentityServiceStub,
+) -> None:
+    """30 guesses at one account at once, from 30 addresses: only the 3 failures the account has
+    before a block get their password checked; the others are refused without a check."""
+    address = email("burst")
+    await strict_stub.CreateUser(pb.CreateUserRequest(email=address, password=PASSWORD))
+
+    async def guess(i: int) -> str:
+        try:
+            await strict_stub.CreateSession(pb.CreateSessionRequest(email=address, password=f"guess {i} pw"),
+                                            metadata=from_address(f"198.51.100.{100 + i}"))
+        except grpc.aio.AioRpcError as err:
+            info = error_info(err)
+            assert info is not None
+            return info.reason
+        return "LOGGED_IN"
+
+    reasons = await asyncio.gather(*(guess(i) for i in range(30)))
+    assert reasons.count("INVALID_CREDENTIALS") == 3, reasons
+    assert reasons.count("TOO_MANY_ATTEMPTS") == 27
+
+
 async def test_backoff_grows_and_is_capped(strict_stub: pb_grpc.IdentityServiceStub) -> None:
     stub = strict_stub
     address = email("grow")  # unknown account: counted the same way (no hint that it does not exist)

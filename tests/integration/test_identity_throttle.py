@@ -35,19 +35,19 @@ async def throttle(request: pytest.FixtureRequest, redis_url: str) -> AsyncItera
 
 async def test_blocks_after_the_threshold_grows_caps_and_expires(throttle: LoginThrottle) -> None:
     email = f"{uuid.uuid4().hex[:8]}@example.com"
-    await throttle.check(email, "198.51.100.1")
+    await throttle.begin(email, "198.51.100.1")
     assert await throttle.failed(email, "198.51.100.1") == 0
     assert await throttle.failed(email, "198.51.100.2") == pytest.approx(0.4)
     with pytest.raises(TooManyAttempts) as exc:
-        await throttle.check(email.upper(), "198.51.100.3")
+        await throttle.begin(email.upper(), "198.51.100.3")
     assert exc.value.metadata["retry_after_seconds"] == "1"
     await asyncio.sleep(0.45)
-    await throttle.check(email, "198.51.100.3")  # the block ended
+    await throttle.begin(email, "198.51.100.3")  # the block ended
     assert await throttle.failed(email, "198.51.100.3") == pytest.approx(0.8)
     assert await throttle.failed(email, "198.51.100.4") == pytest.approx(0.8)  # capped
     await asyncio.sleep(0.85)
-    await throttle.check(email, "198.51.100.5")
-    await throttle.succeeded(email)  # clears the account's count
+    await throttle.begin(email, "198.51.100.5")
+    await throttle.succeeded(email, "198.51.100.5")  # clears the account's count
     assert await throttle.failed(email, "198.51.100.6") == 0
 
 
@@ -57,14 +57,40 @@ async def test_counts_per_client_across_accounts(throttle: LoginThrottle) -> Non
         assert await throttle.failed(f"{uuid.uuid4().hex[:8]}@example.com", client) == 0
     assert await throttle.failed(f"{uuid.uuid4().hex[:8]}@example.com", client) == pytest.approx(0.4)
     with pytest.raises(TooManyAttempts):
-        await throttle.check(f"{uuid.uuid4().hex[:8]}@example.com", client)
-    await throttle.check(f"{uuid.uuid4().hex[:8]}@example.com", "192.0.2.250")
+        await throttle.begin(f"{uuid.uuid4().hex[:8]}@example.com", client)
+    await throttle.begin(f"{uuid.uuid4().hex[:8]}@example.com", "192.0.2.250")
+
+
+async def test_parallel_guesses_get_no_more_checks_than_failures_left(throttle: LoginThrottle) -> None:
+    """A burst of guesses at one account: each is reserved before its password is checked, so
+    only as many as the failures left before a block (2 here) get checked; the rest are refused
+    at once. Checking first and counting after let the whole burst through."""
+    email = f"{uuid.uuid4().hex[:8]}@example.com"
+
+    async def guess(i: int) -> bool:
+        try:
+            await throttle.begin(email, f"198.51.100.{i}")
+        except TooManyAttempts:
+            return False
+        await asyncio.sleep(0.05)  # the password check
+        await throttle.failed(email, f"198.51.100.{i}")
+        return True
+
+    checked = await asyncio.gather(*(guess(i) for i in range(40)))
+    assert sum(checked) == 2
+    with pytest.raises(TooManyAttempts):  # and the two failures blocked the account
+        await throttle.begin(email, "198.51.100.99")
+    # A success gives its reservation back: after the block, one login then another go through.
+    await asyncio.sleep(0.45)
+    for _ in range(2):
+        await throttle.begin(email, "198.51.100.7")
+        await throttle.succeeded(email, "198.51.100.7")
 
 
 async def test_redis_down_does_not_stop_logins() -> None:
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     throttle = LoginThrottle(dead, prefix="test:identity:dead", account=ACCOUNT, client=CLIENT, timeout=0.5)
-    await throttle.check("a@example.com", "192.0.2.1")
+    await throttle.begin("a@example.com", "192.0.2.1")
     assert await throttle.failed("a@example.com", "192.0.2.1") == 0
-    await throttle.succeeded("a@example.com")
+    await throttle.succeeded("a@example.com", "192.0.2.1")
     await dead.aclose()
