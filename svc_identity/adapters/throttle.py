@@ -4,9 +4,11 @@ Each subject (an account, a client address) has three keys under one hash tag, s
 touches them works on Redis Cluster: ``{<prefix>:login:<kind>:<id>}:n`` (failures), ``…:b``
 (present while blocked, expiring when the block ends) and ``…:p`` (guesses being checked right
 now). An attempt is reserved before its password is checked (``begin``: one round trip, a
-script per subject): a subject may have only as many guesses in flight as failures it has left
-before a block (at least one). Without that, a burst of parallel guesses all passed the check
-before the first of them was counted (argon2 takes tens of milliseconds), hundreds per block.
+script per subject): an account may have only as many guesses in flight as failures it has left
+before a block (at least one). Clients are only checked for a block (one address may be a
+carrier's NAT with thousands of fans behind it). Without the reservation, a burst of parallel
+guesses all passed the check before the first of them was counted (argon2 takes tens of
+milliseconds): hundreds per block.
 Recording the outcome releases the reservation. Redis' own clock and expiry drive everything, so
 replicas agree and nothing is permanent (a reservation whose process died lapses in PENDING_MS).
 If Redis is slow or down, logins are not throttled (and that is logged), rather than every login
@@ -30,11 +32,13 @@ T = TypeVar("T")
 
 PENDING_MS = 30_000  # a reserved attempt lapses after this, should its process die
 
-# KEYS: failures, block, pending. ARGV: threshold, pending ms. Returns the block's ms left, -1 if
-# the subject already has as many guesses in flight as it may, or 0: reserved.
+# KEYS: failures, block, pending. ARGV: threshold, pending ms, reserve (1: count it in flight).
+# Returns the block's ms left, -1 if the subject already has as many guesses in flight as it
+# may, or 0: go ahead (reserved, if asked).
 _BEGIN = """
 local blocked = redis.call('PTTL', KEYS[2])
 if blocked > 0 then return blocked end
+if ARGV[3] ~= '1' then return 0 end
 local n = tonumber(redis.call('GET', KEYS[1]) or '0')
 local p = tonumber(redis.call('GET', KEYS[3]) or '0')
 if p >= math.max(tonumber(ARGV[1]) - n, 1) then return -1 end
@@ -95,15 +99,17 @@ class LoginThrottle:
         ]
 
     async def begin(self, email: str, client: str) -> None:
-        """Reserve one attempt for the account and the client, before the password is checked;
-        raise TooManyAttempts while either is blocked or has all its guesses left in flight.
-        The outcome (failed / succeeded / released) gives the reservation back."""
+        """Reserve one attempt for the account before the password is checked; raise
+        TooManyAttempts while the account or the client is blocked, or the account has all its
+        guesses left in flight. The outcome (failed / succeeded / released) gives the
+        reservation back. A client is not limited in flight: a carrier's NAT puts thousands of
+        fans behind one address, all signing in the minute a sale opens."""
         subjects = self._subjects(email, client)
 
         async def run() -> list[Any]:
             pipe = self.redis.pipeline(transaction=False)
-            for keys, policy in subjects:
-                pipe.eval(_BEGIN, 3, *keys, policy.threshold, PENDING_MS)
+            for (keys, policy), reserve in zip(subjects, (1, 0), strict=True):
+                pipe.eval(_BEGIN, 3, *keys, policy.threshold, PENDING_MS, reserve)
             return await pipe.execute()  # type: ignore[no-any-return]
 
         replies: list[Any] = await self._guard("begin", run, [])

@@ -87,6 +87,15 @@ async def test_parallel_guesses_get_no_more_checks_than_failures_left(throttle: 
         await throttle.succeeded(email, "198.51.100.7")
 
 
+async def test_many_fans_behind_one_address_sign_in_at_once(throttle: LoginThrottle) -> None:
+    """A carrier's NAT: hundreds of accounts from one client address in the same second. Only
+    an account is limited in flight; the client is only checked for a block."""
+    nat = "100.64.0.1"
+    emails = [f"{uuid.uuid4().hex[:8]}@example.com" for _ in range(100)]
+    await asyncio.gather(*(throttle.begin(e, nat) for e in emails))
+    await asyncio.gather(*(throttle.succeeded(e, nat) for e in emails))
+
+
 async def test_redis_down_does_not_stop_logins() -> None:
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     throttle = LoginThrottle(dead, prefix="test:identity:dead", account=ACCOUNT, client=CLIENT, timeout=0.5)
