@@ -19,8 +19,8 @@ reached it stays registered and is looked at again a second later.
 The other way round, a room whose keys are there but which is missing from the registry (the set
 lost on its own: on Redis Cluster it lives on another master than the rooms, which can fail over
 to an empty replica) would never be ticked again, its fans waiting for good. So a poke for a room
-this replica's last read of the registry did not have puts it back (SADD, on the next round): a
-join or a waiting fan's queue/me is enough to heal it.
+this replica's last read of the registry did not have puts it back (SADD) before the call that
+poked answers: a join or a waiting fan's queue/me is enough to heal it.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ class AdmissionLoop:
         self._events_at = float("-inf")
         self._due: dict[str, float] = {}  # room -> monotonic time of its next tick
         self._poked: dict[str, float] = {}  # room -> monotonic time of its last poke
-        self._unlisted: set[str] = set()  # poked rooms the last read of the registry did not have
         self._known: set[str] = set()  # set(self._events)
         self._last_error_log = float("-inf")
         self.ticks = 0
@@ -105,31 +104,26 @@ class AdmissionLoop:
             self._known = known = set(self._events)
             self._due = {e: t for e, t in self._due.items() if e in known}
             self._poked = {e: t for e, t in self._poked.items() if e in known}
-        if self._unlisted:
-            await self._relist()
         due = [e for e in self._events if self._due.get(e, 0.0) <= now]
         results = await asyncio.gather(*(self._tick(e) for e in due))
         self.ticks += 1
         return [r for r in results if r is not None]
 
-    def poke(self, event_id: str) -> None:
-        """Something happened in this room (a join, a change): tick it on the next round."""
+    async def poke(self, event_id: str) -> None:
+        """Something happened in this room (a join, a waiting fan's read, a change): tick it on
+        the next round. A room this replica's last read of the registry did not have is put
+        back in it first (SADD; its answer tells a lost entry, logged, from a room published a
+        moment ago), before the caller answers: so a room whose keys survived the registry's
+        loss is ticked again as soon as anyone uses it."""
         self._due.pop(event_id, None)
         self._poked[event_id] = time.monotonic()
+        if event_id in self._known:
+            return
+        if await self.registry.add(event_id):
+            log.warning("room missing from the registry; registered again", extra={"event_id": event_id})
         if event_id not in self._known:
-            self._unlisted.add(event_id)
-
-    async def _relist(self) -> None:
-        """Put the poked rooms the registry did not have back in it, and tick them from now on. A
-        room published a moment ago (not in this replica's read yet) is there: SADD says so."""
-        unlisted, self._unlisted = self._unlisted, set()
-        for event_id in sorted(unlisted):
-            if event_id in self._known:
-                continue
-            if await self.registry.add(event_id):
-                log.warning("room missing from the registry; registered again", extra={"event_id": event_id})
-            self._events = [*self._events, event_id]
             self._known.add(event_id)
+            self._events = [*self._events, event_id]
 
     async def _tick(self, event_id: str) -> TickResult | None:
         started = time.monotonic()

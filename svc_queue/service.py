@@ -49,7 +49,7 @@ class Queue:
     def __init__(
         self, rooms: RoomStore, registry: RoomRegistry, keys: AdmissionKeyStore, *,
         tokens: TokenSettings, defaults: RoomDefaults, max_session_ttl_ms: int,
-        poke: Callable[[str], None] = lambda event_id: None,
+        poke: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.rooms = rooms
         self.registry = registry
@@ -57,7 +57,7 @@ class Queue:
         self.tokens = tokens
         self.defaults = defaults
         self.max_session_ttl_ms = max_session_ttl_ms
-        self.poke = poke  # tells this replica's admission loop that a room needs a tick now
+        self._poke = poke  # tells this replica's admission loop that a room needs a tick now
         # Rebuilds a room lost from Redis from catalog (None: no catalog configured, a missing
         # room stays 404). Set after construction: it calls back into event_published.
         self.recovery: RoomRecovery | None = None
@@ -79,7 +79,7 @@ class Queue:
 
     async def join(self, event_id: str, user_id: str) -> Ticket:
         ticket = await self._in_room(event_id, lambda: self.rooms.join(event_id, user_id))
-        self.poke(event_id)
+        await self.poke(event_id)
         return ticket
 
     async def ticket(self, event_id: str, user_id: str) -> Ticket:
@@ -88,7 +88,7 @@ class Queue:
         waiting pokes the room: if the replica their join poked died, this one ticks it now."""
         ticket = await self._in_room(event_id, lambda: self._ticket(event_id, user_id))
         if ticket.state is TicketState.WAITING:
-            self.poke(event_id)
+            await self.poke(event_id)
         return ticket
 
     async def _ticket(self, event_id: str, user_id: str) -> Ticket:
@@ -116,13 +116,17 @@ class Queue:
 
     # -- the room ---------------------------------------------------------------------------
 
+    async def poke(self, event_id: str) -> None:
+        if self._poke is not None:
+            await self._poke(event_id)
+
     async def status(self, event_id: str) -> RoomStatus:
         return await self._in_room(event_id, lambda: self.rooms.status(event_id))
 
     async def update(self, event_id: str, change: RoomChange) -> RoomStatus:
         fields = change.fields()
         status = await self._in_room(event_id, lambda: self.rooms.update(event_id, fields))
-        self.poke(event_id)
+        await self.poke(event_id)
         return status
 
     async def mark_sold_out(self, event_id: str) -> RoomStatus:

@@ -49,7 +49,7 @@ async def test_an_idle_room_waits_and_a_poke_brings_it_back_on_the_next_round() 
     await loop.tick_all()
     await loop.tick_all()
     assert rooms.ticks == ["e1"]  # idle: not again before 5 s
-    loop.poke("e1")
+    await loop.poke("e1")
     await loop.tick_all()
     assert rooms.ticks == ["e1", "e1"]
 
@@ -63,7 +63,7 @@ async def test_a_poke_while_the_rooms_tick_runs_outranks_the_ticks_idle_answer()
     rooms.hold = asyncio.Event()
     running = asyncio.create_task(loop.tick_all())
     await rooms.entered.wait()
-    loop.poke("e1")
+    await loop.poke("e1")
     rooms.hold.set()
     await running
     rooms.hold = None
@@ -78,9 +78,10 @@ async def test_a_poked_room_missing_from_the_registry_is_registered_again_and_ti
     loop = AdmissionLoop(rooms, registry, tick_seconds=0.01)  # type: ignore[arg-type]
     await loop.tick_all()
     assert rooms.ticks == []
-    loop.poke("e1")
+    await loop.poke("e1")
+    assert registry.rooms == ["e1"]  # back before the poking call answers
     await loop.tick_all()
     assert (rooms.ticks, registry.rooms) == (["e1"], ["e1"])
-    loop.poke("e1")  # known now: no second SADD, ticked again on the next round
+    await loop.poke("e1")  # known now: no second SADD, ticked again on the next round
     await loop.tick_all()
     assert (rooms.ticks, registry.rooms) == (["e1", "e1"], ["e1"])
