@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
+from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -38,3 +39,15 @@ async def connect(url: str, *, cluster: bool = False) -> AnyRedis:
 
 async def close(client: AnyRedis) -> None:
     await client.aclose()
+
+
+# Redis unreachable, failing over or still loading: the next try may pass. (A script error or a
+# wrong type is the caller's, and is not here.)
+_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError,
+                redis_errors.ClusterDownError, redis_errors.TryAgainError, redis_errors.MasterDownError,
+                redis_errors.ReadOnlyError)
+
+
+def is_redis_unavailable(exc: BaseException) -> bool:
+    """True if ``exc`` says Redis cannot answer now (not the command's fault)."""
+    return isinstance(exc, _UNAVAILABLE)

@@ -11,8 +11,9 @@ from pathlib import Path
 from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
 
 from meshkit import resources
-from meshkit.consumer import EventConsumer
+from meshkit.consumer import EventConsumer, is_database_unavailable
 from meshkit.listen import Listener, connect_like
+from meshkit.redis import is_redis_unavailable
 from meshkit.server import App, Registration, build_server
 
 from .adapters.admission import AdmissionChecker, QueueAdmission, QueueNotifier, StaticAdmission
@@ -34,6 +35,13 @@ class Wired:
     consumer: EventConsumer | None
     payment_consumer: EventConsumer | None = None
     payment_events: PaymentEvents | None = None
+
+
+def _transient(exc: BaseException) -> bool:
+    """Not the event's fault, retried until it passes, never parked: booking's handlers write
+    PostgreSQL and then Redis (a sale's seats SOLD in the live state). A Redis failover takes
+    seconds; a PaymentSucceeded parked meanwhile left its seats HELD until the hold's deadline."""
+    return is_database_unavailable(exc) or is_redis_unavailable(exc)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -73,6 +81,7 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             consumer = EventConsumer(pool, settings.kafka_bootstrap, settings.consumer_group,
                                      [settings.catalog_topic], booking.on_event,
                                      client_id=f"booking-{settings.consumer_group}",
+                                     is_transient=_transient,
                                      after_commit=booking.after_event,
                                      event_types=Booking.CATALOG_EVENT_TYPES,
                                      max_concurrency=CATALOG_CONSUMER_CONCURRENCY)
@@ -87,6 +96,7 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             payment_consumer = EventConsumer(pool, settings.kafka_bootstrap, group,
                                              [settings.payment_topic], payment_events.handle,
                                              client_id=f"booking-{group}",
+                                             is_transient=_transient,
                                              event_types=PaymentEvents.TYPES,
                                              max_concurrency=settings.payment_consumer_concurrency)
             ptask = asyncio.create_task(payment_consumer.run(), name="booking-payment-consumer")

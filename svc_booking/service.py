@@ -580,17 +580,21 @@ class Booking:
             # sold_seats' primary key: one of these seats is sold already. No double sale.
             raise DomainError("ORDER_NOT_PAYABLE", f"{name}: a seat was sold to another order; "
                               "refund the payment", metadata={"cause": "SEAT_ALREADY_SOLD"}) from None
-        unsold = await self.inventory.sell(order.event_id, str(order.hold_id), order.seat_ids)
+        await self._mark_sold(order.event_id, order.hold_id, order.seat_ids)
         # The fan's session is ended by OrderConfirmed (the waiting room's consumer), not by a
         # call from here as well: that was a second gRPC call and Redis script per purchase (a
         # thirtieth of a sale's CPU) to free the slot a few hundred milliseconds sooner.
+        return order
+
+    async def _mark_sold(self, event_id: str, hold_id: uuid.UUID, seat_ids: Sequence[str]) -> None:
+        """A sale's seats SOLD in the live state; the waiting room told if that was the last."""
+        unsold = await self.inventory.sell(event_id, str(hold_id), seat_ids)
         if self.queue is not None:
             # The live state counts the unsold seats down, so a sale is not a count of every sold
             # seat (which grows with the house: O(seats) per sale). It only says when to ask
             # PostgreSQL, the truth; so does a count it does not know (-1).
-            if unsold <= 0 and await self._sold_out(order.event_id):
-                await self.queue.mark_sold_out(order.event_id)
-        return order
+            if unsold <= 0 and await self._sold_out(event_id):
+                await self.queue.mark_sold_out(event_id)
 
     async def _sell_pending(self, order_id: uuid.UUID, payment: str, now: datetime,
                             known: Order | None) -> Order | None:
@@ -672,7 +676,9 @@ class Booking:
                 return await self.expire_hold(event_id, hold_id)
             return "orphan_released"
         if hold.state is HoldState.SOLD:
-            await self.inventory.sell(event_id, str(hold_id), hold.seat_ids)
+            # Its sale's own Redis step never ran (Redis was down then): the seats become SOLD
+            # here, and if they were the last, the room must hear it from here too.
+            await self._mark_sold(event_id, hold_id, hold.seat_ids)
             return "sold"
         await self.inventory.release(event_id, str(hold_id), hold.user_id, hold.seat_ids)
         return outcome

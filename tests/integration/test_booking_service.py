@@ -17,6 +17,7 @@ import grpc
 import psycopg
 import pytest
 import pytest_asyncio
+import redis
 from google.protobuf.duration_pb2 import Duration
 from ticketping.booking.v1 import booking_service_pb2 as pb
 from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
@@ -640,6 +641,35 @@ async def test_selling_the_last_seat_tells_the_waiting_room(
     await _drop_live_state(wired, event_id)
     assert set((await statuses(stub, event_id)).values()) == {pb.SEAT_STATUS_SOLD}
     assert admission.sold_out.count(event_id) == 2
+
+
+async def test_a_sale_whose_redis_step_failed_is_marked_sold_by_the_sweeper_and_sells_out(
+    wired: Wired, stub: pb_grpc.BookingServiceStub, admission: StaticAdmission,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL sold the last seats, then Redis was unreachable for the live state's step (the
+    payment consumer retries that now, but a retry may come after the deadline). When the hold's
+    deadline passes, the sweeper marks the seats SOLD, and, the house being full, tells the room:
+    it did the Redis step but never said sold out."""
+    event_id = await new_event(wired, sections=(("A", 1, 2, "VIP"),))
+    h = await hold(stub, "u-down", event_id, ["A-1-1", "A-1-2"])
+    o = await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                               metadata=fan("u-down", event_id))
+
+    async def unreachable(*args: object, **kw: object) -> int:
+        raise redis.exceptions.ConnectionError("Redis failing over")
+
+    monkeypatch.setattr(wired.booking.inventory, "sell", unreachable)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.ConfirmOrder(pb.ConfirmOrderRequest(order=o.name, payment="payments/down",
+                                                       request_id=rid()), metadata=INTERNAL)
+    monkeypatch.undo()
+    assert event_id not in admission.sold_out
+    assert (await statuses(stub, event_id))["A-1-1"] == pb.SEAT_STATUS_HELD
+    hold_id = uuid.UUID(h.name.rsplit("/", 1)[-1])
+    assert await wired.booking.expire_hold(event_id, hold_id) == "sold"
+    assert set((await statuses(stub, event_id)).values()) == {pb.SEAT_STATUS_SOLD}
+    assert admission.sold_out.count(event_id) == 1
 
 
 async def test_the_live_count_of_unsold_seats_survives_replays_and_a_rebuild(

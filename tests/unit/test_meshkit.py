@@ -189,3 +189,15 @@ def test_a_pools_use_is_exported_on_metrics() -> None:
     assert 'meshkit_db_pool_requests_waiting{pool="unit-pool"} 3.0' in text
     assert 'meshkit_db_pool_wait_milliseconds_total{pool="unit-pool"} 1234.0' in text
     assert 'meshkit_db_pool_requests_queued_total{pool="unit-pool"} 7.0' in text
+
+
+def test_redis_unavailable_is_told_from_a_commands_own_error():
+    import redis.exceptions as e
+
+    from meshkit.redis import is_redis_unavailable
+
+    for exc in (e.ConnectionError("refused"), e.TimeoutError(), e.ClusterDownError("down"),
+                e.TryAgainError(), e.BusyLoadingError(), e.ReadOnlyError()):
+        assert is_redis_unavailable(exc), exc
+    assert not is_redis_unavailable(e.ResponseError("WRONGTYPE"))
+    assert not is_redis_unavailable(ValueError())
