@@ -91,12 +91,18 @@ ADMISSION_JWKS_METHOD = "/ticketping.queue.v1.QueueService/GetAdmissionKeys"
 # Envoy's own answers (no route, an upstream down, a body too large, later a bad token) get the
 # same JSON error shape as the services' transcoded errors: {code, message, details[ErrorInfo]}.
 # HTTP status -> (google.rpc.Code, ErrorInfo reason).
+# A client's header block (URL included) beyond this is 431, in the API's error shape. The
+# services take twice as much metadata (meshkit.server.MAX_METADATA_BYTES): the original path
+# travels again in x-envoy-original-path.
+MAX_REQUEST_HEADERS_KB = 16
+
 LOCAL_REPLIES = {
     400: (3, "BAD_REQUEST"),
     401: (16, "UNAUTHENTICATED"),
     403: (7, "PERMISSION_DENIED"),
     404: (5, "ROUTE_NOT_FOUND"),
     413: (3, "BODY_TOO_LARGE"),
+    431: (3, "HEADERS_TOO_LARGE"),
     429: (8, "RATE_LIMITED"),
     503: (14, "UPSTREAM_UNAVAILABLE"),
     504: (4, "UPSTREAM_TIMEOUT"),
@@ -496,7 +502,7 @@ def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str,
         "stat_prefix": stat_prefix,
         "codec_type": "AUTO",
         "generate_request_id": True,
-        "max_request_headers_kb": 32,
+        "max_request_headers_kb": MAX_REQUEST_HEADERS_KB,
         "common_http_protocol_options": {"idle_timeout": "60s"},
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "access_log": [{

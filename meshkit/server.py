@@ -160,10 +160,20 @@ def mark_unimplemented(servicer: Any, base: type, note: str) -> None:
 CONNECTION_AGE_GRACE_SECONDS = 45
 
 
+# The edge takes up to MAX_REQUEST_HEADERS_KB (edge/config.py) of a client's headers and sends
+# them on as metadata, plus the original path again (x-envoy-original-path) and its own: grpc's
+# default limit (16 KiB soft) refused a long URL with RESOURCE_EXHAUSTED, a 429 whose message
+# listed the edge's internal headers. Room for all of it: the edge, not the service, says "too
+# large" (431, in the API's error shape).
+MAX_METADATA_BYTES = 64 * 1024
+
+
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ("grpc.so_reuseport", 0),
     ]
     if settings.grpc_max_connection_age_seconds is not None:
