@@ -161,8 +161,9 @@ class Queue:
         if kind in ("order_confirmed", "order_cancelled"):
             msg = getattr(envelope, kind)
             event_id = parse_event_name(msg.event)
-            # booking also calls EndSession at once; this is the guaranteed path. A session claimed
-            # after the order event happened (the fan queued again) is not the order's session.
+            # The path that ends a confirmed order's session (booking calls EndSession itself only
+            # on a cancel). A session claimed after the order event happened (the fan queued
+            # again) is not the order's session.
             ended, duplicate = await self.rooms.end_session(
                 event_id, msg.user_id, to="D", marker=envelope.event_id,
                 happened_ms=envelope.occurred_at.ToMilliseconds())

@@ -29,6 +29,9 @@ EVENT_CLAIM = "event"
 # --- limits ----------------------------------------------------------------------------------
 
 MAX_ADMIT_RATE = 100_000.0  # per second; far above what booking can carry
+# One fan a minute: anything slower is a room stopped by mistake (1e-300 was taken, and froze
+# the room with no sign of it); `paused` says so on purpose.
+MIN_ADMIT_RATE = 1 / 60
 MAX_MAX_ACTIVE = 10_000_000
 MIN_SESSION_TTL_MS = 1_000
 ETA_CAP_SECONDS = 7 * 24 * 3600
@@ -232,8 +235,9 @@ def validate_change(
             raise bad("max_active", f"must be between 0 and {MAX_MAX_ACTIVE}")
         change = RoomChange(max_active=max_active)
     if "admit_rate_per_second" in paths:
-        if not (math.isfinite(rate) and 0 < rate <= MAX_ADMIT_RATE):
-            raise bad("admit_rate_per_second", f"must be above 0 and at most {MAX_ADMIT_RATE:g}")
+        if not (math.isfinite(rate) and MIN_ADMIT_RATE <= rate <= MAX_ADMIT_RATE):
+            raise bad("admit_rate_per_second", f"must be between {MIN_ADMIT_RATE:.4g} (one a minute) and "
+                      f"{MAX_ADMIT_RATE:g}; to stop admitting, pause the room")
         change = RoomChange(change.max_active, rate)
     if "paused" in paths:
         change = RoomChange(change.max_active, change.admit_rate_per_second, paused)

@@ -109,6 +109,7 @@ def test_valid_changes_become_config_fields() -> None:
 @pytest.mark.parametrize(("paths", "over"), [
     ({"max_active"}, {"max_active": -1}),
     ({"admit_rate_per_second"}, {"rate": 0.0}),
+    ({"admit_rate_per_second"}, {"rate": 1e-300}),  # a stopped room in disguise: pause it instead
     ({"admit_rate_per_second"}, {"rate": math.inf}),
     ({"admit_rate_per_second"}, {"rate": math.nan}),
     ({"session_ttl"}, {"session_ttl_ms": 500}),
