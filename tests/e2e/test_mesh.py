@@ -37,8 +37,8 @@ def test_the_edges_own_errors_keep_the_json_error_shape(http: httpx.Client):
     assert resp.status_code == 404 and resp.headers["content-type"] == "application/json"
     assert resp.json()["details"][0]["reason"] == "ROUTE_NOT_FOUND"
     resp = http.get("/v1/events", headers={"x-big": "a" * 40_000})  # over max_request_headers_kb
-    assert resp.status_code == 431, resp.text  # no mapper of its own: the catch-all's shape
-    assert resp.json()["details"][0]["reason"] == "EDGE_ERROR"
+    assert resp.status_code == 431, resp.text
+    assert resp.json()["details"][0]["reason"] == "HEADERS_TOO_LARGE"
 
 
 async def test_each_service_answers_grpc_health_through_the_edge(mesh: Layout):
