@@ -83,6 +83,9 @@ def _same_request(hold: Hold, seats: Sequence[str], request_id: uuid.UUID) -> No
         raise request_id_reused(request_id, model.hold_name(hold.event_id, hold.hold_id))
 
 
+DEADLOCK_ATTEMPTS = 3
+
+
 @dataclass(frozen=True)
 class PricedHold:
     hold: Hold
@@ -534,7 +537,22 @@ class Booking:
         its seats released in Redis. Cancelling it again (the fan's retry, PaymentFailed
         redelivered after a crash between that commit and the release) changes nothing in
         PostgreSQL but releases again (idempotent: only seats still held by its hold), or the seats
-        would stay held until the hold's deadline. OrderCancelled ends the fan's session."""
+        would stay held until the hold's deadline. OrderCancelled ends the fan's session.
+
+        It locks the order, then its hold; the sweeper, expiring the hold at its deadline, locks
+        them the other way round. At the deadline PostgreSQL may break that deadlock by aborting
+        the cancel: it is run again (then answers from the state the sweeper left), not a 500."""
+        for attempt in range(DEADLOCK_ATTEMPTS):
+            try:
+                return await self._cancel_order(user_id, order_id, reason)
+            except psycopg.errors.DeadlockDetected:
+                if attempt == DEADLOCK_ATTEMPTS - 1:
+                    raise
+                log.info("cancel lost a deadlock to the sweeper; again",
+                         extra={"order": f"orders/{order_id}"})
+        raise AssertionError("unreachable")
+
+    async def _cancel_order(self, user_id: str, order_id: uuid.UUID, reason: str) -> Order:
         replay = False
         async with self.pool.connection() as conn, conn.transaction():
             order = await db.get_order(conn, order_id, lock=True)

@@ -672,6 +672,30 @@ async def test_a_sale_whose_redis_step_failed_is_marked_sold_by_the_sweeper_and_
     assert admission.sold_out.count(event_id) == 1
 
 
+async def test_a_cancel_that_deadlocks_with_the_sweeper_is_run_again_not_a_500(
+    wired: Wired, stub: pb_grpc.BookingServiceStub,
+) -> None:
+    """The sweeper locks a hold, then its order; a cancel locks the order, then its hold. Here a
+    connection plays the sweeper at the deadline: PostgreSQL aborts the cancel (its wait began
+    first, so its deadlock check runs first), and the cancel is run again once the way is clear."""
+    event_id = await new_event(wired, sections=(("A", 1, 2, "VIP"),))
+    h = await hold(stub, "u-dl", event_id, ["A-1-1"])
+    o = await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                               metadata=fan("u-dl", event_id))
+    hold_id, order_id = h.name.rsplit("/", 1)[-1], o.name.rsplit("/", 1)[-1]
+    async with await psycopg.AsyncConnection.connect(wired.booking.pool.conninfo) as sweeper:
+        await sweeper.execute("BEGIN")
+        await sweeper.execute("SELECT 1 FROM holds WHERE hold_id = %s FOR UPDATE", (hold_id,))
+        cancel = asyncio.ensure_future(stub.CancelOrder(pb.CancelOrderRequest(name=o.name),
+                                                        metadata=fan("u-dl", event_id)))
+        await asyncio.sleep(0.3)  # the cancel holds the order and waits for the hold
+        await sweeper.execute("SELECT 1 FROM orders WHERE order_id = %s FOR UPDATE", (order_id,))
+        await sweeper.execute("ROLLBACK")  # the sweeper found nothing to do
+        cancelled = await cancel
+    assert cancelled.state == pb.ORDER_STATE_CANCELLED
+    assert (await statuses(stub, event_id))["A-1-1"] == pb.SEAT_STATUS_AVAILABLE
+
+
 async def test_the_live_count_of_unsold_seats_survives_replays_and_a_rebuild(
     wired: Wired, stub: pb_grpc.BookingServiceStub, admission: StaticAdmission
 ) -> None:
