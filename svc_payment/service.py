@@ -114,8 +114,7 @@ class Payments:
                               f"{name} is being cancelled: {failed.name} failed ({failed.failure_reason})",
                               metadata={"order": name, "state": order.state, "payment": failed.name})
         if prior is not None:  # this request id's checkout was dropped; the id cannot open another
-            raise DomainError("REQUEST_ID_USED", f"request {request_id} was used for {prior.name}, which "
-                              "was not needed; send a new request id", metadata={"payment": prior.name})
+            raise request_id_reused(request_id, prior.name)
         payment_id = model.payment_id_for(user_id, request_id)
         try:
             reference = await self.provider.create_checkout(payment_id, name, order.amount, outcome)
