@@ -227,12 +227,22 @@ async def outbox_count(pool: Any, key: str, event_type: str) -> int:
                        key, event_type)
 
 
-async def fails(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+async def refusal(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """The call's error: (code, reason, metadata)."""
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await call
     info = error_info(exc.value)
     assert info is not None, exc.value
-    return exc.value.code(), info.reason
+    return exc.value.code(), info.reason, dict(info.metadata)
+
+
+async def fails(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    code, reason, _ = await refusal(call)
+    return code, reason
+
+
+async def payments_of(pw: PaymentWired, o: bpb.Order) -> int:
+    return await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s", order_uuid(o))
 
 
 def signed(body: bytes, t: int | None = None, secret: str = SECRET) -> tuple[tuple[str, str], ...]:
@@ -677,8 +687,7 @@ async def test_money_captured_for_no_payment_is_refunded_once_nothing_claims_it(
     with pytest.raises(grpc.aio.AioRpcError):
         await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
     monkeypatch.undo()
-    assert refs and await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s",
-                                order_uuid(o)) == 0
+    assert refs and await payments_of(pw, o) == 0
     captured = model.Money("KRW", 165000)
     body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, refs[0], captured)
     assert await fails(pstub.HandleWebhook(webhook(body), metadata=signed(body))) == (
@@ -813,13 +822,10 @@ async def test_a_request_id_used_for_one_order_cannot_pay_another(
     key = rid()
     pw.provider.plan(first.name, "never")
     p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=first.name, request_id=key), metadata=me(u))
-    with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await pstub.CreatePayment(pb.CreatePaymentRequest(order=second.name, request_id=key), metadata=me(u))
-    info = error_info(exc.value)
-    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info is not None and info.reason == "REQUEST_ID_REUSED" and info.metadata["used_for"] == p.name
-    assert await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s",
-                       order_uuid(second)) == 0
+    code, reason, md = await refusal(pstub.CreatePayment(
+        pb.CreatePaymentRequest(order=second.name, request_id=key), metadata=me(u)))
+    assert (code, reason, md["used_for"]) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED", p.name)
+    assert await payments_of(pw, second) == 0
 
 
 async def test_a_new_payment_after_a_declined_one_is_refused(
@@ -846,13 +852,10 @@ async def test_a_new_payment_after_a_declined_one_is_refused(
     body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.FAILED_TYPE, p.provider_reference,
                               model.Money("KRW", 165000), reason="CARD_DECLINED")
     assert (await pstub.HandleWebhook(webhook(body), metadata=signed(body))).state == pb.PAYMENT_STATE_FAILED
-    with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
-    info = error_info(exc.value)
-    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert info is not None and info.reason == "ORDER_NOT_PAYABLE" and info.metadata["payment"] == p.name
-    assert await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s",
-                       order_uuid(o)) == 1
+    code, reason, md = await refusal(pstub.CreatePayment(
+        pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u)))
+    assert (code, reason, md["payment"]) == (grpc.StatusCode.FAILED_PRECONDITION, "ORDER_NOT_PAYABLE", p.name)
+    assert await payments_of(pw, o) == 1
 
 
 async def test_concurrent_purchases_money_and_seats_agree(
