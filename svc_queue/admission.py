@@ -80,6 +80,7 @@ class AdmissionLoop:
         self._due: dict[str, float] = {}  # room -> monotonic time of its next tick
         self._poked: dict[str, float] = {}  # room -> monotonic time of its last poke
         self._known: set[str] = set()  # set(self._events)
+        self._closed: set[str] = set()  # rooms this loop retired because their show started
         self._last_error_log = float("-inf")
         self.ticks = 0
 
@@ -117,8 +118,8 @@ class AdmissionLoop:
         loss is ticked again as soon as anyone uses it."""
         self._due.pop(event_id, None)
         self._poked[event_id] = time.monotonic()
-        if event_id in self._known:
-            return
+        if event_id in self._known or event_id in self._closed:
+            return  # a closed room left the registry on purpose: a late reader does not revive it
         if await self.registry.add(event_id):
             log.warning("room missing from the registry; registered again", extra={"event_id": event_id})
         if event_id not in self._known:
@@ -154,6 +155,8 @@ class AdmissionLoop:
                 self._due[event_id] = time.monotonic() + 1.0
                 return result
         if result.missing or result.closed:
+            if result.closed:
+                self._closed.add(event_id)
             await self.registry.remove(event_id)
             log.info("room no longer ticked", extra={"event_id": event_id, "closed": result.closed,
                                                      "missing": result.missing})

@@ -85,3 +85,23 @@ async def test_a_poked_room_missing_from_the_registry_is_registered_again_and_ti
     await loop.poke("e1")  # known now: no second SADD, ticked again on the next round
     await loop.tick_all()
     assert (rooms.ticks, registry.rooms) == (["e1", "e1"], ["e1"])
+
+
+class ClosedRooms(IdleRooms):
+    async def tick(self, event_id: str) -> TickResult:
+        self.ticks.append(event_id)
+        return TickResult(0, 0, 0, 0, 0, True)
+
+
+async def test_a_closed_room_is_not_registered_again_by_a_late_reader() -> None:
+    # The show started: the loop retires the room. A fan still polling queue/me pokes it; that
+    # must not put it back (a SADD, a warning and a tick to retire it again, on every poll).
+    rooms, registry = ClosedRooms(), Registry("e1")
+    loop = AdmissionLoop(rooms, registry, tick_seconds=0.01)  # type: ignore[arg-type]
+    await loop.tick_all()
+    assert (rooms.ticks, registry.rooms) == (["e1"], [])
+    loop._events_at = float("-inf")  # the next round reads the registry again
+    await loop.tick_all()
+    await loop.poke("e1")
+    await loop.tick_all()
+    assert (rooms.ticks, registry.rooms) == (["e1"], [])
