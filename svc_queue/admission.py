@@ -8,9 +8,10 @@ replicas ticking together admit at the configured rate, not three times it, and 
 
 Which rooms exist is the registry set ``<prefix>:rooms`` (added by EventPublished), read at most
 once a second. A room leaves it once its show has started. A room nobody waits in (or whose sale
-has not opened) says so in its tick's answer and is ticked again at most five seconds later
-(IDLE_MS in lua/common.lua), so rooms published weeks ahead cost almost nothing; a join or an
-admin change on this replica "pokes" its room back to every tick at once.
+has not opened) says so in its tick's answer and is ticked again at most a minute later, or when
+its sale opens if that is sooner (IDLE_MS in lua/common.lua), so rooms published weeks ahead cost
+almost nothing; a join or an admin change on this replica "pokes" its room back to every tick at
+once.
 
 A registered room whose keys are gone is rebuilt from catalog when the event is still published
 (``recover``, svc_queue/recovery.py), and leaves the registry otherwise. While catalog cannot be

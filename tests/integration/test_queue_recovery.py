@@ -221,11 +221,23 @@ async def test_every_room_operation_rebuilds_a_deleted_room(
     check = pb.CheckAdmissionRequest(event=f"events/{event_id}", user_id="fan-b", jti="x")
     assert not (await stub.CheckAdmission(check)).active
     assert await redis.exists(RoomKeys.of(event_id).cfg)
-    # The admission loop: a registered room whose keys vanished is rebuilt with no fan asking.
+
+
+async def test_the_admission_loop_rebuilds_a_registered_room_by_its_sale_opening(
+    queue: Wired, stub: pb_grpc.QueueServiceStub, catalog_stub: cpb_grpc.CatalogServiceStub,
+    redis: Redis,
+) -> None:
+    """No fan asks: the loop's own tick finds the keys gone and rebuilds the room. A room whose
+    sale has not opened is ticked again at the latest when it opens (IDLE_MS caps the wait at a
+    minute), so the deadline is the sale's opening, however the loop's ticks fall."""
+    sale_in = 2.0
+    event_id = await published_event(catalog_stub, sale_in=sale_in)
+    opens = time.monotonic() + sale_in
+    await stub.GetQueue(pb.GetQueueRequest(name=f"events/{event_id}/queue"))  # made and registered
+    assert event_id in await queue.queue.registry.members()
     await redis.delete(*RoomKeys.of(event_id).room())
-    deadline = time.monotonic() + 5
     while not await redis.exists(RoomKeys.of(event_id).cfg):
-        assert time.monotonic() < deadline, "the admission loop did not rebuild the room"
+        assert time.monotonic() < opens + 3, "the admission loop did not rebuild the room"
         await asyncio.sleep(0.05)
     assert event_id in await queue.queue.registry.members()
 
