@@ -12,6 +12,7 @@ as an HTTP header, so Envoy and apps may cache them); admin reads, drafts and wr
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from typing import Any, TypeAlias
 
 import grpc
@@ -27,6 +28,9 @@ from .service import Catalog, Page
 
 NO_STORE = "no-store"
 _MEMO_LIMIT = 20_000
+# Built list answers kept (most recently used): each holds copies of its events' protos, so only
+# the pages fans actually page through (the first few), not one per made-up page token.
+_PAGE_MEMO_LIMIT = 64
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
 
@@ -40,7 +44,7 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         self.public_cache_control = f"public, max-age={max_age_seconds}"
         # The proto of each cached domain object, built once: (the object it was built from, proto).
         self._events: dict[uuid.UUID, tuple[Event, pb.Event]] = {}
-        self._pages: dict[tuple[Any, int], tuple[Page, pb.ListEventsResponse]] = {}
+        self._pages: OrderedDict[tuple[Any, int], tuple[Page, pb.ListEventsResponse]] = OrderedDict()
 
     # -- writes (ADMIN) ---------------------------------------------------------------------
 
@@ -85,17 +89,20 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
         size = paging.page_size(request.page_size)
         cursor = paging.decode(request.page_token)
         page = await self.catalog.list_page(cursor, size)
-        memo = self._pages.get((cursor, size))
+        key = (cursor, size)
+        memo = self._pages.get(key)
         if memo is not None and memo[0] is page:
             response = memo[1]
+            self._pages.move_to_end(key)
         else:
             response = pb.ListEventsResponse(
                 events=[self._render(e) for e in page.events],
                 next_page_token=paging.encode(page.next_cursor) if page.next_cursor else "",
             )
-            if len(self._pages) >= _MEMO_LIMIT:
-                self._pages.clear()
-            self._pages[(cursor, size)] = (page, response)
+            self._pages[key] = (page, response)
+            self._pages.move_to_end(key)
+            while len(self._pages) > _PAGE_MEMO_LIMIT:
+                self._pages.popitem(last=False)
         await context.send_initial_metadata(
             (("cache-control", NO_STORE if caller.is_admin else self.public_cache_control),)
         )

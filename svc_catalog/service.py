@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from weakref import WeakValueDictionary
 
 from meshkit.errors import DomainError
 
@@ -49,6 +50,10 @@ class Catalog:
         self._clock = clock
         self.events: ReadCache[uuid.UUID, Event | None] = ReadCache(cache_ttl, cache_max_entries)
         self.pages: ReadCache[tuple[Cursor | None, int], Page] = ReadCache(cache_ttl, 1_000)
+        # One object per version of an event, however many pages and lookups read it: a cached
+        # page costs references, not copies. Page tokens are plain keyset cursors, so anyone can
+        # make up thousands of distinct ones; their pages then hold the same few real events.
+        self._shared: WeakValueDictionary[uuid.UUID, Event] = WeakValueDictionary()
 
     # -- cache ------------------------------------------------------------------------------
 
@@ -99,8 +104,19 @@ class Catalog:
 
     # -- reads ------------------------------------------------------------------------------
 
+    def _share(self, event: Event) -> Event:
+        kept = self._shared.get(event.id)
+        if kept is not None and kept == event:
+            return kept
+        self._shared[event.id] = event
+        return event
+
+    async def _load(self, event_id: uuid.UUID) -> Event | None:
+        event = await self.repo.get(event_id)
+        return None if event is None else self._share(event)
+
     async def get(self, event_id: uuid.UUID, *, include_drafts: bool) -> Event:
-        event = await self.events.get(event_id, lambda: self.repo.get(event_id))
+        event = await self.events.get(event_id, lambda: self._load(event_id))
         if event is None or (not event.is_published and not include_drafts):
             raise rules.event_not_found(event_name(event_id))
         return event
@@ -110,7 +126,7 @@ class Catalog:
 
     async def _load_page(self, cursor: Cursor | None, size: int) -> Page:
         rows = await self.repo.list_published(cursor, self._clock(), size + 1)
-        events = tuple(rows[:size])
+        events = tuple(self._share(e) for e in rows[:size])
         more = len(rows) > size
         last = events[-1] if events else None
         next_cursor = (

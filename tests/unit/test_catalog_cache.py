@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from ticketping.catalog.v1 import catalog_service_pb2 as pb
 
 from svc_catalog.cache import ReadCache
+from svc_catalog.domain import paging
+from svc_catalog.server import _PAGE_MEMO_LIMIT, CatalogServicer
+from svc_catalog.service import Catalog
+
+from .test_catalog_domain import NOW, _event, spec
 
 
 class Clock:
@@ -123,3 +131,33 @@ async def test_size_is_bounded() -> None:
 
         await cache.get(i, load)
     assert len(cache) == 10
+
+
+async def test_made_up_page_tokens_hold_references_not_copies() -> None:
+    """Page tokens are plain keyset cursors: anyone may send thousands of distinct ones, each a
+    miss for the edge's cache. Their pages hold the same few real events (one object per version,
+    whatever the database returned each time), and only a few built answers are kept."""
+    events = [_event(spec(title=f"Tour {i}")) for i in range(20)]
+
+    class Repo:
+        async def list_published(self, after: Any, not_before: Any, limit: int) -> list[Any]:
+            return [replace(e) for e in events[:limit]]  # fresh objects, as from the database
+
+    class Context:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        async def send_initial_metadata(self, metadata: Any) -> None:
+            pass
+
+    catalog = Catalog(Repo())  # type: ignore[arg-type]
+    servicer = CatalogServicer(catalog)
+    for k in range(2_000):
+        token = paging.encode(paging.Cursor(NOW + timedelta(microseconds=k), events[0].id))
+        answer = await servicer.ListEvents(pb.ListEventsRequest(page_size=100, page_token=token),
+                                           Context())  # type: ignore[arg-type]
+        assert len(answer.events) == 20
+    assert len(servicer._pages) == _PAGE_MEMO_LIMIT
+    pages = [entry.value for entry in catalog.pages._entries.values()]
+    assert len(pages) == 1_000
+    assert len({id(e) for page in pages for e in page.events}) == len(events)
