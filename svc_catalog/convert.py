@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.type.money_pb2 import Money as PbMoney
 from ticketping.catalog.v1 import catalog_service_pb2 as pb
 
+from .domain import rules
 from .domain.model import Event, EventSpec, EventState, Money, PriceTier, SeatMap, Section, Venue
 
 _STATES = {
@@ -20,7 +21,13 @@ def _dt(msg: pb.Event, field: str) -> datetime | None:
     if not msg.HasField(field):  # type: ignore[arg-type]
         return None
     ts: Timestamp = getattr(msg, field)
-    return ts.ToDatetime(tzinfo=UTC)  # microsecond precision, as PostgreSQL stores it
+    try:
+        return ts.ToDatetime(tzinfo=UTC)  # microsecond precision, as PostgreSQL stores it
+    except (ValueError, OverflowError):  # a stub may send any seconds and nanos; JSON cannot
+        raise rules.invalid(
+            "INVALID_TIMES", f"event.{field} is not a valid time (seconds {ts.seconds}, nanos "
+            f"{ts.nanos}): it must fall in the years 0001-9999, nanos in 0-999999999",
+            f"event.{field}") from None
 
 
 def timestamp(t: datetime | None) -> Timestamp | None:

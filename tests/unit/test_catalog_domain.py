@@ -203,6 +203,18 @@ def test_proto_round_trip_keeps_every_field() -> None:
     assert parsed.price_tiers[0].price.units == 165_000 and parsed.price_tiers[0].price.currency_code == "KRW"
 
 
+@pytest.mark.parametrize("field", ["start_time", "sale_close_time"])
+@pytest.mark.parametrize(("seconds", "nanos"), [(10**12, 0), (253_402_300_800, 0), (-62_135_596_801, 0),
+                                                (0, -1), (0, 2_000_000_000)])
+def test_a_time_out_of_range_from_a_stub_is_invalid_argument(field: str, seconds: int, nanos: int) -> None:
+    """Over gRPC a stub may send any Timestamp; it is the caller's mistake (400), never INTERNAL."""
+    msg = to_proto(_event(spec()))
+    getattr(msg, field).seconds, getattr(msg, field).nanos = seconds, nanos
+    with pytest.raises(InvalidArgument) as exc:
+        spec_of(msg)
+    assert exc.value.reason == "INVALID_TIMES" and exc.value.metadata["field"] == f"event.{field}"
+
+
 def test_update_paths() -> None:
     assert rules.update_paths([], {"title", "venue.name", "name"}) == {"title", "venue.name"}
     assert rules.update_paths(["title", "state", "update_time"], set()) == {"title"}
