@@ -570,6 +570,13 @@ class EventConsumer:
         if consumer is None:
             return
         async with self._commit_lock:
+            # A record kept in hand past REVOKE_WAIT finishes after its partition went to another
+            # replica, whose commits now count: forget it here, as aiokafka refuses the whole
+            # commit (IllegalStateError) when one of its partitions is not assigned.
+            assigned = consumer.assignment()
+            for tp in [tp for tp in self._done if tp not in assigned]:
+                del self._done[tp]
+                self._committed.pop(tp, None)
             offsets = {
                 tp: off
                 for tp, off in self._done.items()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
-from aiokafka.structs import ConsumerRecord
+from aiokafka.errors import IllegalStateError
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from google.protobuf.message import Message
 from google.protobuf.symbol_database import Default as default_symbol_db
 from opentelemetry import context as otel_context
@@ -16,8 +19,9 @@ from psycopg_pool import PoolTimeout
 from ticketping.events.v1 import events_pb2
 from ticketping.events.v1.events_pb2 import EventEnvelope, PaymentSucceeded, Ping
 
+from meshkit import consumer as consumer_module
 from meshkit import events
-from meshkit.consumer import _PartitionProgress, describe, is_database_unavailable
+from meshkit.consumer import EventConsumer, _PartitionProgress, describe, is_database_unavailable
 from meshkit.events import EnvelopeError, new_envelope, payload_of
 
 
@@ -139,3 +143,65 @@ def test_a_partition_offset_moves_only_past_records_whose_predecessors_are_all_d
     progress.started(8)
     assert progress.finished(8) == 10
     assert not progress.behind(10)
+
+
+class _Kafka:
+    """What the consumer asks of aiokafka when it commits: the assignment, and a commit that is
+    refused as a whole when it names a partition not assigned."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = set(assigned)
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return 100
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp in offsets:
+            if tp not in self.assigned:
+                raise IllegalStateError(f"Partition {tp} is not assigned")
+        self.commits.append(dict(offsets))
+
+
+async def test_a_record_finished_after_its_partition_moved_does_not_block_later_commits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebalance while a record is in hand longer than REVOKE_WAIT (a database outage): the
+    record finishes after its partition went to another replica. The partitions this replica
+    kept must still commit (before: every later commit named the lost partition and failed)."""
+    monkeypatch.setattr(consumer_module, "REVOKE_WAIT", 0.05)
+    release = asyncio.Event()
+
+    async def handler(conn: Any, env: EventEnvelope) -> None:
+        pass
+
+    class Stuck(EventConsumer):
+        async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> Any:
+            if rec.partition == 1:
+                await release.wait()
+            return "processed"
+
+    def record(partition: int, offset: int, key: str) -> ConsumerRecord[Any, Any]:
+        env = new_envelope("ticketping.test", key, Ping(sequence=offset))
+        return ConsumerRecord("t", partition, offset, 0, 0, key.encode(), env.SerializeToString(),
+                              None, 1, 1, [])
+
+    kept, lost = TopicPartition("t", 0), TopicPartition("t", 1)
+    consumer = Stuck(None, "127.0.0.1:1", "g", ["t"], handler)  # type: ignore[arg-type]
+    kafka = _Kafka({kept, lost})
+    consumer._consumer = kafka  # type: ignore[assignment]
+    batch = asyncio.create_task(consumer._handle_batch({kept: [record(0, 0, "a")],
+                                                        lost: [record(1, 0, "b")]}))
+    await asyncio.sleep(0.02)
+    await consumer._on_revoked({kept, lost})  # gives up waiting for partition 1's record
+    assert kafka.commits == [{kept: 1}]
+    kafka.assigned = {kept}  # partition 1 now belongs to another replica
+    release.set()
+    await batch
+    consumer._done[kept] = 7  # this replica goes on handling partition 0
+    await consumer._commit()
+    assert kafka.commits[-1] == {kept: 7}
+    assert consumer.commit_failures_total == 0
