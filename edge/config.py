@@ -156,6 +156,14 @@ def _not_found(message: str = "no such route") -> dict[str, Any]:
     return {"status": 404, "body": {"inline_string": message}}
 
 
+# Envoy answers 503 when fewer than this percentage of a cluster's hosts are healthy (integer
+# arithmetic: 100 * healthy < total * 1), so 1 means "at least one host", up to 100 replicas. The
+# edge is ready when it can route to every service, not only when every replica is up: in a
+# cluster each pod is a host, and 100 would take every edge pod out of its Service together as
+# soon as one replica of any service failed a health check.
+MIN_HEALTHY_PERCENT = 1.0
+
+
 def _health_filter(path: str, services: list[Service]) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.health_check",
@@ -164,7 +172,7 @@ def _health_filter(path: str, services: list[Service]) -> dict[str, Any]:
             "pass_through_mode": False,
             "headers": [{"name": ":path", "string_match": {"exact": path}}],
             "cluster_min_healthy_percentages": {
-                s.name: {"value": 100.0} for s in services
+                s.name: {"value": MIN_HEALTHY_PERCENT} for s in services
             },
         },
     }
