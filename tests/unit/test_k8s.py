@@ -125,6 +125,15 @@ def test_each_service_has_its_deployment_headless_service_autoscaler_and_budget(
         assert _matches(pdb["spec"]["selector"]["matchLabels"], labels)
 
 
+def test_an_autoscaled_deployment_leaves_its_replica_count_to_the_autoscaler(docs):
+    """A replicas field would be applied again by every `kubectl apply` (a hotfix mid-sale),
+    scaling the replicas the autoscaler added back down at once."""
+    targets = [h["spec"]["scaleTargetRef"]["name"] for h in docs if h["kind"] == "HorizontalPodAutoscaler"]
+    assert {"edge", *(s.name for s in SERVICES)} <= set(targets)
+    for name in targets:
+        assert "replicas" not in _one(docs, "Deployment", name)["spec"], name
+
+
 def _environment(docs, container: dict[str, Any]) -> dict[str, str]:
     """The container's variables as the kubelet sets them, secrets replaced by placeholders."""
     env: dict[str, str] = {}
