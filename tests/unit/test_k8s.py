@@ -23,6 +23,7 @@ from devstack.install import KUSTOMIZE_BIN
 from devstack.layout import KAFKA_DLQ_PARTITIONS, KAFKA_PARTITIONS, KAFKA_PROBE_TOPIC, KAFKA_TOPICS, ROOT
 from devstack.layout import layout as local_layout
 from edge.config import CLUSTER, CLUSTER_GRPC_PORT, build, cluster_layout
+from svc_payment.bootstrap import SANDBOX_POOL_SIZE
 
 K8S = ROOT / "k8s"
 BUILDS = ["base", "overlays/dev", "overlays/prod"]
@@ -173,6 +174,33 @@ def test_each_service_gets_valid_settings_and_no_variable_it_does_not_read(docs)
             assert values["postgres_dsn"].endswith(f"@postgres:5432/{svc.database}")
     shared = {k for cm in _of(docs, "ConfigMap", "ticketping-common") for k in cm["data"]}
     assert shared <= read_by_some, sorted(shared - read_by_some)
+
+
+# PostgreSQL connections a replica opens besides its pool: a LISTEN connection (catalog's
+# changes, booking's settled orders) and the payment sandbox's own pool.
+EXTRA_CONNECTIONS = {"catalog": 1, "booking": 1, "payment": SANDBOX_POOL_SIZE}
+RESERVED_CONNECTIONS = 3 + 20  # superuser_reserved_connections; migrations, psql, backups
+
+
+def test_the_database_takes_every_pool_at_the_autoscalers_maximum(docs):
+    """The pools grow under load, that is during a sale: if every replica's pool at the
+    autoscalers' maximum did not fit max_connections, PostgreSQL would answer "too many clients"
+    exactly then, and booking's payment consumer would stall."""
+    (postgres,) = _pod(_one(docs, "StatefulSet", "postgres"))["spec"]["containers"]
+    args = postgres["args"]
+    limit = int(next(a.split("=")[1] for a in args if a.startswith("max_connections=")))
+    needed = {}
+    for svc in SERVICES:
+        (app,) = _pod(_one(docs, "Deployment", svc.name))["spec"]["containers"]
+        env = _environment(docs, app)
+        if "TP_POSTGRES_DSN" not in env:
+            continue
+        cls = _settings(svc.module)
+        pool = int(env.get("TP_POSTGRES_POOL_SIZE", cls.model_fields["postgres_pool_size"].default))
+        replicas = _one(docs, "HorizontalPodAutoscaler", svc.name)["spec"]["maxReplicas"]
+        needed[svc.name] = replicas * (pool + EXTRA_CONNECTIONS.get(svc.name, 0))
+    assert set(needed) == {"identity", "catalog", "booking", "payment"}
+    assert sum(needed.values()) <= limit - RESERVED_CONNECTIONS, (needed, limit)
 
 
 def test_every_name_a_manifest_refers_to_exists(docs):
