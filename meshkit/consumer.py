@@ -289,6 +289,22 @@ class EventConsumer:
         else:
             await self._close()
 
+    async def _joined(self) -> bool:
+        """Start, retrying while Kafka cannot be reached (a replica started during an outage
+        consumes once it ends, rather than serving with no consumer); False: stopped first."""
+        backoff = 0.5
+        while not self._stopping:
+            try:
+                await self.start()
+                return True
+            except KafkaError as exc:
+                log.warning("Kafka unreachable; the consumer keeps trying",
+                            extra={"consumer_group": self.group_id, "error": describe(exc),
+                                   "retry_in_s": backoff})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_INFRA_BACKOFF)
+        return False
+
     async def run(self) -> None:
         """Consume until :meth:`stop` (returns) or cancellation (hard stop, nothing committed).
 
@@ -300,7 +316,9 @@ class EventConsumer:
         self._finished.clear()
         graceful = False
         try:
-            await self.start()
+            if not await self._joined():
+                graceful = True
+                return
             consumer = self._consumer
             assert consumer is not None
             while not self._stopping:

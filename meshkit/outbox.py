@@ -28,6 +28,7 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -204,7 +205,13 @@ class OutboxRelay:
         if self._tasks:
             raise RuntimeError("relay already started")
         self._stopping = False
-        await self._start_producer()
+        try:
+            await self._start_producer()
+        except KafkaError as exc:
+            # What the outbox is for: requests commit their events, and the loop sends them once
+            # Kafka answers. A replica restarted (or added) during an outage serves meanwhile.
+            log.warning("Kafka unreachable at start; the relay keeps trying",
+                        extra={"bootstrap": self._bootstrap, "error": str(exc)})
         await self._listener.start(ready_within=0)  # it polls meanwhile
         self._tasks = [asyncio.create_task(self._publish_loop(), name="outbox-publish")]
         log.info(
@@ -242,7 +249,12 @@ class OutboxRelay:
             "acks": "all",
         }
         producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, **config)
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()  # its connections and tasks, opened or not
+            raise
         self._producer = producer
 
     async def _stop_producer(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import uuid
 from collections import defaultdict
@@ -907,3 +908,58 @@ async def test_the_metrics_endpoint_sees_the_relay_publish_and_the_consumer_catc
             await wait_for(caught_up, 60, "the consumer catching up")
             assert max(lags) > 0, lags  # behind while the slow handler worked
             assert sample("meshkit_consumer_lag", group=g) == 0
+
+
+@contextlib.asynccontextmanager
+async def forwarder(port: int, to: str) -> AsyncIterator[None]:
+    """A TCP forwarder on ``port`` to the broker ``to``: a bootstrap address that starts to
+    answer only now (the broker's metadata then points clients at its own listener)."""
+    host, target = to.rsplit(":", 1)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(target))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    try:
+        yield
+    finally:
+        server.close()
+
+
+async def test_a_replica_started_while_kafka_is_unreachable_serves_and_catches_up(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """Kafka down while a replica starts (a restart, or one an autoscaler adds during an outage):
+    the relay and the consumer start anyway, events are committed meanwhile, and both go on once
+    Kafka answers; before, the relay's start raised and the service could not start at all."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bootstrap = f"127.0.0.1:{port}"  # nothing listens there yet
+    g = group()
+    relay = OutboxRelay(pool, bootstrap, poll_interval=0.2)
+    consumer = EventConsumer(pool, bootstrap, g, [unique_topic], recorder(g))
+    await relay.start()
+    try:
+        async with running(consumer):
+            event = ping("order-down", 1, "committed while Kafka was unreachable")
+            await enqueue_all(pool, unique_topic, [event])
+            await asyncio.sleep(1.0)
+            assert await effects(pool, g) == []
+            async with forwarder(port, kafka_bootstrap):
+
+                async def arrived() -> bool:
+                    return len(await effects(pool, g)) >= 1
+
+                await wait_for(arrived, 60, "the event committed during the outage")
+    finally:
+        await relay.stop()
+    assert await effects(pool, g) == [(event.event_id, "order-down", 1)]
