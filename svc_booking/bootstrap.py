@@ -75,6 +75,7 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
             sweep_lease=timedelta(seconds=settings.sweep_lease_seconds),
             queue=notifier,
             seats_cache_seconds=settings.seats_cache_seconds,
+            payment_grace=timedelta(seconds=settings.payment_grace_seconds),
         )
         consumer = None
         if settings.run_consumer:

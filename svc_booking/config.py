@@ -21,6 +21,9 @@ class Settings(ServiceSettings):
     admission_timeout_seconds: float = Field(default=1.5, gt=0)
     admission_cache_seconds: float = Field(default=1.0, ge=0)
     hold_ttl_seconds: float = Field(default=300.0, gt=0)
+    # How long past its deadline a PENDING_PAYMENT order keeps its seats for a payment recorded
+    # in time whose PaymentSucceeded is late (Kafka down, the relay's backoff, consumer lag).
+    payment_grace_seconds: float = Field(default=60.0, ge=0, le=3600)
     # Used when an event says 0 (catalog requires 1..n, so only for old or odd events).
     default_seat_limit_per_fan: int = Field(default=4, ge=1)
     catalog_topic: str = "ticketping.catalog.v1"

@@ -108,8 +108,12 @@ class Booking:
         sweep_lease: timedelta = timedelta(seconds=30),
         queue: QueueNotifier | None = None,
         seats_cache_seconds: float = 0.0,
+        payment_grace: timedelta = timedelta(seconds=60),
     ) -> None:
         self.queue = queue
+        # How long past its deadline the sweeper leaves a PENDING_PAYMENT order (and its seats)
+        # for a payment that succeeded in time but whose PaymentSucceeded is still on its way.
+        self.payment_grace = payment_grace
         # ListSeats is polled by every fan; the edge caches it for a second anyway, so a replica
         # may answer from a copy that young (one HGETALL per event per period, single-flight).
         self.seats_cache_seconds = seats_cache_seconds
@@ -573,8 +577,8 @@ class Booking:
             await self.queue.end_session(order.event_id, user_id, confirmed=False)
         return order
 
-    async def confirm_order(self, order_id: uuid.UUID, payment: str, known: Order | None = None
-                            ) -> Order:
+    async def confirm_order(self, order_id: uuid.UUID, payment: str, known: Order | None = None,
+                            paid_at: datetime | None = None) -> Order:
         """Sell the order to its payment: one transaction (sold_seats, CONFIRMED, OrderConfirmed),
         then its seats SOLD in Redis, and the waiting room told if the house sold out (the fan's
         session is ended by OrderConfirmed). ``known`` is the order as the caller read it, if it
@@ -588,12 +592,18 @@ class Booking:
         commits after this returns, so a crash between this commit and the steps after it brings
         it back) changes nothing in PostgreSQL but redoes the Redis step and the sold-out signal,
         both idempotent, which the crash may have cut off: otherwise the seat map would show sold
-        seats HELD until the hold's deadline."""
+        seats HELD until the hold's deadline.
+
+        ``paid_at`` is when payment recorded the success (PaymentSucceeded's succeed_time): the
+        deadline is judged by it, not by when the event got here, so a fan who paid in time keeps
+        the seats however late the event is delivered, as long as the order is still pending
+        (the sweeper waits ``payment_grace`` past the deadline for that)."""
         name = f"orders/{order_id}"
         now = self.clock()
+        paid = now if paid_at is None else min(paid_at, now)
         try:
-            order = await self._sell_pending(order_id, payment, now, known) \
-                or await self._confirm(order_id, payment, now)
+            order = await self._sell_pending(order_id, payment, now, paid, known) \
+                or await self._confirm(order_id, payment, now, paid)
         except psycopg.errors.UniqueViolation:
             # sold_seats' primary key: one of these seats is sold already. No double sale.
             raise DomainError("ORDER_NOT_PAYABLE", f"{name}: a seat was sold to another order; "
@@ -614,20 +624,20 @@ class Booking:
             if unsold <= 0 and await self._sold_out(event_id):
                 await self.queue.mark_sold_out(event_id)
 
-    async def _sell_pending(self, order_id: uuid.UUID, payment: str, now: datetime,
+    async def _sell_pending(self, order_id: uuid.UUID, payment: str, now: datetime, paid: datetime,
                             known: Order | None) -> Order | None:
-        """The order sold by one statement if it is pending and in time, as read and still; None
-        (nothing written) if not."""
+        """The order sold by one statement if it is pending and was paid in time, as read and
+        still; None (nothing written) if not."""
         async with autocommit(self.pool) as conn:
             order = known or await db.get_order(conn, order_id)
-            if order is None or order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
+            if order is None or order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= paid:
                 return None
             sold = dataclasses.replace(order, state=OrderState.CONFIRMED, payment=payment, update_time=now)
-            if await db.sell_pending(conn, sold, Outboxed(self.topic, messages.order_confirmed(sold))):
+            if await db.sell_pending(conn, sold, paid, Outboxed(self.topic, messages.order_confirmed(sold))):
                 return sold
         return None
 
-    async def _confirm(self, order_id: uuid.UUID, payment: str, now: datetime) -> Order:
+    async def _confirm(self, order_id: uuid.UUID, payment: str, now: datetime, paid: datetime) -> Order:
         """What one statement could not sell, in a transaction that says why (or the order, if
         this payment confirmed it before: a replay)."""
         name = f"orders/{order_id}"
@@ -640,7 +650,7 @@ class Booking:
                     raise DomainError("ORDER_ALREADY_PAID", f"{name} was paid by {order.payment}",
                                       metadata={"payment": order.payment})
                 return order
-            if order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= now:
+            if order.state is not OrderState.PENDING_PAYMENT or order.expire_time <= paid:
                 raise DomainError("ORDER_NOT_PAYABLE", f"{name} is {order.state.value}: refund the payment",
                                   metadata={"state": order.state.value})
             await db.insert_sold(conn, order.event_id, order.seat_ids, order_id)
@@ -667,9 +677,14 @@ class Booking:
 
     # --- expiry ----------------------------------------------------------------------------------
 
-    async def expire_hold(self, event_id: str, hold_id: uuid.UUID) -> str:
-        """Finish a hold whose deadline passed, from PostgreSQL's state; returns what happened."""
+    async def expire_hold(self, event_id: str, hold_id: uuid.UUID, *, wait_for_payment: bool = False) -> str:
+        """Finish a hold whose deadline passed, from PostgreSQL's state; returns what happened.
+
+        ``wait_for_payment`` (the sweeper): an order still pending is left, seats held, until
+        ``payment_grace`` past its deadline ("deferred"), for a payment made in time whose event
+        is late; a payment that cannot buy it (booking's own refusal) expires it at once."""
         outcome = "released"
+        defer_to: datetime | None = None
         async with self.pool.connection() as conn, conn.transaction():
             hold = await db.get_hold(conn, hold_id, lock=True)
             if hold is not None:
@@ -680,18 +695,26 @@ class Booking:
                 outcome = "hold_expired"
             elif hold is not None and hold.state is HoldState.ORDERED:
                 order = await db.order_by_hold(conn, hold_id, lock=True)
-                if order is not None and order.state is OrderState.PENDING_PAYMENT:
-                    order = await db.set_order_state(conn, order.order_id, OrderState.EXPIRED)
-                    await enqueue(conn, self.topic, messages.order_expired(order))
-                await db.set_hold_state(conn, hold_id, HoldState.EXPIRED)
-                await enqueue(conn, self.topic, messages.hold_expired(hold))
-                outcome = "order_expired"
+                pending = order if order is not None and order.state is OrderState.PENDING_PAYMENT else None
+                grace_ends = pending.expire_time + self.payment_grace if pending is not None else None
+                if grace_ends is not None and wait_for_payment and self.clock() < grace_ends:
+                    defer_to = grace_ends
+                else:
+                    if pending is not None:
+                        order = await db.set_order_state(conn, pending.order_id, OrderState.EXPIRED)
+                        await enqueue(conn, self.topic, messages.order_expired(order))
+                    await db.set_hold_state(conn, hold_id, HoldState.EXPIRED)
+                    await enqueue(conn, self.topic, messages.hold_expired(hold))
+                    outcome = "order_expired"
+        if defer_to is not None:
+            await self.inventory.defer(event_id, str(hold_id), ms(defer_to))
+            return "deferred"
         if hold is None:  # never written to PostgreSQL (a crash right after the script)
             rec = await self.inventory.hold_record(event_id, str(hold_id))
             user, seats = rec.get("user", ""), tuple(filter(None, rec.get("seats", "").split(",")))
             orphan = Hold(hold_id, event_id, user, seats, self.clock(), self.clock())
             if await self._take_back(orphan, None) is not None:  # a retry just wrote it down
-                return await self.expire_hold(event_id, hold_id)
+                return await self.expire_hold(event_id, hold_id, wait_for_payment=wait_for_payment)
             return "orphan_released"
         if hold.state is HoldState.SOLD:
             # Its sale's own Redis step never ran (Redis was down then): the seats become SOLD
@@ -731,8 +754,9 @@ class Booking:
                     due, first = await self.inventory.claim_due(event_id, now_ms, lease_ms, batch)
                     for hid in due:
                         try:
-                            await self.expire_hold(event_id, uuid.UUID(hid))
-                            done += 1
+                            if await self.expire_hold(event_id, uuid.UUID(hid),
+                                                      wait_for_payment=True) != "deferred":
+                                done += 1
                         except Exception:
                             log.warning("hold expiry failed; retried after the lease",
                                         exc_info=True, extra={"hold": hid})

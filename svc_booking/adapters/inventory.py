@@ -143,6 +143,10 @@ class Inventory:
         first, *due = await self._claim(keys=[deadlines_key(event_id)], args=[now_ms, lease_ms, batch])
         return [_s(v) for v in due], None if first is None else int(float(_s(first)))
 
+    async def defer(self, event_id: str, hold_id: str, at_ms: int) -> None:
+        """The hold's deadline moves to at_ms (if it still has one: a sale or release removed it)."""
+        await self.redis.zadd(deadlines_key(event_id), {hold_id: at_ms}, xx=True)
+
     async def sweep_at(self, event_ids: Sequence[str], at_ms: int) -> None:
         """Sweep these events at at_ms, or earlier if one is already due earlier."""
         if event_ids:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import UTC
 from typing import Any
 
 import psycopg
@@ -75,7 +76,8 @@ class PaymentEvents:
             await self._give_back(order.order_id, "AMOUNT_MISMATCH")
             return
         try:
-            await self.booking.confirm_order(order.order_id, msg.payment, known=order)
+            paid_at = msg.succeed_time.ToDatetime(tzinfo=UTC) if msg.HasField("succeed_time") else None
+            await self.booking.confirm_order(order.order_id, msg.payment, known=order, paid_at=paid_at)
             self.confirmed += 1
         except DomainError as err:
             if err.reason == "ORDER_NOT_PAYABLE":

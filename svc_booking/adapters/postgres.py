@@ -246,17 +246,17 @@ async def order_live_hold(conn: Conn, order: Order, request_id: uuid.UUID, creat
     return bool(row and row[0] == 1)
 
 
-async def sell_pending(conn: Conn, order: Order, confirmed: Outboxed) -> bool:
+async def sell_pending(conn: Conn, order: Order, paid_at: datetime, confirmed: Outboxed) -> bool:
     """Sell a PENDING_PAYMENT order to its payment in one statement (autocommit): the order
     CONFIRMED (``order`` is it as confirmed: its payment and update time), its seats in
     sold_seats, its hold SOLD, OrderConfirmed. False (nothing written) if the order is no longer
-    pending or its deadline (``order.update_time`` is now) passed. Raises
+    pending or was not paid before its deadline (``paid_at``). Raises
     psycopg.errors.UniqueViolation (nothing written) if a seat is sold already."""
     cur = await conn.execute(
         f"""WITH o AS (UPDATE orders SET state = 'CONFIRMED', payment = %(payment)s,
                                          update_time = %(now)s
                        WHERE order_id = %(order)s AND state = 'PENDING_PAYMENT'
-                         AND expire_time > %(now)s
+                         AND expire_time > %(paid)s
                        RETURNING event_id, seat_ids, order_id, hold_id),
                  s AS (INSERT INTO sold_seats (event_id, seat_id, order_id)
                        SELECT event_id, unnest(seat_ids), order_id FROM o),
@@ -264,7 +264,7 @@ async def sell_pending(conn: Conn, order: Order, confirmed: Outboxed) -> bool:
                        WHERE hold_id = (SELECT hold_id FROM o)),
                  ob AS ({confirmed.cte("o")})
             SELECT (SELECT count(*) FROM o), {confirmed.notified("ob")}""",
-        {"payment": order.payment, "now": order.update_time, "order": order.order_id,
+        {"payment": order.payment, "now": order.update_time, "paid": paid_at, "order": order.order_id,
          **confirmed.params})
     row = await cur.fetchone()
     return bool(row and row[0] == 1)

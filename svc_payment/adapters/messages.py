@@ -18,9 +18,10 @@ def money(m: Money) -> PbMoney:
 
 
 def payment_succeeded(p: Payment) -> ev.EventEnvelope:
-    return new_envelope(SOURCE, str(p.order_id), ev.PaymentSucceeded(
-        payment=p.name, order=p.order, user_id=p.user_id, amount=money(p.amount),
-        provider_reference=p.provider_reference))
+    succeeded = ev.PaymentSucceeded(payment=p.name, order=p.order, user_id=p.user_id,
+                                    amount=money(p.amount), provider_reference=p.provider_reference)
+    succeeded.succeed_time.FromDatetime(p.update_time)  # the success recorded: SUCCEEDED's time
+    return new_envelope(SOURCE, str(p.order_id), succeeded)
 
 
 def payment_failed(p: Payment) -> ev.EventEnvelope:

@@ -137,9 +137,14 @@ class FakeEdge:
         await self.channel.close()
 
 
+@pytest.fixture(scope="module")
+def payment_clock() -> Clock:
+    return Clock()
+
+
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def payment(payment_dsn: str, kafka_bootstrap: str, topics: dict[str, str],
-                  booking: BookingWired) -> AsyncIterator[tuple[PaymentWired, FakeEdge]]:
+async def payment(payment_dsn: str, kafka_bootstrap: str, topics: dict[str, str], booking: BookingWired,
+                  payment_clock: Clock) -> AsyncIterator[tuple[PaymentWired, FakeEdge]]:
     # The edge needs the payment port and the payment needs the edge's URL: bind the edge's
     # socket first, then point the edge's channel at the payment server once it is up.
     edge = FakeEdge(0)
@@ -151,6 +156,7 @@ async def payment(payment_dsn: str, kafka_bootstrap: str, topics: dict[str, str]
         consumer_group=f"payment-{uuid.uuid4().hex[:6]}", webhook_url=url,
         sandbox_delay_seconds=0.2)
     w = await wire_payment(settings)
+    w.payments.clock = payment_clock
     await start(w.app)
     await edge.channel.close()
     edge.channel = grpc.aio.insecure_channel(f"127.0.0.1:{w.app.port}")
@@ -199,6 +205,18 @@ async def ordered(booking: BookingWired, bstub: bpb_grpc.BookingServiceStub, u: 
                                 metadata=fan(u, event_id))
     assert o.state == bpb.ORDER_STATE_PENDING_PAYMENT
     return event_id, o
+
+
+async def awaiting_callback(booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+                            stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+                            u: str, seats: tuple[str, ...] = ("A-1-1", "A-1-2"),
+                            ) -> tuple[str, bpb.Order, pb.Payment]:
+    """An order of these seats and its payment, whose checkout never calls back by itself: the
+    test sends the provider's callback."""
+    event_id, o = await ordered(booking, stubs[0], u, seats)
+    payment[0].provider.plan(o.name, "never")
+    p = await stubs[1].CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    return event_id, o, p
 
 
 async def order_state(bstub: bpb_grpc.BookingServiceStub, o: bpb.Order) -> int:
@@ -366,9 +384,7 @@ async def test_webhook_bad_signature_stale_timestamp_and_replay_change_nothing(
     bstub, pstub = stubs
     pw, _ = payment
     u = user()
-    _, o = await ordered(booking, bstub, u)
-    pw.provider.plan(o.name, "never")
-    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    _, o, p = await awaiting_callback(booking, payment, stubs, u)
     body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
                               model.Money("KRW", 330000))
 
@@ -418,9 +434,7 @@ async def test_racing_callbacks_apply_one_outcome_once(
     _, pstub = stubs
     pw, _ = payment
     u = user()
-    _, o = await ordered(booking, stubs[0], u)
-    pw.provider.plan(o.name, "never")
-    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    _, o, p = await awaiting_callback(booking, payment, stubs, u)
     won = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
                              model.Money("KRW", 330000))
     lost = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.FAILED_TYPE, p.provider_reference,
@@ -451,9 +465,7 @@ async def test_wrong_amount_is_refunded_and_the_order_cancelled(
     pw, _ = payment
     u = user()
     seats = ("A-2-1",)
-    event_id, o = await ordered(booking, bstub, u, seats)
-    pw.provider.plan(o.name, "never")
-    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    event_id, o, p = await awaiting_callback(booking, payment, stubs, u, seats)
     body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
                               model.Money("KRW", 1000))
     resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
@@ -554,9 +566,7 @@ async def test_late_success_after_the_order_expired_is_refunded(
     pw, _ = payment
     u = user()
     seats = ("A-3-1",)
-    event_id, o = await ordered(booking, bstub, u, seats)
-    pw.provider.plan(o.name, "never")
-    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+    event_id, o, p = await awaiting_callback(booking, payment, stubs, u, seats)
     expired = await bstub.ExpireOrder(bpb.ExpireOrderRequest(order=o.name))
     assert expired.state == bpb.ORDER_STATE_EXPIRED
 
@@ -578,7 +588,7 @@ async def test_late_success_after_the_order_expired_is_refunded(
 
 
 async def test_success_booking_cannot_confirm_ends_expired_and_refunded(
-    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge], clock: Clock,
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge], clock: Clock, payment_clock: Clock,
     stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
 ) -> None:
     """The money arrives after the deadline but before the sweeper expired the order: payment
@@ -588,10 +598,9 @@ async def test_success_booking_cannot_confirm_ends_expired_and_refunded(
     pw, _ = payment
     u = user()
     seats = ("A-4-1", "A-4-2")
-    event_id, o = await ordered(booking, bstub, u, seats)
-    pw.provider.plan(o.name, "never")
-    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
-    clock.offset = timedelta(minutes=10)  # booking's clock: the payment deadline has passed
+    event_id, o, p = await awaiting_callback(booking, payment, stubs, u, seats)
+    # Both clocks: the payment deadline has passed when payment records the success.
+    clock.offset = payment_clock.offset = timedelta(minutes=10)
     try:
         body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
                                   model.Money("KRW", 330000))
@@ -602,7 +611,7 @@ async def test_success_booking_cannot_confirm_ends_expired_and_refunded(
             return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_REFUNDED
         await wait_for("payment REFUNDED", refunded)
     finally:
-        clock.offset = timedelta()
+        clock.offset = payment_clock.offset = timedelta()
     assert await order_state(bstub, o) == bpb.ORDER_STATE_EXPIRED
     assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_AVAILABLE}
     assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 0
@@ -612,6 +621,58 @@ async def test_success_booking_cannot_confirm_ends_expired_and_refunded(
     again = await pstub.RefundPayment(pb.RefundPaymentRequest(name=p.name, reason="X", request_id=rid()))
     assert again.state == pb.PAYMENT_STATE_REFUNDED and again.failure_reason == "ORDER_EXPIRED"
     assert len(await pw.provider.refunds_of(p.provider_reference)) == 1
+
+
+async def test_a_success_recorded_in_time_confirms_though_booking_reads_it_after_the_deadline(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge], clock: Clock,
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """The fan pays before the deadline, and PaymentSucceeded reaches booking after it (Kafka
+    down, the relay's backoff, lag). The sweeper leaves the pending order and its seats for the
+    grace, and the success confirms it: the deadline is judged by when payment recorded the
+    success, not by when booking reads it. Before, the fan lost the seats and got a refund."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    seats = ("A-6-1", "A-6-2")
+    event_id, o, p = await awaiting_callback(booking, payment, stubs, u, seats)
+    b = booking.booking
+    clock.offset = b.hold_ttl + b.payment_grace / 2  # booking's clock only: past the deadline
+    try:
+        b.forget_event_ids()
+        await b.sweep_once()
+        assert await order_state(bstub, o) == bpb.ORDER_STATE_PENDING_PAYMENT  # its grace
+        assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_HELD}
+        body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                                  model.Money("KRW", 330000))
+        resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+        assert resp.state == pb.PAYMENT_STATE_SUCCEEDED
+
+        async def confirmed() -> bool:
+            return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
+        await wait_for("order CONFIRMED", confirmed)
+    finally:
+        clock.offset = timedelta()
+    assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_SOLD}
+    assert await payment_state(pstub, p, u) == pb.PAYMENT_STATE_SUCCEEDED
+
+
+async def test_the_sweeper_expires_a_pending_order_once_its_grace_is_over(
+    booking: BookingWired, clock: Clock,
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    bstub, _ = stubs
+    seats = ("A-7-1",)
+    event_id, o = await ordered(booking, bstub, user(), seats)
+    b = booking.booking
+    clock.offset = b.hold_ttl + b.payment_grace + timedelta(seconds=1)
+    try:
+        b.forget_event_ids()
+        await b.sweep_once()
+    finally:
+        clock.offset = timedelta()
+    assert await order_state(bstub, o) == bpb.ORDER_STATE_EXPIRED
+    assert await seat_statuses(bstub, event_id, seats) == {bpb.SEAT_STATUS_AVAILABLE}
 
 
 async def test_expired_order_cannot_be_paid_and_unknown_reference_is_404(
