@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from google.protobuf.message import Message
 from opentelemetry import propagate
-from ticketping.events.v1.events_pb2 import EventEnvelope
+from ticketping.events.v1.events_pb2 import EventEnvelope, EventPublished
 
 PAYLOAD_ONEOF = "payload"
 
@@ -63,6 +63,15 @@ def new_envelope(source: str, aggregate_id: str, payload_message: Message) -> Ev
     target.SetInParent()  # an all-default payload must still select its oneof field
     target.CopyFrom(payload_message)
     return env
+
+
+def sales_end_ms(msg: EventPublished) -> int:
+    """When an event stops selling (ms): its sale_close_time if it has one, else its show's start
+    (catalog keeps the close no later than the start)."""
+    start = msg.start_time.ToMilliseconds()
+    if msg.HasField("sale_close_time"):
+        return min(start, msg.sale_close_time.ToMilliseconds())
+    return start
 
 
 def current_traceparent() -> str:

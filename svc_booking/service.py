@@ -288,6 +288,7 @@ class Booking:
         self, user_id: str, event_id: str, seat_ids: Sequence[str], request_id: uuid.UUID
     ) -> PricedHold:
         layout = await self.layout(event_id)
+        layout.check_on_sale(self.clock())
         seats = model.check_seat_ids(seat_ids)
         unknown = layout.unknown(seats)
         if unknown:
@@ -464,7 +465,8 @@ class Booking:
         async with autocommit(self.pool) as conn:
             hold = await db.get_hold(conn, hold_id)
             if hold is not None and hold.user_id == user_id and hold.event_id == event_id \
-                    and hold.state is HoldState.ACTIVE and hold.expire_time > now:
+                    and hold.state is HoldState.ACTIVE and hold.expire_time > now \
+                    and (layout.sales_end is None or now < layout.sales_end):
                 order = self._new_order(layout, hold, now)
                 try:
                     if await db.order_live_hold(conn, order, request_id,
@@ -488,6 +490,7 @@ class Booking:
             if hold.state is not HoldState.ACTIVE or hold.expire_time <= now:
                 raise DomainError("HOLD_EXPIRED", f"{name} is no longer live ({hold.state.value})",
                                   metadata={"name": name, "state": hold.state.value})
+            layout.check_on_sale(now)
             order = self._new_order(layout, hold, now)
             await db.insert_order(conn, order, request_id)
             await db.set_hold_state(conn, hold_id, HoldState.ORDERED)

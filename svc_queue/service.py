@@ -13,7 +13,7 @@ from typing import TypeVar
 from prometheus_client import Counter
 from ticketping.events.v1 import events_pb2 as ev
 
-from meshkit.events import EventEnvelope, event_type
+from meshkit.events import EventEnvelope, event_type, sales_end_ms
 
 from .adapters.keystore import AdmissionKeyStore
 from .adapters.rooms import RoomStore
@@ -179,7 +179,7 @@ class Queue:
             event_id,
             queue_open_ms=msg.queue_open_time.ToMilliseconds(),
             sale_open_ms=msg.sale_open_time.ToMilliseconds(),
-            start_ms=msg.start_time.ToMilliseconds(),
+            closes_ms=sales_end_ms(msg),
             seats=msg.seat_count,
             defaults=self.defaults,
         )

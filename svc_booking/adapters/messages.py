@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.type.money_pb2 import Money as PbMoney
 from ticketping.events.v1 import events_pb2 as ev
 
-from meshkit.events import new_envelope
+from meshkit.events import new_envelope, sales_end_ms
 from meshkit.seats import SeatMap, Section
 
 from ..domain.model import Hold, Layout, Money, Order, PriceTier, event_name
@@ -27,6 +27,8 @@ def layout_of(msg: ev.EventPublished) -> Layout:
                                for r in msg.seat_ranges)),
         tiers=tuple(PriceTier(t.name, Money(t.price.currency_code, t.price.units, t.price.nanos))
                     for t in msg.price_tiers),
+        sales_end=(datetime.fromtimestamp(sales_end_ms(msg) / 1000, UTC)
+                   if msg.HasField("start_time") else None),
     )
 
 

@@ -28,14 +28,14 @@ async def store_layout(conn: Conn, layout: Layout) -> bool:
     """Insert the event and every seat once; False (nothing written) if it was there already."""
     cur = await conn.execute(
         """INSERT INTO events (event_id, title, seat_limit_per_fan, currency_code, seat_count,
-                               seat_ranges, price_tiers)
-           VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
+                               seat_ranges, price_tiers, sales_end)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
         (layout.event_id, layout.title, layout.seat_limit_per_fan, layout.currency_code,
          layout.seat_count,
          Jsonb([{"section": s.name, "rows": s.rows, "seats_per_row": s.seats_per_row, "tier": s.tier}
                 for s in layout.seat_map.sections]),
          Jsonb([{"name": t.name, "currency_code": t.price.currency_code, "units": t.price.units,
-                 "nanos": t.price.nanos} for t in layout.tiers])),
+                 "nanos": t.price.nanos} for t in layout.tiers]), layout.sales_end),
     )
     if cur.rowcount == 0:
         return False
@@ -52,7 +52,7 @@ async def store_layout(conn: Conn, layout: Layout) -> bool:
 
 
 def _layout(row: TupleRow) -> Layout:
-    event_id, title, limit, ranges, tiers = row
+    event_id, title, limit, ranges, tiers, sales_end = row
     return Layout(
         event_id=event_id,
         title=title,
@@ -61,13 +61,14 @@ def _layout(row: TupleRow) -> Layout:
                                for r in ranges)),
         tiers=tuple(PriceTier(t["name"], Money(t["currency_code"], t["units"], t["nanos"]))
                     for t in tiers),
+        sales_end=sales_end,
     )
 
 
 async def load_layout(pool: AsyncConnectionPool, event_id: str) -> Layout | None:
     async with autocommit(pool) as conn:
         cur = await conn.execute(
-            "SELECT event_id, title, seat_limit_per_fan, seat_ranges, price_tiers FROM events "
+            "SELECT event_id, title, seat_limit_per_fan, seat_ranges, price_tiers, sales_end FROM events "
             "WHERE event_id = %s", (event_id,))
         row = await cur.fetchone()
     return _layout(row) if row else None

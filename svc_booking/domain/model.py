@@ -66,6 +66,16 @@ class Layout:
     seat_limit_per_fan: int
     seat_map: SeatMap
     tiers: tuple[PriceTier, ...]
+    # When selling ends (the event's sale close time, or its show's start); None for events
+    # booking learnt of before it kept this, which it does not close.
+    sales_end: datetime | None = None
+
+    def check_on_sale(self, now: datetime) -> None:
+        """New holds and orders only while the event sells (orders made before may be paid)."""
+        if self.sales_end is not None and now >= self.sales_end:
+            closed = self.sales_end.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            raise DomainError("SALE_CLOSED", f"{event_name(self.event_id)} stopped selling at {closed}",
+                              metadata={"event": event_name(self.event_id), "close_time": closed})
 
     @property
     def currency_code(self) -> str:

@@ -39,6 +39,7 @@ def event_published(event: Event) -> ev.EventPublished:
             for s in spec.seat_map.sections
         ],
         seat_count=event.seat_count,
+        sale_close_time=timestamp(spec.sale_close_time),
     )
 
 

@@ -180,12 +180,13 @@ class RoomStore:
         return TickResult(admitted, serving, skipped, expired, unclaimed, bool(closed), wait)
 
     async def configure(
-        self, event_id: str, *, queue_open_ms: int, sale_open_ms: int, start_ms: int, seats: int,
+        self, event_id: str, *, queue_open_ms: int, sale_open_ms: int, closes_ms: int, seats: int,
         defaults: RoomDefaults,
     ) -> None:
-        """Create (or confirm) a room from EventPublished: idempotent, keeps admin changes."""
+        """Create (or confirm) a room from EventPublished: idempotent, keeps admin changes.
+        ``closes_ms``: when the room stops taking fans in (the sale's end, or the show's start)."""
         await self._run("configure", [RoomKeys.of(event_id).cfg], [
-            queue_open_ms, sale_open_ms, start_ms, seats, defaults.max_active,
+            queue_open_ms, sale_open_ms, closes_ms, seats, defaults.max_active,
             repr(float(defaults.admit_rate_per_second)), defaults.session_ttl_ms,
             defaults.claim_window_ms,
         ])

@@ -72,15 +72,16 @@ class QueueNotOpen(DomainError):
 
 
 class QueueClosed(DomainError):
-    """FAILED_PRECONDITION (HTTP 412 at the edge): the show has started, the room takes nobody in."""
+    """FAILED_PRECONDITION (HTTP 412 at the edge): the sale is over (its close time, or the
+    show's start), the room takes nobody in."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
-    def __init__(self, event_id: str, start_ms: int) -> None:
+    def __init__(self, event_id: str, closed_ms: int) -> None:
         name = event_name(event_id)
-        starts = rfc3339(start_ms)
-        super().__init__("QUEUE_CLOSED", f"the waiting room of {name} closed when the show started"
-                         f" at {starts}", metadata={"name": name, "start_time": starts})
+        closed = rfc3339(closed_ms)
+        super().__init__("QUEUE_CLOSED", f"the waiting room of {name} closed at {closed}: the sale "
+                         "is over", metadata={"name": name, "close_time": closed})
 
 
 def rfc3339(ms: int) -> str:

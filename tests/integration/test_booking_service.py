@@ -324,6 +324,30 @@ async def test_expired_holds_are_swept_and_free_their_seats(
         clock.offset = timedelta()
 
 
+async def test_no_new_hold_or_order_once_the_sale_closed(
+    wired: Wired, stub: pb_grpc.BookingServiceStub, clock: Clock
+) -> None:
+    """catalog's saleCloseTime (before the show) ends selling: a hold made before may not be
+    ordered after it, nor a new one made; nothing changes (the hold's seats stay held)."""
+    event_id = await new_event(wired, closes_in=timedelta(minutes=2))
+    h = await hold(stub, "u-close", event_id, ["A-8-1"])
+    clock.offset += timedelta(minutes=2, seconds=1)
+    try:
+        code, reason, meta = await fails(stub.CreateOrder(
+            pb.CreateOrderRequest(hold=h.name, request_id=rid()), metadata=fan("u-close", event_id)))
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SALE_CLOSED")
+        assert meta["close_time"].endswith("Z") and meta["event"] == f"events/{event_id}"
+        code, reason, _ = await fails(hold(stub, "u-close2", event_id, ["A-8-2"]))
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SALE_CLOSED")
+        seats = await statuses(stub, event_id)
+        assert (seats["A-8-1"], seats["A-8-2"]) == (pb.SEAT_STATUS_HELD, pb.SEAT_STATUS_AVAILABLE)
+    finally:
+        clock.offset = timedelta()
+    # Another replica, which never saw its EventPublished, reads the close time from the database.
+    again = Booking(wired.booking.pool, wired.booking.inventory)
+    assert (await again.layout(event_id)).sales_end is not None
+
+
 # --- admission -------------------------------------------------------------------------------
 
 

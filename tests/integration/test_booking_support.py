@@ -27,14 +27,19 @@ class Clock:
 
 def event_published(
     event_id: str, *, sections: tuple[tuple[str, int, int, str], ...] = (("A", 10, 10, "VIP"),),
-    limit: int = 4,
+    limit: int = 4, closes_in: timedelta | None = None,
 ) -> ev.EventPublished:
     tiers = [ev.PriceTier(name="VIP", price=Money(currency_code="KRW", units=165000)),
              ev.PriceTier(name="R", price=Money(currency_code="KRW", units=132000, nanos=500_000_000))]
     ranges = [ev.SeatRange(section=s, rows=r, seats_per_row=n, tier=t) for s, r, n, t in sections]
-    return ev.EventPublished(event=f"events/{event_id}", title="Test show", seat_limit_per_fan=limit,
-                             price_tiers=tiers, seat_ranges=ranges,
-                             seat_count=sum(r * n for _, r, n, _ in sections))
+    msg = ev.EventPublished(event=f"events/{event_id}", title="Test show", seat_limit_per_fan=limit,
+                            price_tiers=tiers, seat_ranges=ranges,
+                            seat_count=sum(r * n for _, r, n, _ in sections))
+    if closes_in is not None:  # the sale closes then, a month before the show
+        now = datetime.now(UTC)
+        msg.start_time.FromDatetime(now + timedelta(days=30))
+        msg.sale_close_time.FromDatetime(now + closes_in)
+    return msg
 
 
 async def publish(booking: Booking, msg: ev.EventPublished) -> None:

@@ -30,6 +30,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from ticketping.events.v1 import events_pb2 as ev
 from ticketping.queue.v1 import queue_service_pb2 as pb
 from ticketping.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
@@ -39,7 +40,7 @@ from meshkit.server import start
 from svc_queue.adapters.rooms import RoomKeys, tag, ticket_key
 from svc_queue.bootstrap import Wired, wire
 from svc_queue.config import Settings
-from svc_queue.domain.room import RoomChange, RoomDefaults, TicketState
+from svc_queue.domain.room import RoomChange, RoomDefaults, TicketState, rfc3339
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +141,7 @@ async def open_room(
     made.append(event_id)
     await w.queue.rooms.configure(
         event_id, queue_open_ms=now + int(queue_open * 1000), sale_open_ms=now + int(sale_open * 1000),
-        start_ms=now + int(start * 1000), seats=1000,
+        closes_ms=now + int(start * 1000), seats=1000,
         defaults=RoomDefaults(max_active, rate, int(ttl * 1000), int(claim * 1000)))
     if paused:
         await w.queue.rooms.update(event_id, {"paused": "1"})
@@ -759,11 +760,31 @@ async def test_join_before_the_room_opens_is_412_with_the_opening_time(
         await join(stub, started, "latecomer")
     info = error_info(exc.value)
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert info is not None and info.reason == "QUEUE_CLOSED" and info.metadata["start_time"].endswith("Z")
+    assert info is not None and info.reason == "QUEUE_CLOSED" and info.metadata["close_time"].endswith("Z")
     assert (await me(stub, started, "latecomer")).state == NOT_JOINED
     with pytest.raises(grpc.aio.AioRpcError) as exc:  # no verified user: the edge would not pass it
         await stub.JoinQueue(pb.JoinQueueRequest(name=qname(event_id)), timeout=5)
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_room_closes_when_the_sale_closes_before_the_show(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """An event whose saleCloseTime (catalog) is before its show: the room closes then, as it
+    would at the show's start, rather than let fans wait for a sale that is over."""
+    event_id = str(uuid.uuid4())
+    rooms.append(event_id)
+    now = int(time.time() * 1000)
+    msg = ev.EventPublished(event=f"events/{event_id}", seat_count=10)
+    for field, at in (("queue_open_time", now - 3_600_000), ("sale_open_time", now - 1_800_000),
+                      ("sale_close_time", now - 1_000), ("start_time", now + 30 * 86_400_000)):
+        getattr(msg, field).FromMilliseconds(at)
+    await wired.queue.event_published(msg)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await join(stub, event_id, "after-the-sale")
+    info = error_info(exc.value)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info is not None and info.reason == "QUEUE_CLOSED"
+    assert info.metadata["close_time"] == rfc3339(now - 1_000)
 
 
 # -- Redis Cluster -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from ticketping.events.v1.events_pb2 import EventPublished
 
 from meshkit.errors import InvalidArgument
+from meshkit.events import sales_end_ms
 from meshkit.outbox import MAX_ENVELOPE_BYTES
 from svc_catalog.adapters.messages import envelope_for, seat_map_of
 from svc_catalog.convert import populated_fields, spec_of, to_proto
@@ -201,6 +202,11 @@ def test_proto_round_trip_keeps_every_field() -> None:
     parsed.ParseFromString(env.event_published.SerializeToString())
     assert parsed.seat_limit_per_fan == 4 and [t.name for t in parsed.price_tiers] == ["VIP", "R"]
     assert parsed.price_tiers[0].price.units == 165_000 and parsed.price_tiers[0].price.currency_code == "KRW"
+    # The queue and booking stop selling at the sale's close (or the show's start without one).
+    assert parsed.sale_close_time.ToDatetime(tzinfo=UTC) == s.sale_close_time
+    assert sales_end_ms(parsed) == parsed.sale_close_time.ToMilliseconds()
+    parsed.ClearField("sale_close_time")
+    assert sales_end_ms(parsed) == parsed.start_time.ToMilliseconds()
 
 
 @pytest.mark.parametrize("field", ["start_time", "sale_close_time"])
