@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 import uuid
 from collections import defaultdict
@@ -31,6 +30,8 @@ from meshkit.consumer import EventConsumer
 from meshkit.db import autocommit, close_pool, open_pool
 from meshkit.events import EnvelopeError, new_envelope, payload_of
 from meshkit.outbox import Outboxed, OutboxError, OutboxRelay, enqueue
+
+from .test_booking_recovery import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -940,9 +941,7 @@ async def test_a_replica_started_while_kafka_is_unreachable_serves_and_catches_u
     """Kafka down while a replica starts (a restart, or one an autoscaler adds during an outage):
     the relay and the consumer start anyway, events are committed meanwhile, and both go on once
     Kafka answers; before, the relay's start raised and the service could not start at all."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bootstrap = f"127.0.0.1:{port}"  # nothing listens there yet
     g = group()
     relay = OutboxRelay(pool, bootstrap, poll_interval=0.2)
