@@ -154,6 +154,11 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
             return pb.CheckAdmissionResponse(active=False)
         return pb.CheckAdmissionResponse(active=True, expire_time=_ts(expire_ms))
 
+    async def ListOpenQueues(
+        self, request: pb.ListOpenQueuesRequest, context: Ctx
+    ) -> pb.ListOpenQueuesResponse:
+        return pb.ListOpenQueuesResponse(queues=[queue_proto(s) for s in await self.queue.open_rooms()])
+
     async def GetAdmissionKeys(
         self, request: pb.GetAdmissionKeysRequest, context: Ctx
     ) -> pb.GetAdmissionKeysResponse:

@@ -4,7 +4,9 @@ from adapters/."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -33,6 +35,11 @@ from .recovery import CatalogUnavailable, RoomRecovery
 log = logging.getLogger(__name__)
 
 CLAIMED = Counter("queue_claimed_total", "Turns claimed (fans who became ACTIVE).")
+# ListOpenQueues: one answer serves every caller for this long (each edge pod's feed asks about
+# once a second), and a room's opening and closing times, which only a republished event
+# changes, are read again after WINDOW_SECONDS.
+OPEN_ROOMS_FRESH_SECONDS = 0.2
+WINDOW_SECONDS = 10.0
 T = TypeVar("T")
 
 
@@ -61,6 +68,9 @@ class Queue:
         # Rebuilds a room lost from Redis from catalog (None: no catalog configured, a missing
         # room stays 404). Set after construction: it calls back into event_published.
         self.recovery: RoomRecovery | None = None
+        self._open: tuple[float, list[RoomStatus]] | None = None
+        self._open_lock = asyncio.Lock()
+        self._windows: dict[str, tuple[float, tuple[int, int] | None]] = {}
 
     async def recover_room(self, event_id: str) -> bool:
         """The room is missing: rebuild it if catalog says the event is published (True)."""
@@ -122,6 +132,38 @@ class Queue:
 
     async def status(self, event_id: str) -> RoomStatus:
         return await self._in_room(event_id, lambda: self.rooms.status(event_id))
+
+    async def open_rooms(self) -> list[RoomStatus]:
+        """The status of every registered room open now: its queue has opened and it has not
+        closed. Callers within OPEN_ROOMS_FRESH_SECONDS of one another share one reading."""
+        async with self._open_lock:
+            if self._open is None or time.monotonic() - self._open[0] >= OPEN_ROOMS_FRESH_SECONDS:
+                self._open = (time.monotonic(), await self._read_open_rooms())
+            return self._open[1]
+
+    async def _read_open_rooms(self) -> list[RoomStatus]:
+        members = await self.registry.members()
+        keep = set(members)
+        self._windows = {m: w for m, w in self._windows.items() if m in keep}
+        windows = await asyncio.gather(*(self._window(m) for m in members))
+        now_ms = int(time.time() * 1000)
+        live = [m for m, w in zip(members, windows, strict=True)
+                if w is not None and w[0] <= now_ms and (w[1] == 0 or now_ms < w[1])]
+        statuses = await asyncio.gather(*(self.rooms.status(m) for m in live), return_exceptions=True)
+        for m, s in zip(live, statuses, strict=True):
+            if isinstance(s, BaseException) and not isinstance(s, EventNotFound):
+                raise s  # Redis failing: the caller gets an error, not a partial list
+            if isinstance(s, EventNotFound):
+                self._windows.pop(m, None)
+        return [s for s in statuses if isinstance(s, RoomStatus)]
+
+    async def _window(self, event_id: str) -> tuple[int, int] | None:
+        now = time.monotonic()
+        known = self._windows.get(event_id)
+        if known is None or now - known[0] >= WINDOW_SECONDS:
+            known = (now, await self.rooms.window(event_id))
+            self._windows[event_id] = known
+        return known[1]
 
     async def update(self, event_id: str, change: RoomChange) -> RoomStatus:
         fields = change.fields()

@@ -165,6 +165,15 @@ class RoomStore:
     async def status(self, event_id: str) -> RoomStatus:
         return self._status(event_id, await self._run("status", RoomKeys.of(event_id).room()))
 
+    async def window(self, event_id: str) -> tuple[int, int] | None:
+        """(queue opens, room closes) in ms from the room's facts; None if there is no room.
+        A close of 0 means none is known."""
+        async with self._gate:
+            qo, closes = await self.redis.hmget(RoomKeys.of(event_id).cfg, ["qo", "start"])  # type: ignore[misc]
+        if qo is None:
+            return None
+        return int(qo), int(closes or 0)
+
     async def update(self, event_id: str, fields: dict[str, str]) -> RoomStatus:
         args = [x for kv in fields.items() for x in kv]
         return self._status(event_id, await self._run("update", RoomKeys.of(event_id).room(), args))
