@@ -11,9 +11,11 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
   event_get            GET /v1/events/{event} through the edge (cached at the edge)
   event_direct         the same body answered by a second Envoy's direct_response
                        (ratio event_get / event_direct)
-  queue_*              the waiting room (bench/queue.py): public status polls (edge cache),
-                       joins and queue/me of 200 fans, beside Envoy's direct answer of the
-                       same body and redis-benchmark running a join-shaped script
+  queue_*              the waiting room (bench/queue.py): public status polls of an open room
+                       (answered by Envoy from the route table edge/feed.py keeps) and of one
+                       the feed leaves out (edge cache), joins and queue/me of 200 fans, beside
+                       Envoy's direct answer of the same body and redis-benchmark running a
+                       join-shaped script
   booking_hold*        holds under contention (bench/booking.py): 200 admitted fans hold two
                        random adjacent seats of one event's front rows; answers per status
                        (409 = contention, an answer), beside redis-benchmark running booking's

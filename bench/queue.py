@@ -1,5 +1,8 @@
 """The waiting room under load: status polls, joins and queue/me through the edge.
 
+The status of an open room is answered by Envoy from its route table (edge/feed.py), that of a
+room the feed leaves out from the edge's cache (queue_status_unfed).
+
 Beside each figure: Envoy answering the same body itself (the edge's ceiling) and
 redis-benchmark running a script of the same shape as a join (Redis's ceiling), in the same run.
 """
@@ -20,6 +23,7 @@ import httpx
 from google.protobuf import json_format
 
 from devstack.layout import Layout
+from edge.feed import FEED_SECONDS
 
 from . import wrk
 from .baseline import direct_envoy
@@ -54,15 +58,16 @@ async def _fans(edge: str, n: int) -> list[str]:
         return list(await asyncio.gather(*(one(client, i) for i in range(n))))
 
 
-def _event(edge: str, admin_auth: dict[str, str]) -> str:
-    """A published event whose room is open and whose sale opened: joins queue FIFO."""
+def _event(edge: str, admin_auth: dict[str, str], opens_in: timedelta = timedelta(0)) -> str:
+    """A published event whose room is open and whose sale opened: joins queue FIFO. With
+    ``opens_in``, a room that opens that much later (the edge's feed leaves it out)."""
     from svc_catalog.demo import demo_event
 
     now = datetime.now(UTC)
     body = json_format.MessageToDict(demo_event(now))
     body.update(title=f"Bench Queue {time.strftime('%H%M%S')}",
-                queueOpenTime=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                saleOpenTime=(now + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                queueOpenTime=(now + opens_in).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                saleOpenTime=(now + opens_in + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ"))
     with httpx.Client(base_url=edge, timeout=15) as http:
         created = http.post("/v1/events", json=body, headers=admin_auth)
         created.raise_for_status()
@@ -73,7 +78,8 @@ def _event(edge: str, admin_auth: dict[str, str]) -> str:
             if time.monotonic() > deadline:
                 raise RuntimeError("the waiting room never learned of the bench event")
             time.sleep(0.2)
-    time.sleep(2.5)  # past the sale's opening
+    if not opens_in:
+        time.sleep(2.5)  # past the sale's opening
     return name
 
 
@@ -99,17 +105,31 @@ def redis_benchmark(lay: Layout, seconds: int, connections: int, *,
 
 
 def status_rounds(lay: Layout, event: str, base: str, body: str, rounds: int,
-                  run: dict[str, Any]) -> list[tuple[wrk.Result, wrk.Result | None]]:
-    """Envoy's direct answer, then the cached status, back to back, `rounds` times: on a shared
-    2-core machine one pair's ratio swings by a tenth either way, so every pair is kept and
-    the spread is there to read."""
+                  run: dict[str, Any], unopened: str) -> list[tuple[wrk.Result, wrk.Result | None]]:
+    """Envoy's direct answer, then the open room's status (edge/feed.py: Envoy answers it from
+    its route table), back to back, `rounds` times: on a shared 2-core machine one pair's ratio
+    swings by a tenth either way, so every pair is kept and the spread is there to read. Last,
+    a room the feed leaves out (not open yet), answered by the edge's cache."""
     rows: list[tuple[wrk.Result, wrk.Result | None]] = []
     for i in range(1, rounds + 1):
         ceiling = wrk.run(f"queue_direct #{i} ({len(body)} B, Envoy)", f"{base}/status", **run)
         rows.append((ceiling, None))
-        rows.append((wrk.run(f"queue_status #{i} (edge cache)", f"{lay.edge_url}/v1/{event}/queue",
+        rows.append((wrk.run(f"queue_status #{i} (edge, fed)", f"{lay.edge_url}/v1/{event}/queue",
                              **run), ceiling))
+    rows.append((wrk.run("queue_status_unfed (edge cache)", f"{lay.edge_url}/v1/{unopened}/queue",
+                         **run), rows[-1][1]))
     return rows
+
+
+async def _join(edge: str, event: str, tokens: list[str]) -> None:
+    """Every fan joins once: a sale's room has its fans waiting while they poll."""
+    async with httpx.AsyncClient(base_url=edge, timeout=30) as client:
+        for chunk in range(0, len(tokens), 50):
+            replies = await asyncio.gather(*(
+                client.post(f"/v1/{event}/queue:join", json={}, headers={"authorization": f"Bearer {t}"})
+                for t in tokens[chunk:chunk + 50]))
+            for r in replies:
+                r.raise_for_status()
 
 
 def measure(lay: Layout, admin_auth: dict[str, str], seconds: int, connections: int,
@@ -117,7 +137,10 @@ def measure(lay: Layout, admin_auth: dict[str, str], seconds: int, connections: 
     run: dict[str, Any] = {"seconds": seconds, "connections": connections}
     edge = lay.edge_url
     event = _event(edge, admin_auth)
+    unopened = _event(edge, admin_auth, opens_in=timedelta(hours=1))
     tokens = asyncio.run(_fans(edge, fans))
+    asyncio.run(_join(edge, event, tokens))
+    time.sleep(2 * FEED_SECONDS)  # the feed's next round has the room's fans
     status_body = httpx.get(f"{edge}/v1/{event}/queue", timeout=10).text
     rows: list[tuple[wrk.Result, wrk.Result | None]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +148,7 @@ def measure(lay: Layout, admin_auth: dict[str, str], seconds: int, connections: 
         token_file.write_text("".join(f"Bearer {t}\n" for t in tokens))
         rotate = ("authorization", token_file)
         with direct_envoy(lay, {"/status": ("application/json", status_body)}) as base:
-            rows += status_rounds(lay, event, base, status_body, rounds, run)
+            rows += status_rounds(lay, event, base, status_body, rounds, run, unopened)
             ceiling = rows[-1][1]
             joins = wrk.run(f"queue_join ({fans} fans, POST)", f"{edge}/v1/{event}/queue:join",
                             method="POST", body="{}", rotate=rotate, **run)

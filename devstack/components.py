@@ -471,6 +471,23 @@ def envoy(layout: Layout) -> Component:
     )
 
 
+def edge_feed(layout: Layout) -> Component:
+    """edge/feed.py: the open rooms' status, answered by Envoy itself (after envoy)."""
+    config = envoy_config_path(layout)
+
+    def fed() -> bool:
+        from edge.feed import alive  # type: ignore[import-not-found,unused-ignore]
+        return bool(alive(config.parent / "routes"))
+
+    return Component(
+        spec=ProcSpec("edge-feed", (str(VENV_PYTHON), "-m", "edge.feed", "--profile", layout.profile,
+                                    "-c", str(config)), cwd=ROOT, stop_timeout=10),
+        ports=(),
+        probe=fed,
+        timeout=30,
+    )
+
+
 @contextlib.contextmanager
 def another_envoy(layout: Layout, name: str, config: Path, admin_port: int) -> Iterator[int]:
     """Run a second Envoy from `config` beside the stack's (a benchmark's baseline, a test of
@@ -493,4 +510,4 @@ def another_envoy(layout: Layout, name: str, config: Path, admin_port: int) -> I
 
 def everything(layout: Layout) -> list[Component]:
     """All components in start order (stop in reverse)."""
-    return [*infra(layout), *services(layout), envoy(layout)]
+    return [*infra(layout), *services(layout), envoy(layout), edge_feed(layout)]

@@ -128,7 +128,7 @@ def start_edge(layout: Layout) -> None:
             _say(layout, "edge config changed, restarting Envoy")
             stop_all([c.spec], layout.run_dir)
         fresh.replace(current)
-        _ensure(layout, [c])
+        _ensure(layout, [c, comp.edge_feed(layout)])
 
 
 def ensure_redis_cluster(layout: Layout) -> str:

@@ -26,6 +26,12 @@ runs four listeners:
                        same routes and checks, so a cached answer is the one a fan would get.
   edge_keys (loopback) the JWKS routes jwt_authn fetches, transcoded
 
+The front's route table is not in envoy.yaml: Envoy reads it from routes/front.json beside it
+(RDS from a file, reloaded when a new one is moved in). write_config() writes it as built here
+(also kept as routes/base.json); edge/feed.py, running beside Envoy, adds the open waiting rooms'
+status answers ahead of those routes, so Envoy answers a sale's status polls itself instead of
+from its cache.
+
 jwt_authn and rbac sit after the transcoder, so they see every call, REST or native gRPC, by its
 gRPC path (``/pkg.Service/Method``): their rules come straight from each RPC's access level in
 the contracts (``(ticketping.access.v1.access)``), with no REST path patterns to keep in step.
@@ -47,6 +53,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -660,6 +668,15 @@ _CACHEABLE: list[dict[str, Any]] = [
 ]
 
 
+def _collapsible() -> list[dict[str, Any]]:
+    """A GET the cache may answer that does not ask for a fresh answer and is not health."""
+    return [
+        *_CACHEABLE,
+        {"name": "cache-control", "present_match": False},
+        {"name": ":path", "string_match": {"prefix": HEALTH_PATH}, "invert_match": True},
+    ]
+
+
 def _front_routes(core_routes: list[dict[str, Any]], core_filters: list[str]) -> list[dict[str, Any]]:
     """GETs without a token may be answered from the cache (the service's cache-control says
     whether and how long), behind which they are transcoded in the core; everything else is
@@ -676,11 +693,8 @@ def _front_routes(core_routes: list[dict[str, Any]], core_filters: list[str]) ->
     to_core = {"cluster": CORE_CLUSTER, "timeout": "20s",
                "retry_policy": {"retry_on": "connect-failure", "num_retries": 1}}
     # First, as nearly every request of a sale is a cached poll (each route tried costs a hit).
-    collapsible = [
-        *_CACHEABLE,
-        {"name": "cache-control", "present_match": False},
-        {"name": ":path", "string_match": {"prefix": HEALTH_PATH}, "invert_match": True},
-    ]
+    # (edge/feed.py puts the open rooms' status routes ahead of it, with its matchers.)
+    collapsible = _collapsible()
     cache_only = _off(core_filters)
     no_cache = _off(["envoy.filters.http.cache"])
     return [
@@ -755,14 +769,96 @@ def build(lay: Layout, descriptor: Path = DESCRIPTOR_SET, placement: Placement =
     }
 
 
+# The front's route table, read by Envoy from a file (RDS) so that edge/feed.py can put the open
+# rooms' status answers ahead of the routes built here: beside envoy.yaml, in ROUTES_DIR,
+# BASE_ROUTES is what build() made and FRONT_ROUTES what Envoy reads (the feed's routes, then
+# BASE_ROUTES'). Envoy watches the directory and reloads FRONT_ROUTES when a new one is moved in.
+ROUTES_DIR = "routes"
+BASE_ROUTES = "base.json"
+FRONT_ROUTES = "front.json"
+ROUTE_CONFIGURATION = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+
+def routes_dir(config_path: Path) -> Path:
+    return config_path.parent / ROUTES_DIR
+
+
+def front_from_file(bootstrap: dict[str, Any], routes: Path) -> dict[str, Any]:
+    """Move the front listener's route table out of ``bootstrap`` into RDS from ``routes``;
+    return the table (a RouteConfiguration)."""
+    front = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    table = front.pop("route_config")
+    front["rds"] = {"route_config_name": table["name"], "config_source": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": str(routes / FRONT_ROUTES),
+                               "watched_directory": {"path": str(routes)}}}}
+    bootstrap["node"] = {"id": "edge", "cluster": "edge"}  # required by any xDS, a file's too
+    return {"@type": ROUTE_CONFIGURATION, **table}
+
+
+def discovery_document(table: dict[str, Any]) -> str:
+    """The file Envoy reads for RDS: one RouteConfiguration."""
+    return json.dumps({"resources": [table]}, separators=(",", ":"), sort_keys=True)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` by a move within its directory (what Envoy's watch sees)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fed_status_route(base: dict[str, Any], path: str, body: str, cache_control: str) -> dict[str, Any]:
+    """A route answering ``path`` with ``body`` from Envoy itself, for the requests that
+    fed_request_predicate() lets through to it: the front's first route's filters (the cached
+    polls') off, and the cache off too (a direct_response in the cache's chain answers 404)."""
+    first = base["virtual_hosts"][0]["routes"][0]
+    return {
+        "match": {"path": path},
+        "direct_response": {"status": 200, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for k, v in (("content-type", "application/json"), ("cache-control", cache_control))],
+        "typed_per_filter_config": {**first["typed_per_filter_config"],
+                                    **_off(["envoy.filters.http.cache"])},
+    }
+
+
+def fed_request_predicate() -> dict[str, Any]:
+    """The requests the cache would answer (_collapsible: a GET without a token or gRPC's
+    content type, not asking for a fresh answer) as a match tree's predicate (xds.type.matcher)."""
+    def header(name: str, value_match: dict[str, Any]) -> dict[str, Any]:
+        return {"single_predicate": {
+            "input": {"name": name, "typed_config": {
+                "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                "header_name": name}},
+            "value_match": value_match}}
+
+    def one(m: dict[str, Any]) -> dict[str, Any]:
+        if "present_match" in m:  # any value: an absent header gives the predicate no input
+            p = header(m["name"], {"safe_regex": {"google_re2": {}, "regex": ".*"}})
+            return p if m["present_match"] else {"not_matcher": p}
+        p = header(m["name"], m["string_match"])
+        return {"not_matcher": p} if m.get("invert_match") else p
+
+    return {"and_matcher": {"predicate": [one(m) for m in _collapsible() if m["name"] != ":path"]}}
+
+
 def write_config(lay: Layout, path: Path, descriptor: Path = DESCRIPTOR_SET,
                  placement: Placement = LOCAL) -> Path:
+    """envoy.yaml at ``path``, and the front's routes in routes/ beside it (FRONT_ROUTES starts
+    as BASE_ROUTES: until the feed writes, every poll goes the cache's way)."""
     if not descriptor.exists():
         raise FileNotFoundError(f"{descriptor} is missing: run `make gen` first")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    routes = routes_dir(path)
+    routes.mkdir(parents=True, exist_ok=True)
     if not placement.stdout_logs:
         lay.logs_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(build(lay, descriptor, placement), sort_keys=False))
+    bootstrap = build(lay, descriptor, placement)
+    table = front_from_file(bootstrap, routes)
+    replace_file(routes / BASE_ROUTES, json.dumps(table, sort_keys=True))
+    replace_file(routes / FRONT_ROUTES, discovery_document(table))
+    path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     return path
 
 

