@@ -23,6 +23,7 @@ from devstack.install import KUSTOMIZE_BIN
 from devstack.layout import KAFKA_DLQ_PARTITIONS, KAFKA_PARTITIONS, KAFKA_PROBE_TOPIC, KAFKA_TOPICS, ROOT
 from devstack.layout import layout as local_layout
 from edge.config import CLUSTER, CLUSTER_GRPC_PORT, build, cluster_layout
+from edge.feed import ALIVE_FILE
 from svc_payment.bootstrap import SANDBOX_POOL_SIZE
 
 K8S = ROOT / "k8s"
@@ -241,7 +242,10 @@ def test_the_edge_config_the_pod_renders_finds_every_service(docs):
     edge = _one(docs, "Deployment", "edge")
     (render,) = _pod(edge)["spec"]["initContainers"]
     assert render["command"][:4] == ["python", "-m", "edge.config", "--cluster"]
-    (envoy,) = _pod(edge)["spec"]["containers"]
+    envoy, feed = _pod(edge)["spec"]["containers"]
+    assert feed["command"] == ["python", "-m", "edge.feed", "--cluster", "-c", "/etc/envoy/envoy.yaml"]
+    assert render["command"][-1] == "/etc/envoy/envoy.yaml"
+    assert feed["livenessProbe"]["exec"]["command"][-1].count(f"/etc/envoy/routes/{ALIVE_FILE}") == 1
     edge_port = local_layout("dev").edge_port
     assert {p["containerPort"] for p in envoy["ports"]} == {edge_port}
     assert _one(docs, "Service", "edge")["spec"]["ports"][0]["port"] == edge_port
