@@ -23,7 +23,7 @@ import httpx
 from google.protobuf import json_format
 
 from devstack.layout import Layout
-from edge.feed import FEED_SECONDS
+from edge.config import FRONT_ROUTES, ROUTES_DIR
 
 from . import wrk
 from .baseline import direct_envoy
@@ -121,6 +121,16 @@ def status_rounds(lay: Layout, event: str, base: str, body: str, rounds: int,
     return rows
 
 
+def _wait_fed(lay: Layout, path: str, within: float = 10.0) -> None:
+    """Until the edge's feed answers ``path`` itself (its route table names it)."""
+    front = lay.run_dir / ROUTES_DIR / FRONT_ROUTES
+    deadline = time.monotonic() + within
+    while f'"{path}"' not in front.read_text():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the edge's feed never took {path} (is edge-feed running?)")
+        time.sleep(0.2)
+
+
 async def _join(edge: str, event: str, tokens: list[str]) -> None:
     """Every fan joins once: a sale's room has its fans waiting while they poll."""
     async with httpx.AsyncClient(base_url=edge, timeout=30) as client:
@@ -139,8 +149,12 @@ def measure(lay: Layout, admin_auth: dict[str, str], seconds: int, connections: 
     event = _event(edge, admin_auth)
     unopened = _event(edge, admin_auth, opens_in=timedelta(hours=1))
     tokens = asyncio.run(_fans(edge, fans))
+    # The room admits nobody while the bench looks: its fans wait, as a sale's crowd does while
+    # it polls the status (and the feed ranks rooms by the fans waiting or active in them).
+    httpx.patch(f"{edge}/v1/{event}/queue", params={"updateMask": "paused"}, json={"paused": True},
+                headers=admin_auth, timeout=10).raise_for_status()
     asyncio.run(_join(edge, event, tokens))
-    time.sleep(2 * FEED_SECONDS)  # the feed's next round has the room's fans
+    _wait_fed(lay, f"/v1/{event}/queue")
     status_body = httpx.get(f"{edge}/v1/{event}/queue", timeout=10).text
     rows: list[tuple[wrk.Result, wrk.Result | None]] = []
     with tempfile.TemporaryDirectory() as tmp:
