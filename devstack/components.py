@@ -476,8 +476,9 @@ def edge_feed(layout: Layout) -> Component:
     config = envoy_config_path(layout)
 
     def fed() -> bool:
+        from edge.config import routes_dir  # type: ignore[import-not-found,unused-ignore]
         from edge.feed import alive  # type: ignore[import-not-found,unused-ignore]
-        return bool(alive(config.parent / "routes"))
+        return bool(alive(routes_dir(config)))
 
     return Component(
         spec=ProcSpec("edge-feed", (str(VENV_PYTHON), "-m", "edge.feed", "--profile", layout.profile,
