@@ -10,9 +10,10 @@ of its Date on every hit). So every FEED_SECONDS this process asks the queue for
 every open room (QueueService.ListOpenQueues: queue opened, sale not closed, one answer shared by
 all callers of a replica within 0.2 s) and rewrites the front's route table, which Envoy reads
 from a file (edge/config.py: routes/front.json, RDS): one ``direct_response`` route per open
-room, with the status exactly as the REST answer renders it, ahead of the routes edge/config.py
-built (routes/base.json). A status is then at most about FEED_SECONDS + 0.2 s old, as the
-cache's was (``max-age=1``, counted in whole seconds from the answer's Date, plus its fill).
+room with fans in it, with the status exactly as the REST answer renders it, ahead of the
+routes edge/config.py built (routes/base.json). A status is then at most about FEED_SECONDS +
+0.2 s old, as the cache's was (``max-age=1``, counted in whole seconds from the answer's Date,
+plus its fill).
 
 Everything else is as before: a room that is not open (or not in the list yet), a poll that asks
 for a fresh answer (``cache-control``) or carries a token goes the cache's way or to the queue.
@@ -60,7 +61,7 @@ ALIVE_SECONDS = 10.0
 # What GetQueue says of its answer (svc_queue/server.py PUBLIC_STATUS), said here by Envoy.
 STATUS_CACHE_CONTROL = "public, max-age=1"
 ROUTE_LIST = "type.googleapis.com/envoy.config.route.v3.RouteList"
-# Rooms fed at most (the busiest): the rest are answered the cache's way. A sale has a few.
+# Rooms fed at most (the busiest with anyone in them): the rest are answered the cache's way.
 MAX_ROOMS = 64
 
 
@@ -81,7 +82,9 @@ def _number(v: Any) -> Any:
 def route_table(base: dict[str, Any], queues: Iterable[qpb.Queue],
                 max_rooms: int = MAX_ROOMS) -> dict[str, Any]:
     """``base`` (the front's RouteConfiguration) with the status routes of the ``max_rooms``
-    busiest rooms (most fans waiting or active) ahead of its own.
+    busiest rooms (most fans waiting or active) ahead of its own. A room nobody is in is left to
+    the cache: nobody polls it, and the queue reads a quiet room's status less often
+    (svc_queue QUIET_SECONDS), so the feed would hold it older than a second.
 
     Not as a longer list of routes: Envoy tries a list in order and checks a route's headers
     before its path, so each fed room would cost every request (with 300 rooms fed, /healthz
@@ -91,7 +94,8 @@ def route_table(base: dict[str, Any], queues: Iterable[qpb.Queue],
     Each room adds one small route, so Envoy's reload stays short (it costs about 75 us per KB
     of the file)."""
     vhost = base["virtual_hosts"][0]
-    rooms = sorted(queues, key=lambda q: (-(q.waiting_count + q.active_count), q.name))[:max_rooms]
+    rooms = sorted((q for q in queues if q.waiting_count + q.active_count > 0),
+                   key=lambda q: (-(q.waiting_count + q.active_count), q.name))[:max_rooms]
     if not rooms:
         return base
 

@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 CLAIMED = Counter("queue_claimed_total", "Turns claimed (fans who became ACTIVE).")
 # ListOpenQueues: one answer serves every caller for this long (each edge pod's feed asks about
 # once a second), and a room's opening and closing times, which only a republished event
-# changes, are read again after WINDOW_SECONDS.
+# changes, are read again after WINDOW_SECONDS. A room found quiet (nobody waiting or active) is
+# read again after QUIET_SECONDS, or at once when this replica sees it used (a join, a waiting
+# fan's read, an admin's change): a platform has hundreds of rooms open, nearly all quiet, and
+# reading every one of them every time cost the waiting room about a tenth of a core.
 OPEN_ROOMS_FRESH_SECONDS = 0.2
 WINDOW_SECONDS = 10.0
+QUIET_SECONDS = 5.0
 T = TypeVar("T")
 
 
@@ -71,6 +75,7 @@ class Queue:
         self._open: tuple[float, list[RoomStatus]] | None = None
         self._open_lock = asyncio.Lock()
         self._windows: dict[str, tuple[float, tuple[int, int] | None]] = {}
+        self._quiet: dict[str, tuple[float, RoomStatus]] = {}  # room -> (read at, its quiet status)
 
     async def recover_room(self, event_id: str) -> bool:
         """The room is missing: rebuild it if catalog says the event is published (True)."""
@@ -127,6 +132,7 @@ class Queue:
     # -- the room ---------------------------------------------------------------------------
 
     async def poke(self, event_id: str) -> None:
+        self._quiet.pop(event_id, None)  # used: ListOpenQueues reads it afresh
         if self._poke is not None:
             await self._poke(event_id)
 
@@ -135,7 +141,10 @@ class Queue:
 
     async def open_rooms(self) -> list[RoomStatus]:
         """The status of every registered room open now: its queue has opened and it has not
-        closed. Callers within OPEN_ROOMS_FRESH_SECONDS of one another share one reading."""
+        closed. Callers within OPEN_ROOMS_FRESH_SECONDS of one another share one reading. A room
+        with fans waiting or active is read for each reading; a quiet one at most QUIET_SECONDS
+        ago (sooner if this replica saw it used), so a room that fills through another replica
+        is listed as busy within QUIET_SECONDS."""
         async with self._open_lock:
             if self._open is None or time.monotonic() - self._open[0] >= OPEN_ROOMS_FRESH_SECONDS:
                 self._open = (time.monotonic(), await self._read_open_rooms())
@@ -149,13 +158,20 @@ class Queue:
         now_ms = int(time.time() * 1000)
         live = [m for m, w in zip(members, windows, strict=True)
                 if w is not None and w[0] <= now_ms and (w[1] == 0 or now_ms < w[1])]
-        statuses = await asyncio.gather(*(self.rooms.status(m) for m in live), return_exceptions=True)
-        for m, s in zip(live, statuses, strict=True):
+        now = time.monotonic()
+        self._quiet = {m: q for m, q in self._quiet.items() if m in keep and now - q[0] < QUIET_SECONDS}
+        due = [m for m in live if m not in self._quiet]
+        statuses = await asyncio.gather(*(self.rooms.status(m) for m in due), return_exceptions=True)
+        for m, s in zip(due, statuses, strict=True):
             if isinstance(s, BaseException) and not isinstance(s, EventNotFound):
                 raise s  # Redis failing: the caller gets an error, not a partial list
             if isinstance(s, EventNotFound):
                 self._windows.pop(m, None)
-        return [s for s in statuses if isinstance(s, RoomStatus)]
+            elif isinstance(s, RoomStatus) and not (s.waiting_count or s.active_count or s.pending_count):
+                self._quiet[m] = (now, s)
+        fresh = {m: s for m, s in zip(due, statuses, strict=True) if isinstance(s, RoomStatus)}
+        return [fresh[m] if m in fresh else self._quiet[m][1] for m in live
+                if m in fresh or m in self._quiet]
 
     async def _window(self, event_id: str) -> tuple[int, int] | None:
         now = time.monotonic()
@@ -172,6 +188,7 @@ class Queue:
         return status
 
     async def mark_sold_out(self, event_id: str) -> RoomStatus:
+        self._quiet.pop(event_id, None)
         return await self._in_room(event_id, lambda: self.rooms.mark_sold_out(event_id))
 
     # -- booking ----------------------------------------------------------------------------

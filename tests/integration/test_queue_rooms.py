@@ -560,6 +560,46 @@ async def test_a_waiting_fans_read_wakes_a_room_whose_join_another_replica_saw(
     assert time.monotonic() - t0 < 1.0  # the read's poke, not the idle wait
 
 
+async def test_the_open_rooms_list_reads_a_quiet_room_only_now_and_then_or_when_used(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ListOpenQueues (the edge's feed asks every second) reads each busy room's status afresh,
+    and a quiet one (nobody waiting or active) again only after QUIET_SECONDS, or as soon as
+    this replica sees it used: hundreds of quiet rooms on sale cost a few reads a second."""
+    import svc_queue.service as service
+
+    monkeypatch.setattr(service, "OPEN_ROOMS_FRESH_SECONDS", 0.0)  # no shared reading here
+    monkeypatch.setattr(service, "QUIET_SECONDS", 1.0)
+    here = await open_room(wired, rooms, paused=True)  # paused: nobody is admitted
+    there = await open_room(wired, rooms, paused=True)
+    store = wired.queue.rooms
+    reads: list[str] = []
+    status = store.status
+
+    async def counted(event_id: str) -> Any:
+        reads.append(event_id)
+        return await status(event_id)
+
+    monkeypatch.setattr(store, "status", counted)
+
+    async def listed() -> dict[str, int]:
+        return {s.event_id: s.waiting_count for s in await wired.queue.open_rooms()
+                if s.event_id in (here, there)}
+
+    assert await listed() == {here: 0, there: 0}
+    assert reads.count(here) == reads.count(there) == 1
+    await store.join(there, "elsewhere")  # through another replica: no poke here
+    assert await listed() == {here: 0, there: 0}  # the quiet reading stands
+    assert reads.count(there) == 1
+    await join(stub, here, "here-1")  # a join on this replica: read at once
+    assert await listed() == {here: 1, there: 0}
+    assert (reads.count(here), reads.count(there)) == (2, 1)
+    await asyncio.sleep(1.05)  # QUIET_SECONDS: the other replica's join shows
+    assert await listed() == {here: 1, there: 1}
+    assert await listed() == {here: 1, there: 1}
+    assert (reads.count(here), reads.count(there)) == (4, 3)  # busy: read for every answer
+
+
 async def test_a_room_lost_from_the_registry_is_healed_by_its_fans(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
     """The registry set is gone (on Redis Cluster it sits on another master than the room, which

@@ -71,6 +71,17 @@ def test_the_busiest_rooms_are_fed_behind_one_lookup_of_the_path(written):
     assert "envoy.filters.http.cache" in off and "envoy.filters.http.grpc_json_transcoder" in off
 
 
+def test_a_room_nobody_is_in_is_left_to_the_cache(written):
+    """Nobody polls it, and the queue reads a quiet room's status only every few seconds."""
+    base = _base(written)
+    assert feed.route_table(base, [_room(1), _room(2, sold_out=True)]) == base
+    active = _room(3, active_count=2)
+    table = feed.route_table(base, [_room(1), active, _room(4, waiting=1)])
+    fed = table["virtual_hosts"][0]["matcher"]["matcher_list"]["matchers"][0]["on_match"]["matcher"]
+    assert set(fed["matcher_tree"]["exact_match_map"]["map"]) == {f"/v1/{_room(3).name}",
+                                                                 f"/v1/{_room(4).name}"}
+
+
 def test_envoy_accepts_the_front_with_rooms_fed(written, tmp_path):
     bootstrap = yaml.safe_load(written.read_text())
     front = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
