@@ -22,6 +22,11 @@ so a crash redelivers whatever was not finished (and the de-duplication mark ski
 graceful stop starts no new record except those that close such a gap, so the offset it commits
 covers every record handled. Offsets are committed after each fetched batch, on a rebalance (for
 revoked partitions) and on :meth:`EventConsumer.stop`.
+
+A mark is kept ``mark_retention`` (8 days: longer than Kafka keeps a record, 7 days by default, so
+a group sent back to the earliest offset still finds the marks of everything it could re-read),
+then deleted by the consumer itself every ``purge_interval``, a few thousand rows at a time: the
+table does not grow with every purchase the platform ever made.
 Cancelling the task running :meth:`EventConsumer.run` is a hard stop: it commits nothing (the
 processed records are redelivered and skipped), like a crash.
 """
@@ -31,8 +36,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Any, Literal
 
 import psycopg
@@ -63,6 +70,17 @@ INSERT INTO processed_events (consumer_group, event_id, topic, "partition", "off
 VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (consumer_group, event_id) DO NOTHING
 """
+
+# This group's marks older than the retention, a chunk at a time (processed_events_processed_at_idx).
+_PURGE_MARKS = """
+DELETE FROM processed_events WHERE (consumer_group, event_id) IN (
+    SELECT consumer_group, event_id FROM processed_events
+    WHERE consumer_group = %s AND processed_at < now() - %s
+    LIMIT %s
+)
+"""
+MARK_RETENTION = timedelta(days=8)
+PURGE_CHUNK = 5000
 
 # SQLSTATE classes meaning "the database is unavailable", not "this record is bad":
 # 08 connection exception, 53 insufficient resources, 57 operator intervention, 58 system error.
@@ -165,6 +183,8 @@ class EventConsumer:
         consumer_config: Mapping[str, Any] | None = None,
         event_types: Iterable[str] | None = None,
         precheck: Precheck | None = None,
+        mark_retention: timedelta = MARK_RETENTION,
+        purge_interval: float = 300.0,
     ) -> None:
         self._pool = pool
         self._bootstrap = bootstrap_servers
@@ -182,6 +202,9 @@ class EventConsumer:
         # record writes nothing, so passing it over is safe to repeat: a redelivery looks again.
         # It runs in the retry loop, as the handler does.
         self._precheck = precheck
+        self.mark_retention = mark_retention
+        self.purge_interval = purge_interval
+        self.marks_purged_total = 0
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.dlq_suffix = dlq_suffix
@@ -315,6 +338,7 @@ class EventConsumer:
         self._run_task = asyncio.current_task()
         self._finished.clear()
         graceful = False
+        purger = asyncio.create_task(self._purge_loop(), name=f"purge-marks-{self.group_id}")
         try:
             if not await self._joined():
                 graceful = True
@@ -338,6 +362,9 @@ class EventConsumer:
                 await self._commit()
             graceful = True
         finally:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
             try:
                 if graceful:
                     await self._commit()
@@ -367,6 +394,42 @@ class EventConsumer:
                 await producer.stop()
         self._done.clear()
         self._committed.clear()
+
+    # -- de-duplication marks ---------------------------------------------------------------
+
+    async def purge_marks(self, older_than: timedelta | None = None, chunk: int = PURGE_CHUNK) -> int:
+        """Delete this group's marks older than ``older_than`` (default: ``mark_retention``), a
+        chunk per statement; return how many."""
+        older_than = self.mark_retention if older_than is None else older_than
+        total = 0
+        while True:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(_PURGE_MARKS, (self.group_id, older_than, chunk))
+                n = cur.rowcount
+            total += n
+            if n < chunk:
+                break
+        if total:
+            self.marks_purged_total += total
+            self._counted["marks_purged"].inc(total)
+            log.info("de-duplication marks purged", extra={"consumer_group": self.group_id, "count": total})
+        return total
+
+    async def _purge_loop(self) -> None:
+        """purge_marks every ``purge_interval`` (jittered, the first within a minute of start)."""
+        if self._pool is None:  # marks kept elsewhere (a subclass's store): nothing to purge here
+            return
+        wait = min(self.purge_interval, 60.0)
+        while True:
+            await asyncio.sleep(wait * random.uniform(0.5, 1.0))
+            wait = self.purge_interval
+            try:
+                await self.purge_marks()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("purging de-duplication marks failed; trying again later",
+                            extra={"consumer_group": self.group_id, "error": describe(exc)})
 
     # -- records -----------------------------------------------------------------------------
 

@@ -122,6 +122,7 @@ _CONSUMER = {
     "retries": "failed handler attempts, retried",
     "dead_lettered": "events parked on the dead-letter topic",
     "commit_failures": "offset commits that failed",
+    "marks_purged": "de-duplication marks deleted after their retention",
 }
 _CONSUMER_COUNTERS = {name: Counter(f"meshkit_consumer_{name}", f"Event consumer: {text}.", ["group"])
                       for name, text in _CONSUMER.items()}

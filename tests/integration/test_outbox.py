@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,46 @@ async def test_committed_event_is_published_and_consumed_once_rolled_back_is_not
         f"\ncommit -> published {relay_latency * 1000:.0f} ms, "
         f"commit -> effect committed {effect_latency * 1000:.0f} ms"
     )
+
+
+async def test_a_consumer_purges_its_own_marks_once_past_their_retention(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """processed_events does not grow with every event ever handled: each consumer deletes its
+    group's marks older than mark_retention, a chunk at a time, on its own every purge_interval;
+    recent marks and other groups' marks stay."""
+    mine, other = group(), group()
+    ages = {"old": timedelta(days=9), "recent": timedelta(hours=1)}
+    async with pool.connection() as conn, conn.transaction():
+        for g in (mine, other):
+            for age, n in (("old", 7), ("recent", 2)):
+                for i in range(n):
+                    await conn.execute(
+                        "INSERT INTO processed_events (consumer_group, event_id, topic, \"partition\", "
+                        "\"offset\", processed_at) VALUES (%s, %s, %s, 0, %s, now() - %s)",
+                        (g, uuid.uuid4(), unique_topic, i, ages[age]))
+
+    async def marks(g: str) -> int:
+        sql = "SELECT count(*) FROM processed_events WHERE consumer_group = %s"
+        return int(await scalar(pool, sql, (g,)))
+
+    consumer = EventConsumer(pool, kafka_bootstrap, mine, [unique_topic], recorder(mine),
+                             mark_retention=timedelta(days=8), purge_interval=0.2)
+    assert await consumer.purge_marks(older_than=timedelta(days=30), chunk=3) == 0
+    assert await consumer.purge_marks(chunk=3) == 7  # three statements of 3, 3 and 1
+    assert (await marks(mine), await marks(other)) == (2, 9)
+
+    other_consumer = EventConsumer(pool, kafka_bootstrap, other, [unique_topic], recorder(other),
+                                   purge_interval=0.2)
+    task = asyncio.create_task(other_consumer.run())
+    try:
+        async def purged() -> bool:
+            return await marks(other) == 2
+        await wait_for(purged, 20, "the running consumer to purge its old marks")
+    finally:
+        await other_consumer.stop()
+        await asyncio.wait_for(task, 30)
+    assert other_consumer.marks_purged_total == 7 and await marks(mine) == 2
 
 
 async def test_enqueue_refuses_to_run_outside_a_transaction(
