@@ -38,7 +38,7 @@ from meshkit.outbox import Outboxed, enqueue
 from .adapters import messages
 from .adapters import postgres as db
 from .adapters.booking import BookingClient
-from .adapters.provider import Outcome, Provider, ProviderError
+from .adapters.provider import Outcome, Provider, ProviderError, ProviderRefused
 from .domain import model
 from .domain.model import Effect, Money, Payment, PaymentState, Transition
 
@@ -229,6 +229,12 @@ class Payments:
             for u in await db.due_unmatched(conn, older_than, limit):
                 try:
                     ref = await self.provider.refund(u.reference, u.captured, f"unmatched:{u.reference}")
+                except ProviderRefused as exc:  # asking again changes nothing: an operator's case
+                    await db.mark_unmatched_refused(conn, u, str(exc))
+                    log.error("the provider refused to refund money captured for no payment",
+                              extra={"reference": u.reference, "amount": u.captured.text(),
+                                     "currency": u.captured.currency_code, "error": str(exc)})
+                    continue
                 except ProviderError:
                     log.warning("refund of an unmatched capture failed; retried on the next pass",
                                 exc_info=True, extra={"reference": u.reference})
@@ -325,6 +331,12 @@ class Payments:
             amount = captured if captured is not None else p.amount
             try:
                 refund_ref = await self.provider.refund(p.provider_reference, amount, str(p.payment_id))
+            except ProviderRefused as exc:
+                # Not retried forever (that would hold up every event behind this one): the
+                # consumer tries a few times, then parks the event on its DLQ for an operator.
+                log.error("the provider refused a refund", extra={"payment": p.name, "error": str(exc)})
+                raise DomainError("PROVIDER_REFUSED", f"the payment provider refused the refund: {exc}",
+                                  metadata={"payment": p.name}) from exc
             except ProviderError as exc:
                 raise ProviderUnavailable("PROVIDER_UNAVAILABLE", f"refund failed: {exc}") from exc
         after = await db.set_state(conn, p.payment_id, t.state, t.reason, self.clock(), refund_ref)

@@ -205,11 +205,16 @@ async def due_unmatched(conn: Conn, older_than_seconds: float, limit: int) -> li
     one goes to one replica)."""
     cur = await conn.execute(
         """SELECT provider, reference, currency_code, units, nanos FROM unmatched_callbacks u
-            WHERE refunded_at IS NULL AND first_seen < now() - make_interval(secs => %s)
+            WHERE refunded_at IS NULL AND refusal = '' AND first_seen < now() - make_interval(secs => %s)
               AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.provider_reference = u.reference)
             ORDER BY first_seen LIMIT %s FOR UPDATE SKIP LOCKED""",
         (older_than_seconds, limit))
     return [Unmatched(r[0], r[1], Money(r[2], r[3], r[4])) for r in await cur.fetchall()]
+
+
+async def mark_unmatched_refused(conn: Conn, u: Unmatched, reason: str) -> None:
+    await conn.execute("UPDATE unmatched_callbacks SET refusal = %s WHERE provider = %s AND reference = %s",
+                       (reason[:1000] or "refused", u.provider, u.reference))
 
 
 async def mark_unmatched_refunded(conn: Conn, u: Unmatched, refund_reference: str) -> None:

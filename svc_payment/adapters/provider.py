@@ -73,7 +73,12 @@ LEASE_MARGIN = 2.0  # a claim outlives the send's deadline by this much
 
 
 class ProviderError(RuntimeError):
-    """The provider could not be reached or refused the call; the caller retries later."""
+    """The provider could not be reached or failed; the caller retries later."""
+
+
+class ProviderRefused(ProviderError):
+    """The provider answered and said no (a refund of a charge it does not know, say): asking
+    again gets the same answer, so the caller must not retry it forever."""
 
 
 class Provider(Protocol):
@@ -196,9 +201,11 @@ WHERE reference = ANY(%s) AND claim = ANY(%s) AND delivered_at IS NULL
 
 _CANCEL = "UPDATE sandbox_checkouts SET cancelled_at = coalesce(cancelled_at, now()) WHERE reference = %s"
 
+# A refund of a charge the sandbox made; a PSP refuses one of a reference it never issued.
 _REFUND = """
 INSERT INTO sandbox_refunds (idempotency_key, refund_id, reference, currency_code, units, nanos)
-VALUES (%s, %s, %s, %s, %s, %s)
+SELECT %(key)s, %(id)s, %(reference)s, %(currency)s, %(units)s, %(nanos)s
+WHERE EXISTS (SELECT 1 FROM sandbox_checkouts WHERE reference = %(reference)s)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING refund_id
 """
@@ -341,8 +348,9 @@ class SandboxProvider:
     async def refund(self, reference: str, amount: Money, idempotency_key: str) -> str:
         try:
             async with autocommit(self._pool, wait=self.db_timeout) as conn:
-                cur = await conn.execute(_REFUND, (idempotency_key, f"sbx_re_{uuid.uuid4().hex}", reference,
-                                                   amount.currency_code, amount.units, amount.nanos))
+                cur = await conn.execute(_REFUND, {
+                    "key": idempotency_key, "id": f"sbx_re_{uuid.uuid4().hex}", "reference": reference,
+                    "currency": amount.currency_code, "units": amount.units, "nanos": amount.nanos})
                 row = await cur.fetchone()
                 created = row is not None
                 if row is None:  # asked before: the first refund's id (a new snapshot sees it)
@@ -351,8 +359,8 @@ class SandboxProvider:
                     row = await cur.fetchone()
         except (psycopg.Error, PoolTimeout) as exc:
             raise ProviderError(f"sandbox refund failed: {exc}") from exc
-        if row is None:
-            raise ProviderError("sandbox refund failed: the refund vanished")
+        if row is None:  # neither made nor asked before: the reference is none of the sandbox's
+            raise ProviderRefused(f"sandbox refund refused: no charge {reference}")
         if created:
             log.info("sandbox refund", extra={"reference": reference, "amount": amount.text(),
                                               "currency": amount.currency_code})

@@ -27,12 +27,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from google.api import httpbody_pb2
 from ticketping.booking.v1 import booking_service_pb2 as bpb
 from ticketping.booking.v1 import booking_service_pb2_grpc as bpb_grpc
+from ticketping.events.v1 import events_pb2 as ev
 from ticketping.payment.v1 import payment_service_pb2 as pb
 from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
 
 from devstack.layout import Layout
 from meshkit.errors import error_info
-from meshkit.events import EventEnvelope
+from meshkit.events import EventEnvelope, new_envelope
 from meshkit.server import start
 from svc_booking.adapters.admission import StaticAdmission
 from svc_booking.bootstrap import Wired as BookingWired
@@ -52,6 +53,10 @@ pytestmark = pytest.mark.integration
 SECRET = "test-webhook-secret-0123456789"
 STATUS_HTTP = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.INVALID_ARGUMENT: 400,
                grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.FAILED_PRECONDITION: 412}
+
+
+# Events a test had parked on payment's DLQ on purpose (the last test counts the rest).
+PARKED_ON_PURPOSE: list[str] = []
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -552,6 +557,57 @@ async def test_same_payment_succeeded_twice_confirms_once(
                        order_uuid(o)) == 2
 
 
+async def test_a_refund_the_provider_refuses_is_parked_and_holds_up_nothing(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub], topics: dict[str, str],
+    kafka_bootstrap: str,
+) -> None:
+    """The provider answers no to a refund (here: a charge it never made). Asking again gets the
+    same no, so the consumer must not retry it for ever: it used to, as if the provider were
+    down, and every later booking event waited behind it. Now the event is tried a few times and
+    parked on the DLQ for an operator, the payment stays as it was, and the next events pass."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    assert pw.consumer is not None
+    u = user()
+    event_id, o = await ordered(booking, bstub, u, ("A-8-1",))
+    p = await pstub.CreatePayment(pb.CreatePaymentRequest(order=o.name, request_id=rid()), metadata=me(u))
+
+    async def succeeded() -> bool:
+        return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_SUCCEEDED
+    await wait_for("payment SUCCEEDED", succeeded)
+    unknown = f"sbx_{uuid.uuid4().hex}"
+    async with pw.payments.pool.connection() as conn:
+        await conn.execute("UPDATE payments SET provider_reference = %s WHERE provider_reference = %s",
+                           (unknown, p.provider_reference))
+    assert await fails(pstub.RefundPayment(pb.RefundPaymentRequest(name=p.name, reason="X", request_id=rid()))
+                       ) == (grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_REFUSED")
+
+    parked = pw.consumer.dlq_total
+    gone = new_envelope("booking", order_uuid(o), ev.OrderExpired(
+        order=o.name, event=f"events/{event_id}", user_id=u, seat_ids=["A-8-1"]))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics["booking"], gone.SerializeToString(), key=order_uuid(o).encode())
+    finally:
+        await producer.stop()
+    # Another fan's order expires meanwhile: its pending payment is cancelled all the same.
+    _, o2, p2 = await awaiting_callback(booking, payment, stubs, u2 := user(), ("A-8-5",))
+    await bstub.ExpireOrder(bpb.ExpireOrderRequest(order=o2.name))
+
+    async def cancelled() -> bool:
+        return await payment_state(pstub, p2, u2) == pb.PAYMENT_STATE_CANCELLED
+    await wait_for("the next order's payment CANCELLED", cancelled)
+
+    async def dead_lettered() -> bool:
+        return pw.consumer is not None and pw.consumer.dlq_total == parked + 1
+    await wait_for("the refused refund's event parked on the DLQ", dead_lettered)
+    PARKED_ON_PURPOSE.append(gone.event_id)
+    assert await payment_state(pstub, p, u) == pb.PAYMENT_STATE_SUCCEEDED
+    assert await pw.provider.refunds_of(unknown) == []
+
+
 @pytest.mark.parametrize("captured", [model.Money("KRW", 165000), model.Money("KRW", 170000),
                                       model.Money("USD", 125, 500_000_000)],
                          ids=["the order's amount", "more", "another currency"])
@@ -763,6 +819,42 @@ async def test_money_captured_for_no_payment_is_refunded_once_nothing_claims_it(
     assert len(await pw.provider.refunds_of(refs[0])) == 1
 
 
+async def test_an_unmatched_capture_whose_refund_is_refused_is_left_to_an_operator(
+    payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep asks the provider to refund money captured for no payment; the provider says no
+    (the sandbox: a charge it never made). The refusal is recorded and the sweep does not ask
+    again on every pass, nor does it stop at that one: the next capture is still refunded."""
+    _, pstub = stubs
+    pw, _ = payment
+    refused = f"sbx_{uuid.uuid4().hex}"  # no checkout of the sandbox's
+    real = await pw.provider.create_checkout(uuid.uuid4(), f"orders/{uuid.uuid4()}", model.Money("KRW", 1000),
+                                             "never")
+    for ref in (refused, real):
+        body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, ref,
+                                  model.Money("KRW", 1000))
+        answer = await fails(pstub.HandleWebhook(webhook(body), metadata=signed(body)))
+        assert answer[1] == "PAYMENT_NOT_FOUND"
+    asked: list[str] = []
+    refund = pw.provider.refund
+
+    async def counted(reference: str, *args: Any) -> str:
+        asked.append(reference)
+        return await refund(reference, *args)
+
+    monkeypatch.setattr(pw.provider, "refund", counted)
+    await pw.payments.refund_unmatched(older_than=0)
+    assert {refused, real} <= set(asked)
+    assert len(await pw.provider.refunds_of(real)) == 1 and await pw.provider.refunds_of(refused) == []
+    assert await count(pw.payments.pool, "SELECT count(*) FROM unmatched_callbacks WHERE reference = %s "
+                       "AND refusal LIKE %s AND refunded_at IS NULL", refused, f"%{refused}%") == 1
+    first_pass = len(asked)
+    await pw.payments.refund_unmatched(older_than=0)
+    assert not {refused, real} & set(asked[first_pass:])  # neither is asked for again
+
+
 async def test_order_ending_while_the_payment_is_created_is_not_left_pending(
     booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
     stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
@@ -969,6 +1061,6 @@ async def test_nothing_was_parked_on_a_dlq(booking: BookingWired,
                                            payment: tuple[PaymentWired, FakeEdge]) -> None:
     assert booking.payment_consumer is not None and payment[0].consumer is not None
     assert booking.payment_consumer.dlq_total == 0
-    assert payment[0].consumer.dlq_total == 0
+    assert payment[0].consumer.dlq_total == len(PARKED_ON_PURPOSE)
     assert payment[0].consumer.processed_total > 0
 

@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 from devstack.layout import Layout
 from meshkit.db import close_pool, open_pool
 from meshkit.errors import DomainError
-from svc_payment.adapters.provider import SandboxProvider
+from svc_payment.adapters.provider import ProviderRefused, SandboxProvider
 from svc_payment.bootstrap import MIGRATIONS
 from svc_payment.domain import model
 from svc_payment.domain.model import Money
@@ -401,5 +401,10 @@ async def test_checkouts_and_refunds_are_idempotent_across_replicas(sandbox_dsn:
             await a.cancel(ref)
             row = await b.checkout(ref)
             assert row is not None and row.cancelled
+            # Like a PSP, it refuses to refund a charge it never made, and keeps no record of it.
+            unknown = f"sbx_{uuid.uuid4().hex}"
+            with pytest.raises(ProviderRefused, match=unknown):
+                await a.refund(unknown, Money("KRW", 900), str(uuid.uuid4()))
+            assert await a.refunds_of(unknown) == []
     finally:
         await receiver.stop()
