@@ -173,8 +173,33 @@ def test_each_service_gets_valid_settings_and_no_variable_it_does_not_read(docs)
         assert settings.metrics_port is not None and settings.grpc_max_connection_age_seconds
         if "postgres_dsn" in values:
             assert values["postgres_dsn"].endswith(f"@postgres:5432/{svc.database}")
-    shared = {k for cm in _of(docs, "ConfigMap", "ticketping-common") for k in cm["data"]}
+    shared = set(_common(docs)["data"])
     assert shared <= read_by_some, sorted(shared - read_by_some)
+
+
+def _common(docs) -> dict[str, Any]:
+    """The services' shared settings: generated, so named ticketping-common-<hash of its data>."""
+    (found,) = [cm for cm in _of(docs, "ConfigMap") if re.fullmatch(r"ticketping-common-[a-z0-9]{10}",
+                                                                     cm["metadata"]["name"])]
+    return found
+
+
+def test_a_changed_setting_rolls_the_services(docs):
+    """Every service's pod template names the shared settings by their hashed name: a changed
+    setting is a new ConfigMap and a changed pod template, so `kubectl apply -k` rolls the pods
+    onto it. A ConfigMap changed in place would reach each pod only when it next restarted."""
+    name = _common(docs)["metadata"]["name"]
+    for svc in SERVICES:
+        (app,) = _pod(_one(docs, "Deployment", svc.name))["spec"]["containers"]
+        assert [s["configMapRef"]["name"] for s in app["envFrom"]] == [name], svc.name
+
+
+def test_the_shared_settings_name_follows_their_data():
+    base, dev, prod = (_common(rendered(b)) for b in BUILDS)
+    # the dev overlay changes no setting: the same data, the same name (in its namespace)
+    assert (base["data"], base["metadata"]["name"]) == (dev["data"], dev["metadata"]["name"])
+    assert prod["data"]["TP_OTEL_EXPORTER"] == "otlp"  # the tracing component's, in the hash
+    assert prod["metadata"]["name"] != dev["metadata"]["name"]
 
 
 # PostgreSQL connections a replica opens besides its pool: a LISTEN connection (catalog's
