@@ -230,10 +230,10 @@ class Booking:
                         "live_holds": len(holds), "stamp": stamp,
                         "elapsed_ms": round((time.perf_counter() - t0) * 1000)})
         all_sold = not set(layout.seat_map.seat_ids()) - {seat for seat, _ in sold}
-        if built and all_sold and self.queue is not None:
+        if built and all_sold:
             # Whatever lost this state may have lost the room's sold-out mark too (one Redis): say
             # it again, or a room rebuilt from catalog would admit fans to an empty house.
-            await self.queue.mark_sold_out(event_id)
+            await self._announce_sold_out(event_id)
         return built
 
     def _snapshot(
@@ -620,12 +620,11 @@ class Booking:
     async def _mark_sold(self, event_id: str, hold_id: uuid.UUID, seat_ids: Sequence[str]) -> None:
         """A sale's seats SOLD in the live state; the waiting room told if that was the last."""
         unsold = await self.inventory.sell(event_id, str(hold_id), seat_ids)
-        if self.queue is not None:
-            # The live state counts the unsold seats down, so a sale is not a count of every sold
-            # seat (which grows with the house: O(seats) per sale). It only says when to ask
-            # PostgreSQL, the truth; so does a count it does not know (-1).
-            if unsold <= 0 and await self._sold_out(event_id):
-                await self.queue.mark_sold_out(event_id)
+        # The live state counts the unsold seats down, so a sale is not a count of every sold
+        # seat (which grows with the house: O(seats) per sale). It only says when to ask
+        # PostgreSQL, the truth; so does a count it does not know (-1).
+        if unsold <= 0:
+            await self._announce_sold_out(event_id)
 
     async def _sell_pending(self, order_id: uuid.UUID, payment: str, now: datetime, paid: datetime,
                             known: Order | None) -> Order | None:
@@ -662,9 +661,18 @@ class Booking:
             await enqueue(conn, self.topic, messages.order_confirmed(order))
         return order
 
-    async def _sold_out(self, event_id: str) -> bool:
+    async def _announce_sold_out(self, event_id: str) -> bool:
+        """EventSoldOut through the outbox if PostgreSQL has every seat of the event sold; whether
+        it had. Durable once this returns: the waiting room hears of it however long it or Kafka
+        is away, and a crash before it returns redoes it (the payment event is delivered again,
+        the sweeper or a rebuild passes here again). Said once per caller that sees the house
+        full: more than once is a no-op for the room."""
         async with autocommit(self.pool) as conn:
-            return await db.sold_out(conn, event_id)
+            said = await db.announce_sold_out(conn, event_id,
+                                              Outboxed(self.topic, messages.event_sold_out(event_id)))
+        if said:
+            log.info("sold out: the waiting room is told", extra={"event": model.event_name(event_id)})
+        return said
 
     async def expire_order(self, order_id: uuid.UUID) -> Order:
         async with autocommit(self.pool) as conn:

@@ -55,7 +55,7 @@ class TokenSettings:
 
 class Queue:
     # The events the waiting room acts on (catalog's and booking's topics); the rest are passed over.
-    EVENT_TYPES = frozenset({"event_published", "order_confirmed", "order_cancelled"})
+    EVENT_TYPES = frozenset({"event_published", "order_confirmed", "order_cancelled", "event_sold_out"})
 
     def __init__(
         self, rooms: RoomStore, registry: RoomRegistry, keys: AdmissionKeyStore, *,
@@ -230,6 +230,17 @@ class Queue:
                 "event_type": kind, "event_id": event_id, "user_id": msg.user_id, "order": msg.order,
                 "ended": ended, "duplicate": duplicate})
             return duplicate
+        if kind == "event_sold_out":
+            # Booking sold the last seat: admit nobody more, and tell the fans still waiting.
+            # Marking a room sold out again changes nothing, so a redelivery needs no marker.
+            event_id = parse_event_name(envelope.event_sold_out.event)
+            try:
+                status = await self.mark_sold_out(event_id)
+            except EventNotFound:  # no room for it (never published here): nobody to tell
+                log.warning("sold-out event for an event with no room", extra={"event_id": event_id})
+                return False
+            log.info("the room is sold out", extra={"event_id": event_id, "waiting": status.waiting_count})
+            return False
         return False  # not the queue's business
 
     async def event_published(self, msg: ev.EventPublished) -> None:

@@ -1,6 +1,7 @@
 """Booking's calls to the waiting room: is an admission still active (CheckAdmission), and the
-notices booking gives it (EndSession when a fan's order is cancelled, MarkSoldOut when
-every seat is sold).
+notice booking gives it when a fan's order is cancelled (EndSession). That every seat is sold
+goes to the waiting room as an event (EventSoldOut, through booking's outbox): durable, where a
+call retried in memory was lost with the process.
 
 Fails closed: a queue that answers UNIMPLEMENTED (not built yet) or "not active" means not
 admitted; a queue that cannot be reached in time is UNAVAILABLE (retryable), never a pass.
@@ -9,7 +10,6 @@ Positive answers are cached for a second or two (the contract allows it); negati
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Protocol
@@ -22,9 +22,6 @@ from meshkit.channels import client_channel
 from meshkit.errors import DomainError
 
 log = logging.getLogger(__name__)
-
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
 
 
 class AdmissionUnavailable(DomainError):
@@ -44,14 +41,12 @@ class QueueNotifier(Protocol):
 
     async def end_session(self, event_id: str, user_id: str, confirmed: bool) -> None: ...
 
-    async def mark_sold_out(self, event_id: str) -> None: ...
-
 
 class QueueAdmission:
     """CheckAdmission over gRPC with a short deadline and a small positive cache."""
 
     def __init__(self, address: str, *, timeout: float = 0.5, cache_seconds: float = 1.0,
-                 max_cached: int = 100_000, retry_for: float = 60.0) -> None:
+                 max_cached: int = 100_000) -> None:
         self._channel = client_channel(address)
         self._stub = qpb_grpc.QueueServiceStub(self._channel)
         self.timeout = timeout
@@ -60,8 +55,6 @@ class QueueAdmission:
         # (event, user) -> (jti, until): one live session per fan and event, so ending it is one
         # pop, not a scan of every cached session.
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}
-        self.retry_for = retry_for  # how long a MarkSoldOut the queue did not take is said again
-        self._retries: set[asyncio.Task[None]] = set()
 
     async def is_active(self, event_id: str, user_id: str, jti: str) -> bool:
         key = (event_id, user_id)
@@ -97,46 +90,7 @@ class QueueAdmission:
                         extra={"event": event_id, "code": err.code().name})
         self._cache.pop((event_id, user_id), None)
 
-    async def mark_sold_out(self, event_id: str) -> None:
-        """Said once, when the last seat sells: a lost notice would leave fans waiting for a house
-        that has nothing left, so one the queue did not take (busy, restarting) is said again in
-        the background, backing off, until it is taken or ``retry_for`` seconds have passed."""
-        if await self._mark_sold_out(event_id, first=True):
-            return
-        task = asyncio.create_task(self._mark_sold_out_until_taken(event_id))
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
-
-    async def _mark_sold_out(self, event_id: str, first: bool = False) -> bool:
-        try:
-            await self._stub.MarkSoldOut(qpb.MarkSoldOutRequest(event=f"events/{event_id}"),
-                                         timeout=self.timeout)
-            return True
-        except grpc.aio.AioRpcError as err:
-            if err.code() not in _RETRYABLE:  # UNIMPLEMENTED, NOT_FOUND: saying it again is no use
-                log.warning("MarkSoldOut refused", extra={"event": event_id, "code": err.code().name})
-                return True
-            if first:
-                log.warning("MarkSoldOut failed; retrying in the background",
-                            extra={"event": event_id, "code": err.code().name})
-            return False
-
-    async def _mark_sold_out_until_taken(self, event_id: str) -> None:
-        deadline = time.monotonic() + self.retry_for
-        pause = 0.2
-        while time.monotonic() < deadline:
-            await asyncio.sleep(pause)
-            if await self._mark_sold_out(event_id):
-                log.info("MarkSoldOut taken on a retry", extra={"event": event_id})
-                return
-            pause = min(pause * 2, 5.0)
-        log.error("MarkSoldOut gave up; the room admits on until the next rebuild or sale says it",
-                  extra={"event": event_id})
-
     async def close(self) -> None:
-        for task in list(self._retries):
-            task.cancel()
-        await asyncio.gather(*self._retries, return_exceptions=True)
         await self._channel.close()
 
 
@@ -148,7 +102,6 @@ class StaticAdmission:
         self.revoked: set[tuple[str, str, str]] = set()
         self.calls = 0
         self.ended: list[tuple[str, str, bool]] = []
-        self.sold_out: list[str] = []
 
     async def is_active(self, event_id: str, user_id: str, jti: str) -> bool:
         self.calls += 1
@@ -157,5 +110,3 @@ class StaticAdmission:
     async def end_session(self, event_id: str, user_id: str, confirmed: bool) -> None:
         self.ended.append((event_id, user_id, confirmed))
 
-    async def mark_sold_out(self, event_id: str) -> None:
-        self.sold_out.append(event_id)

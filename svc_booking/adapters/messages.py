@@ -77,3 +77,7 @@ def order_expired(order: Order) -> ev.EventEnvelope:
     return new_envelope(SOURCE, str(order.order_id), ev.OrderExpired(
         order=order.name, event=event_name(order.event_id), user_id=order.user_id,
         seat_ids=order.seat_ids))
+
+
+def event_sold_out(event_id: str) -> ev.EventEnvelope:
+    return new_envelope(SOURCE, event_id, ev.EventSoldOut(event=event_name(event_id)))

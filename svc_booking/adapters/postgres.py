@@ -332,10 +332,14 @@ async def insert_sold(conn: Conn, event_id: str, seat_ids: Sequence[str], order_
         (event_id, list(seat_ids), order_id))
 
 
-async def sold_out(conn: Conn, event_id: str) -> bool:
-    """Every seat of the event is sold (a held seat may still come back: not sold out)."""
+async def announce_sold_out(conn: Conn, event_id: str, sold_out: Outboxed) -> bool:
+    """If every seat of the event is sold (a held seat may still come back: not sold out), add
+    ``sold_out`` (EventSoldOut) to the outbox, in one statement (autocommit); whether it was."""
     cur = await conn.execute(
-        "SELECT (SELECT count(*) FROM sold_seats WHERE event_id = %s) "
-        ">= (SELECT seat_count FROM events WHERE event_id = %s)", (event_id, event_id))
+        f"""WITH s AS (SELECT 1 WHERE (SELECT count(*) FROM sold_seats WHERE event_id = %(event)s)
+                                    >= (SELECT seat_count FROM events WHERE event_id = %(event)s)),
+                 ob AS ({sold_out.cte("s")})
+            SELECT (SELECT count(*) FROM s), {sold_out.notified("ob")}""",
+        {"event": event_id, **sold_out.params})
     row = await cur.fetchone()
     return bool(row and row[0])

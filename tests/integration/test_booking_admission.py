@@ -5,7 +5,6 @@ While svc_queue answers UNIMPLEMENTED (not built yet), booking fails closed: 403
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -62,7 +61,6 @@ async def test_unimplemented_queue_means_not_admitted(unbuilt_queue: str) -> Non
         assert await check.is_active("e1", "u1", "j1") is False
         # the notices are best effort: an unbuilt queue does not fail the sale
         await check.end_session("e1", "u1", confirmed=True)
-        await check.mark_sold_out("e1")
     finally:
         await check.close()
 
@@ -95,43 +93,3 @@ async def test_unreachable_queue_is_unavailable_not_a_pass() -> None:
             await check.is_active("e1", "u1", "j1")
     finally:
         await check.close()
-
-
-class BusyThenFree(qpb_grpc.QueueServiceServicer):
-    """MarkSoldOut answers UNAVAILABLE `busy` times (a queue restarting), then takes it."""
-
-    def __init__(self, busy: int) -> None:
-        self.busy = busy
-        self.calls: list[str] = []
-        self.taken = asyncio.Event()
-
-    async def MarkSoldOut(self, request: qpb.MarkSoldOutRequest, context: grpc.aio.ServicerContext
-                          ) -> qpb.Queue:
-        self.calls.append(request.event)
-        if len(self.calls) <= self.busy:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
-        self.taken.set()
-        return qpb.Queue(name=f"{request.event}/queue", sold_out=True)
-
-
-async def test_a_sold_out_notice_the_queue_did_not_take_is_said_again_until_it_is() -> None:
-    queue = BusyThenFree(busy=2)
-    server, addr = await serve(queue)
-    notifier = QueueAdmission(addr, timeout=1.0)
-    try:
-        await notifier.mark_sold_out("e1")  # the first try fails; the sale does not wait for more
-        assert queue.calls == ["events/e1"] and not queue.taken.is_set()
-        await asyncio.wait_for(queue.taken.wait(), timeout=10)
-        assert queue.calls == ["events/e1"] * 3
-    finally:
-        await notifier.close()
-        await server.stop(0)
-
-
-async def test_a_sold_out_notice_is_not_repeated_to_a_queue_that_refuses_it(unbuilt_queue: str) -> None:
-    notifier = QueueAdmission(unbuilt_queue, timeout=1.0)
-    try:
-        await notifier.mark_sold_out("e1")  # UNIMPLEMENTED: saying it again changes nothing
-        assert not notifier._retries
-    finally:
-        await notifier.close()

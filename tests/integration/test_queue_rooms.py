@@ -35,6 +35,7 @@ from ticketping.queue.v1 import queue_service_pb2 as pb
 from ticketping.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
 from meshkit.errors import error_info
+from meshkit.events import new_envelope
 from meshkit.redis import AnyRedis, close, connect
 from meshkit.server import start
 from svc_queue.adapters.rooms import RoomKeys, tag, ticket_key
@@ -862,7 +863,7 @@ async def test_each_room_lives_in_one_slot_and_rooms_spread_over_slots(
 
 async def test_bookings_admission_client_works_against_the_real_queue(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
-    """svc_booking's QueueAdmission (CheckAdmission, EndSession, MarkSoldOut) on this service."""
+    """svc_booking's QueueAdmission (CheckAdmission, EndSession) on this service."""
     from svc_booking.adapters.admission import QueueAdmission
 
     event_id = await open_room(wired, rooms, max_active=1)
@@ -886,11 +887,27 @@ async def test_bookings_admission_client_works_against_the_real_queue(
         assert not await cached.is_active(event_id, "buyer", jti)
         assert not await client.is_active(event_id, "buyer", jti)
         await until(lambda: served(stub, event_id, 2), within=2)  # the freed slot goes on at once
-        await client.mark_sold_out(event_id)
-        assert (await room(stub, event_id)).sold_out
     finally:
         await client.close()
         await cached.close()
+
+
+async def test_booking_s_sold_out_event_closes_the_room(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """EventSoldOut (booking's outbox, on its topic): the room admits nobody more and the fans
+    still waiting see SOLD_OUT. Delivered again, it changes nothing; for an event with no room
+    here it is passed over, not retried."""
+    event_id = await open_room(wired, rooms, paused=True)
+    await join(stub, event_id, "still-waiting")
+    said = new_envelope("booking", event_id, ev.EventSoldOut(event=f"events/{event_id}"))
+    for _ in range(2):
+        assert await wired.queue.on_event(said) is False
+        status = await room(stub, event_id)
+        assert status.sold_out and status.serving_number == 0
+    assert (await me(stub, event_id, "still-waiting")).state == SOLD_OUT
+    unknown = str(uuid.uuid4())
+    assert await wired.queue.on_event(
+        new_envelope("booking", unknown, ev.EventSoldOut(event=f"events/{unknown}"))) is False
 
 
 async def test_identitys_jwks_client_gets_the_admission_keys(wired: Wired) -> None:
