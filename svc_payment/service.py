@@ -124,8 +124,7 @@ class Payments:
                           self.provider.name, reference, "", now, now)
         first: Payment | None = None
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                await db.lock_order(conn, order_id)
+            async with autocommit(self.pool) as conn:
                 ended, inserted = await db.insert_unless_ended(conn, payment, request_id)
         except psycopg.errors.UniqueViolation:  # the order has a live payment: made meanwhile
             ended, inserted = None, False

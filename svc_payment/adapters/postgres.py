@@ -50,32 +50,20 @@ async def by_request_or_live(conn: Conn, user_id: str, request_id: uuid.UUID, or
 async def insert_unless_ended(conn: Conn, p: Payment, request_id: uuid.UUID) -> tuple[str | None, bool]:
     """Insert ``p`` unless its order is over for payment or the request id was used before: (why
     the order is over: its end state in ended_orders, or PAYMENT_FAILED if a payment of it failed;
-    whether inserted). One statement in the caller's transaction, after lock_order (its snapshot
-    is taken after the lock, so it sees every end marked before). A payment that is not PENDING
-    (the record of a dropped checkout) is inserted whether or not the order is over.
-    Raises psycopg.errors.UniqueViolation if the order has a live payment already
-    (payments_one_live_per_order): the transaction is then aborted."""
+    whether inserted). One statement (autocommit: one round trip), which first takes the order's
+    lock (lock_order's), so its insert sees every end marked before (migration 0006). A payment
+    that is not PENDING (the record of a dropped checkout) is inserted whether or not the order
+    is over. Raises psycopg.errors.UniqueViolation (nothing inserted) if the order has a live
+    payment already (payments_one_live_per_order)."""
     cur = await conn.execute(
-        f"""WITH ended AS (SELECT state FROM ended_orders WHERE order_id = %(order)s
-                           UNION ALL
-                           SELECT 'PAYMENT_FAILED' FROM payments
-                            WHERE order_id = %(order)s AND state = 'FAILED' LIMIT 1),
-                 ins AS (INSERT INTO payments ({_COLUMNS}, request_id)
-                         SELECT %(payment)s, %(order)s, %(hold)s, %(user)s, %(state)s, %(currency)s,
-                                %(units)s, %(nanos)s, %(provider)s, %(reference)s, %(reason)s,
-                                %(create)s, %(update)s, %(request)s
-                         WHERE NOT EXISTS (SELECT 1 FROM ended) OR %(state)s <> 'PENDING'
-                         ON CONFLICT (user_id, request_id) DO NOTHING
-                         RETURNING payment_id)
-            SELECT (SELECT state FROM ended LIMIT 1), (SELECT count(*) FROM ins)""",
-        {"order": p.order_id, "payment": p.payment_id, "hold": p.hold, "user": p.user_id,
-         "state": p.state.value, "currency": p.amount.currency_code, "units": p.amount.units,
-         "nanos": p.amount.nanos, "provider": p.provider, "reference": p.provider_reference,
-         "reason": p.failure_reason, "create": p.create_time, "update": p.update_time,
-         "request": request_id})
+        "SELECT ended, inserted FROM insert_payment_unless_ended(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+        "%s, %s, %s, %s)",
+        (p.payment_id, p.order_id, p.hold, p.user_id, p.state.value, p.amount.currency_code,
+         p.amount.units, p.amount.nanos, p.provider, p.provider_reference, p.failure_reason,
+         p.create_time, p.update_time, request_id))
     row = await cur.fetchone()
     assert row is not None
-    return (None if row[0] is None else str(row[0])), row[1] == 1
+    return (None if row[0] is None else str(row[0])), bool(row[1])
 
 
 async def get(conn: Conn, payment_id: uuid.UUID, *, lock: bool = False) -> Payment | None:

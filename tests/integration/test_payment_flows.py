@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -32,6 +32,7 @@ from ticketping.payment.v1 import payment_service_pb2 as pb
 from ticketping.payment.v1 import payment_service_pb2_grpc as pb_grpc
 
 from devstack.layout import Layout
+from meshkit.db import autocommit
 from meshkit.errors import error_info
 from meshkit.events import EventEnvelope, new_envelope
 from meshkit.server import start
@@ -853,6 +854,32 @@ async def test_an_unmatched_capture_whose_refund_is_refused_is_left_to_an_operat
     first_pass = len(asked)
     await pw.payments.refund_unmatched(older_than=0)
     assert not {refused, real} & set(asked[first_pass:])  # neither is asked for again
+
+
+async def test_the_payment_insert_waits_for_an_order_ending_in_progress_and_sees_it(
+    payment: tuple[PaymentWired, FakeEdge],
+) -> None:
+    """CreatePayment's write is one statement (migration 0006) that takes the order's lock and
+    only then reads whether the order is over: an OrderExpired being recorded at that moment (its
+    transaction holds the lock) is waited for and seen, so no PENDING payment outlives its order."""
+    pw, _ = payment
+    order_id, now = uuid.uuid4(), datetime.now(UTC)
+
+    def pending(reference: str) -> model.Payment:
+        return model.Payment(uuid.uuid4(), order_id, "", user(), model.PaymentState.PENDING,
+                             model.Money("KRW", 1000), "sandbox", reference, "", now, now)
+
+    async with await psycopg.AsyncConnection.connect(pw.payments.pool.conninfo) as ender:
+        await ender.execute("BEGIN")
+        await payment_db.lock_order(ender, order_id)  # the consumer, recording OrderExpired
+        async with autocommit(pw.payments.pool) as conn:
+            insert = asyncio.create_task(payment_db.insert_unless_ended(conn, pending(rid()), uuid.uuid4()))
+            await asyncio.sleep(0.3)
+            assert not insert.done()  # waits for the order's lock
+            await payment_db.mark_order_ended(ender, order_id, "EXPIRED")
+            await ender.execute("COMMIT")
+            assert await insert == ("EXPIRED", False)
+    assert await count(pw.payments.pool, "SELECT count(*) FROM payments WHERE order_id = %s", order_id) == 0
 
 
 async def test_order_ending_while_the_payment_is_created_is_not_left_pending(
