@@ -229,6 +229,33 @@ def test_the_database_takes_every_pool_at_the_autoscalers_maximum(docs):
     assert sum(needed.values()) <= limit - RESERVED_CONNECTIONS, (needed, limit)
 
 
+def _quantity(value: str) -> float:
+    """A Kubernetes quantity (``100m``, ``2``, ``256Mi``, ``2Gi``) as a plain number."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * factor
+    return float(value)
+
+
+def test_the_dev_overlay_fits_a_laptop_s_cluster():
+    """What the scheduler must find for the dev overlay's pods (autoscaled ones at their
+    minimum), on kind or minikube on a 16 GB, 4-core machine. With production's reservations
+    for the data stores it asked for 22 GiB and 6 CPUs, and those pods stayed Pending."""
+    docs = rendered("overlays/dev")
+    memory = cpu = 0.0
+    for w in docs:
+        if w["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        (hpa,) = _of(docs, "HorizontalPodAutoscaler", w["metadata"]["name"]) or [None]
+        replicas = hpa["spec"]["minReplicas"] if hpa else w["spec"].get("replicas", 1)
+        for c in _pod(w)["spec"]["containers"]:
+            requests = c["resources"]["requests"]
+            memory += replicas * _quantity(requests["memory"])
+            cpu += replicas * _quantity(requests["cpu"])
+    assert memory <= 9 * 2**30 and cpu <= 2.0, (memory / 2**30, cpu)
+
+
 def test_every_name_a_manifest_refers_to_exists(docs):
     pods = [(w, _pod(w)["metadata"]["labels"]) for w in docs if w["kind"] in WORKLOADS]
     for service in _of(docs, "Service"):
