@@ -270,7 +270,12 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one batch of unpublished rows; return how many were published.
 
-        Raises if a send fails; then no row of the batch is marked (all are sent again later).
+        Each row is marked published once Kafka acknowledged it. A row whose send fails stays
+        unpublished, and so do the rows after it in the batch that share its key (they are not
+        sent in this pass, so a key's records keep their order); every other row goes on. Then
+        OutboxError is raised, after the acknowledged rows are marked: one row that cannot be
+        sent (a topic gone, a partition without a leader) neither holds the others back nor has
+        them sent again with it.
         """
         async with self._pass_lock:
             if self._producer is None:
@@ -278,6 +283,7 @@ class OutboxRelay:
             producer = self._producer
             assert producer is not None
             self._last_deferred = 0
+            errors: list[BaseException] = []
             async with self._pool.connection() as conn, conn.transaction():
                 cur = await conn.execute(_CLAIM, (self.batch_size,))
                 rows = await cur.fetchall()
@@ -288,36 +294,37 @@ class OutboxRelay:
                 self.deferred_total += self._last_deferred
                 if not ready:
                     return 0
-                futures: list[asyncio.Future[Any]] = []
-                send_error: Exception | None = None
-                for _id, topic, key, payload, headers, _blocked in ready:
+                sent: list[tuple[int, asyncio.Future[Any]]] = []
+                failed_keys: set[tuple[str, str]] = set()
+                for row_id, topic, key, payload, headers, _blocked in ready:
+                    if (topic, key) in failed_keys:
+                        continue
                     try:
-                        futures.append(
-                            await producer.send(
-                                topic,
-                                value=bytes(payload),
-                                key=key.encode(),
-                                headers=[(k, str(v).encode()) for k, v in headers.items()],
-                            )
-                        )
+                        sent.append((row_id, await producer.send(
+                            topic,
+                            value=bytes(payload),
+                            key=key.encode(),
+                            headers=[(k, str(v).encode()) for k, v in headers.items()],
+                        )))
                     except Exception as exc:  # e.g. unknown topic after request_timeout_ms
-                        send_error = exc
-                        break
+                        errors.append(exc)
+                        failed_keys.add((topic, key))
                 # Wait for every acknowledgement, even after a failure, so no send of this batch
                 # is still in flight when the rows are released.
-                results = await asyncio.gather(*futures, return_exceptions=True)
-                errors = [r for r in results if isinstance(r, BaseException)]
-                if send_error is not None:
-                    errors.insert(0, send_error)
-                if errors:
-                    raise OutboxError(
-                        f"publishing {len(ready)} outbox rows failed ({errors[0]!r}); "
-                        "none marked published, they will be sent again"
-                    ) from errors[0]
-                await conn.execute(_MARK, ([r[0] for r in ready],))
-            self.published_total += len(ready)
-            metrics.OUTBOX_PUBLISHED.inc(len(ready))
-            return len(ready)
+                results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+                acked = [row_id for (row_id, _), r in zip(sent, results, strict=True)
+                         if not isinstance(r, BaseException)]
+                errors += [r for r in results if isinstance(r, BaseException)]
+                if acked:
+                    await conn.execute(_MARK, (acked,))
+            self.published_total += len(acked)
+            metrics.OUTBOX_PUBLISHED.inc(len(acked))
+            if errors:
+                raise OutboxError(
+                    f"publishing {len(ready)} outbox rows: {len(ready) - len(acked)} not acknowledged "
+                    f"({errors[0]!r}), sent again later; {len(acked)} marked published"
+                ) from errors[0]
+            return len(acked)
 
     async def purge_published(self, older_than: timedelta | None = None, chunk: int = 5000) -> int:
         """Delete rows published more than ``older_than`` (default: the retention) ago."""

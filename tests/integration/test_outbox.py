@@ -634,23 +634,31 @@ async def test_relay_purges_rows_published_longer_ago_than_the_retention(
 # -- more failure modes --------------------------------------------------------------------------
 
 
-async def test_a_failed_send_leaves_the_whole_batch_unpublished_until_it_succeeds(
+async def test_a_row_that_cannot_be_sent_holds_back_only_its_own_key(
     pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
 ) -> None:
+    """One row cannot be sent (its topic is missing): the rows acknowledged around it are marked
+    published at once and never sent again with it, while the rows of its own key wait behind it,
+    in order, until it goes out."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     missing = f"{unique_topic}.missing"
-    good, bad = ping("o-1", 1), ping("o-2", 1)
+    good, bad, later, bad_next = ping("o-1", 1), ping("o-2", 1), ping("o-3", 1), ping("o-2", 2)
     async with pool.connection() as conn, conn.transaction():
         await enqueue(conn, unique_topic, good)
         await enqueue(conn, missing, bad)  # no such topic (and no auto-creation)
+        await enqueue(conn, unique_topic, later)
+        await enqueue(conn, missing, bad_next)
     relay = OutboxRelay(pool, kafka_bootstrap, producer_config={"request_timeout_ms": 1500})
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
+    unpublished = "SELECT event_id::text FROM outbox WHERE published_at IS NULL ORDER BY id"
     try:
-        with pytest.raises(OutboxError, match="none marked published"):
+        with pytest.raises(OutboxError, match="2 not acknowledged.*2 marked published"):
             await relay.publish_pending()
-        assert await scalar(pool, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == 2
+        async with pool.connection() as conn:
+            left = [r[0] for r in await (await conn.execute(unpublished)).fetchall()]
+        assert left == [bad.event_id, bad_next.event_id]
 
         await admin.create_topics([NewTopic(missing, 1, 1)])
         async with asyncio.timeout(30):
@@ -659,14 +667,16 @@ async def test_a_failed_send_leaves_the_whole_batch_unpublished_until_it_succeed
                     if await relay.publish_pending() == 2:
                         break
         assert await scalar(pool, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+        assert [envelope_of(r).event_id for r in await read_topic(kafka_bootstrap, missing, expect=2)] == [
+            bad.event_id, bad_next.event_id]
     finally:
         await relay.stop()
         with contextlib.suppress(Exception):
             await admin.delete_topics([missing])
         await admin.close()
-    # At least once: `good` went out with the failed batch and again with the retry.
-    records = await read_topic(kafka_bootstrap, unique_topic, expect=2, within=5)
-    assert {envelope_of(r).event_id for r in records} == {good.event_id}
+    # Each acknowledged row went out once: the failed pass did not send them again.
+    records = await read_topic(kafka_bootstrap, unique_topic, expect=3, within=5)
+    assert sorted(envelope_of(r).event_id for r in records) == sorted([good.event_id, later.event_id])
 
 
 async def test_enqueue_refuses_an_envelope_too_large_to_ever_publish(
