@@ -106,6 +106,15 @@ def measure(lay: Layout, seconds: int, connections: int) -> list[tuple[wrk.Resul
     return rows
 
 
+def machine_speed(lay: Layout, connections: int, seconds: int = 3, settle: float = 2.0) -> float:
+    """How fast the machine is now: a bare Envoy's direct answers per second (bench/baseline.py),
+    after ``settle`` seconds for what a sale leaves running (consumers, relays) to finish."""
+    time.sleep(settle)
+    with direct_envoy(lay, {"/speed": ("text/plain", "ok")}) as base:
+        return wrk.run("machine speed", f"{base}/speed", seconds=seconds,
+                       connections=connections).requests_per_second
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Ticketping benchmarks (loopback only)")
     ap.add_argument("--seconds", type=int, default=5)
@@ -127,7 +136,8 @@ def main() -> None:
         rows = measure(lay, args.seconds, args.connections)
         if args.purchase_fans:
             sale = purchases_bench.measure(lay, BENCH_ADMIN, args.purchase_fans, args.purchase_seats,
-                                           args.purchase_warmup_fans)
+                                           args.purchase_warmup_fans,
+                                           machine=lambda: machine_speed(lay, args.connections))
     finally:
         if not args.keep:
             stack.down(lay)
