@@ -26,7 +26,9 @@ The machine itself is not steady: on the 2-core VM this was written on, the same
 and 5,898 tickets per minute ten minutes apart, every component 60-90 % slower in the second
 run. So the machine's speed is measured right before and right after the sale, as the rate at
 which a bare Envoy answers by itself (``machine``): a figure is comparable with another only at
-a similar speed, and a speed that changed during the sale says the figure is not the code's.
+a similar speed, and a speed that changed during the sale says the figure is not the code's. It
+does not catch every slowdown (the third run of that day ran at 32 ms per purchase where the
+first ran at 22, both at 62-64k direct answers per second): compare CPU per purchase too.
 
 The run is CPU-bound: every process shares the machine's cores with the load generator. So the
 CPU each component spent from the sale's opening to its end is printed too (from /proc, per
