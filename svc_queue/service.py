@@ -76,6 +76,7 @@ class Queue:
         self._open_lock = asyncio.Lock()
         self._windows: dict[str, tuple[float, tuple[int, int] | None]] = {}
         self._quiet: dict[str, tuple[float, RoomStatus]] = {}  # room -> (read at, its quiet status)
+        self._used: dict[str, float] = {}  # room -> when this replica last saw it used
 
     async def recover_room(self, event_id: str) -> bool:
         """The room is missing: rebuild it if catalog says the event is published (True)."""
@@ -132,7 +133,8 @@ class Queue:
     # -- the room ---------------------------------------------------------------------------
 
     async def poke(self, event_id: str) -> None:
-        self._quiet.pop(event_id, None)  # used: ListOpenQueues reads it afresh
+        self._used[event_id] = time.monotonic()  # used: ListOpenQueues reads it afresh
+        self._quiet.pop(event_id, None)
         if self._poke is not None:
             await self._poke(event_id)
 
@@ -160,6 +162,7 @@ class Queue:
                 if w is not None and w[0] <= now_ms and (w[1] == 0 or now_ms < w[1])]
         now = time.monotonic()
         self._quiet = {m: q for m, q in self._quiet.items() if m in keep and now - q[0] < QUIET_SECONDS}
+        self._used = {m: t for m, t in self._used.items() if now - t < QUIET_SECONDS}
         due = [m for m in live if m not in self._quiet]
         statuses = await asyncio.gather(*(self.rooms.status(m) for m in due), return_exceptions=True)
         for m, s in zip(due, statuses, strict=True):
@@ -167,7 +170,8 @@ class Queue:
                 raise s  # Redis failing: the caller gets an error, not a partial list
             if isinstance(s, EventNotFound):
                 self._windows.pop(m, None)
-            elif isinstance(s, RoomStatus) and not (s.waiting_count or s.active_count or s.pending_count):
+            elif (isinstance(s, RoomStatus) and not (s.waiting_count or s.active_count or s.pending_count)
+                  and self._used.get(m, float("-inf")) < now):  # not used while it was being read
                 self._quiet[m] = (now, s)
         fresh = {m: s for m, s in zip(due, statuses, strict=True) if isinstance(s, RoomStatus)}
         return [fresh[m] if m in fresh else self._quiet[m][1] for m in live
@@ -188,6 +192,7 @@ class Queue:
         return status
 
     async def mark_sold_out(self, event_id: str) -> RoomStatus:
+        self._used[event_id] = time.monotonic()
         self._quiet.pop(event_id, None)
         return await self._in_room(event_id, lambda: self.rooms.mark_sold_out(event_id))
 

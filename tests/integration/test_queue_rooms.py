@@ -601,6 +601,32 @@ async def test_the_open_rooms_list_reads_a_quiet_room_only_now_and_then_or_when_
     assert (reads.count(here), reads.count(there)) == (4, 3)  # busy: read for every answer
 
 
+async def test_a_room_used_while_the_open_rooms_are_read_is_not_taken_for_quiet(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fan joins between the room's status read (nobody in it) and the reading's end: the
+    quiet answer is not kept for QUIET_SECONDS, the next reading sees the fan."""
+    import svc_queue.service as service
+
+    monkeypatch.setattr(service, "OPEN_ROOMS_FRESH_SECONDS", 0.0)
+    racing = await open_room(wired, rooms, paused=True)
+    store = wired.queue.rooms
+    status, reads = store.status, []
+
+    async def join_meanwhile(event_id: str) -> Any:
+        answer = await status(event_id)
+        if event_id == racing:
+            reads.append(answer.waiting_count)
+            if len(reads) == 1:
+                await join(stub, racing, "racer")  # after the read, before the reading ends
+        return answer
+
+    monkeypatch.setattr(store, "status", join_meanwhile)
+    for _ in range(2):
+        await wired.queue.open_rooms()
+    assert reads == [0, 1]
+
+
 async def test_a_room_lost_from_the_registry_is_healed_by_its_fans(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
     """The registry set is gone (on Redis Cluster it sits on another master than the room, which
