@@ -50,6 +50,7 @@ from opentelemetry import propagate, trace
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from meshkit import events, metrics
+from meshkit.db import delete_in_chunks
 from meshkit.events import EventEnvelope
 from meshkit.outbox import MAX_REQUEST_SIZE
 
@@ -401,14 +402,7 @@ class EventConsumer:
         """Delete this group's marks older than ``older_than`` (default: ``mark_retention``), a
         chunk per statement; return how many."""
         older_than = self.mark_retention if older_than is None else older_than
-        total = 0
-        while True:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(_PURGE_MARKS, (self.group_id, older_than, chunk))
-                n = cur.rowcount
-            total += n
-            if n < chunk:
-                break
+        total = await delete_in_chunks(self._pool, _PURGE_MARKS, (self.group_id, older_than), chunk)
         if total:
             self.marks_purged_total += total
             self._counted["marks_purged"].inc(total)

@@ -80,6 +80,20 @@ async def autocommit(pool: AsyncConnectionPool, wait: float | None = None
                 await conn.set_autocommit(False)
 
 
+async def delete_in_chunks(pool: AsyncConnectionPool, sql: str, params: tuple[Any, ...], chunk: int) -> int:
+    """Run a DELETE whose last parameter is its LIMIT (``chunk``), each run its own short
+    transaction, until a run deletes fewer than ``chunk`` rows; return how many in all. For
+    retention purges: no long transaction, no lock held on a large table."""
+    total = 0
+    while True:
+        async with pool.connection() as conn:
+            cur = await conn.execute(sql, (*params, chunk))
+            n = cur.rowcount
+        total += n
+        if n < chunk:
+            return total
+
+
 async def check_idle_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     """The pool's check before it lends a connection: raise if the server dropped it meanwhile.
 

@@ -36,6 +36,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from meshkit import events, metrics
+from meshkit.db import delete_in_chunks
 from meshkit.events import EventEnvelope
 from meshkit.listen import Listener, connect_like
 
@@ -329,14 +330,7 @@ class OutboxRelay:
     async def purge_published(self, older_than: timedelta | None = None, chunk: int = 5000) -> int:
         """Delete rows published more than ``older_than`` (default: the retention) ago."""
         older_than = self.retention if older_than is None else older_than
-        total = 0
-        while True:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(_PURGE, (older_than, chunk))
-                n = cur.rowcount
-            total += n
-            if n < chunk:
-                break
+        total = await delete_in_chunks(self._pool, _PURGE, (older_than,), chunk)
         self.purged_total += total
         metrics.OUTBOX_PURGED.inc(total)
         return total
