@@ -358,6 +358,51 @@ async def test_one_statement_writes_its_event_only_with_its_change_and_wakes_the
     assert await scalar(pool, "SELECT count(*) FROM outbox") == 1
 
 
+async def test_a_busy_relay_publishes_what_commits_while_it_gathers_in_one_batch(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+) -> None:
+    """After a pass that published, the relay lets ``gather`` go by before it claims again: rows
+    committed one by one meanwhile (each its own transaction and notification, as a sale's
+    purchases are) go out in one pass, not one pass each. A relay that had nothing to publish
+    answers the first notification at once."""
+    relay = OutboxRelay(pool, kafka_bootstrap, poll_interval=30.0, gather=0.5)
+    passes: list[int] = []
+    real_pass = relay.publish_pending
+
+    async def counted() -> int:
+        n = await real_pass()
+        passes.append(n)
+        return n
+
+    relay.publish_pending = counted  # type: ignore[method-assign]
+
+    def published(n: int) -> Callable[[], Awaitable[bool]]:
+        async def probe() -> bool:
+            return await scalar(pool, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") >= n
+        return probe
+
+    await relay.start()
+    try:
+        await asyncio.sleep(0.3)  # the first pass ran and found nothing: the relay is quiet
+        t0 = time.monotonic()
+        await enqueue_all(pool, unique_topic, [ping("a", 0)])
+        await wait_for(published(1), 10, "the first row")
+        first = time.monotonic() - t0
+        for i in range(1, 6):  # committed one by one while the relay gathers
+            await enqueue_all(pool, unique_topic, [ping(f"k{i}", i)])
+        await wait_for(published(6), 10, "the gathered rows")
+    finally:
+        await relay.stop()
+    assert first < 0.4, f"a quiet relay took {first:.2f}s to answer a notification"
+    assert [n for n in passes if n] == [1, 5], passes
+    assert len(await read_topic(kafka_bootstrap, unique_topic, expect=6)) == 6
+
+
+async def test_the_relay_refuses_a_negative_gather(pool: AsyncConnectionPool) -> None:
+    with pytest.raises(ValueError, match="gather"):
+        OutboxRelay(pool, "127.0.0.1:1", gather=-1)
+
+
 @pytest.mark.parametrize("compression", ["none", "gzip"])
 async def test_the_relay_publishes_with_the_configured_codec(
     pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str, compression: str
