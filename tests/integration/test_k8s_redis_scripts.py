@@ -16,7 +16,11 @@ No Kubernetes here: what the manifest holds is taken from it and run as the pods
   loopback. Here 127.0.0.1:6379 forwards to the pod's address while that pod's hook runs (one
   hook at a time).
 
-Checked: on fresh pods the hooks do nothing and the Job forms 3 masters + 3 replicas covering the
+The readinessProbe's command (``ready.sh``) runs the same way, in pod i's place.
+
+Checked: fresh pods, PONG and all, are not Ready; in a rolling restart a master's replica is not
+Ready while its master is down, and the master is Ready again only as a synced replica of its
+promoted replica. On fresh pods the hooks do nothing and the Job forms 3 masters + 3 replicas covering the
 16384 slots; a second run of the Job changes nothing. After every pod moved to a new address at
 once (rescheduled pods: 127.0.2.x, then 127.0.3.x), their nodes.conf naming the old ones, the
 postStart hooks bring the same cluster back (same node ids, roles, slots, and a key written
@@ -76,6 +80,7 @@ class Manifest:
     args: list[str]  # the StatefulSet container's args
     env: list[dict[str, Any]]  # ... and its env
     post_start: list[str]  # ... and its postStart exec command
+    readiness: list[str]  # ... and its readinessProbe exec command
     init_command: list[str]  # the init Job container's command (+ args)
     init_env: list[dict[str, Any]]
 
@@ -108,6 +113,7 @@ def load_manifest() -> Manifest:
         args=container["args"],
         env=container.get("env", []),
         post_start=container["lifecycle"]["postStart"]["exec"]["command"],
+        readiness=container["readinessProbe"]["exec"]["command"],
         init_command=[*init["command"], *init.get("args", [])],
         init_env=init.get("env", []),
     )
@@ -341,13 +347,36 @@ class Pods:
                 runs.append(self.run_hook(i))
         return runs
 
-    def run_hook(self, i: int) -> Run:
-        """Pod i's postStart command, with its env, its loopback and the Service's DNS."""
+    def in_pod(self, i: int, argv: list[str]) -> Run:
+        """A command of pod i's container, with its env, its loopback and the Service's DNS."""
         forward = LocalhostForward(pod_ip(self.subnet, i))
         try:
-            return self.run(self.command(i, self.m.post_start), self.pod_env(i), HOOK_TIMEOUT)
+            return self.run(self.command(i, argv), self.pod_env(i), HOOK_TIMEOUT)
         finally:
             forward.close()
+
+    def run_hook(self, i: int) -> Run:
+        """Pod i's postStart command."""
+        return self.in_pod(i, self.m.post_start)
+
+    def ready(self, i: int) -> Run:
+        """Pod i's readinessProbe command, as the kubelet runs it in the pod (exit 0: Ready)."""
+        return self.in_pod(i, self.m.readiness)
+
+    def stop_pod(self, i: int) -> None:
+        """Pod i deleted (a rolling restart's step): SIGTERM, as the kubelet sends."""
+        proc = self.procs[i]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+    def start_pod(self, i: int) -> Run:
+        """Pod i back on the same address and volumes, then its postStart hook."""
+        assert self.procs[i].poll() is not None, f"{self.name(i)} is still running"
+        log = (self.root / f"{self.name(i)}.log").open("ab")
+        self.procs[i] = subprocess.Popen(self.server_argv(i), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        return self.run_hook(i)
 
     def wait_up(self, timeout: float = 15.0) -> None:
         def probe() -> tuple[bool, list[str]]:
@@ -443,6 +472,17 @@ def healthy(pods: Pods, timeout: float) -> list[str]:
     return [] if ok else found
 
 
+def all_ready(pods: Pods, timeout: float) -> list[str]:
+    """Wait until every pod's readiness command passes; what still fails after ``timeout``."""
+    def probe() -> tuple[bool, list[str]]:
+        failing = [f"{pods.name(i)}: {run.output.strip()}" for i in range(pods.m.replicas)
+                   if (run := pods.ready(i)).code != 0]
+        return not failing, failing
+
+    ok, failing = wait_until(probe, timeout, interval=0.5)
+    return [] if ok else failing
+
+
 # --- fixtures ------------------------------------------------------------------------------------------
 
 
@@ -490,6 +530,15 @@ def formed(pods: Pods) -> Run:
 # --- tests ---------------------------------------------------------------------------------------------
 
 
+def test_fresh_pods_are_not_ready_until_the_cluster_is_formed(pods: Pods) -> None:
+    """Six servers that answer PING but form no cluster yet serve nothing: not Ready. (The init Job
+    and the headless Service do not wait for readiness: publishNotReadyAddresses.)"""
+    for i, ip in enumerate(pods.ips()):
+        assert cli(ip, "ping").strip() == "PONG"
+        run = pods.ready(i)
+        assert run.code == 1 and "cluster_state:fail" in run.output, f"{pods.name(i)}: {run}"
+
+
 def test_init_job_forms_the_cluster_once(pods: Pods, formed: Run) -> None:
     # First deployment: each pod's postStart hook found a node that never joined and left it alone.
     for run in pods.first_hooks:
@@ -508,6 +557,53 @@ def test_init_job_forms_the_cluster_once(pods: Pods, formed: Run) -> None:
     assert not problems(pods)
     for ip in pods.ips():
         assert topology(cluster_nodes(ip)) == before, ip
+
+
+def test_a_pod_of_a_rolling_restart_is_ready_only_once_it_serves_again(pods: Pods, formed: Run) -> None:
+    """A rolling restart stops the next pod only once the last one is Ready again. Readiness must
+    therefore say more than PING: while a master is down its replica (PONG) is not Ready, nor is
+    any node while the cluster is failing over; the master comes back as its old replica's replica
+    and is Ready once linked and synced, the cluster whole again, a key written before kept."""
+    if formed.code != 0:
+        pytest.fail(f"no cluster: the init Job's script failed: {formed}")
+    assert not (found := healthy(pods, 15)), found
+    assert not (unready := all_ready(pods, 15)), f"in a healthy cluster: {unready}"
+    nodes = cluster_nodes(pods.ips()[0])
+    index = {n.id: pods.ips().index(n.ip) for n in nodes.values()}
+    master = next(n for n in nodes.values() if n.role == "master")
+    (replica,) = [n for n in nodes.values() if n.master_id == master.id]
+    m, r = index[master.id], index[replica.id]
+    key = next(k for k in (f"rolling-{j}" for j in range(1000))
+               if int(cli(master.ip, "cluster", "keyslot", k).strip()) in master.slots)
+    assert cli(master.ip, "set", key, "kept").strip() == "OK"
+    assert cli(master.ip, "wait", "1", "2000").strip() == "1"  # on the replica too
+
+    pods.stop_pod(m)
+    assert cli(replica.ip, "ping").strip() == "PONG"
+    run = pods.ready(r)
+    assert run.code == 1 and "link to its master down" in run.output, f"{pods.name(r)}, master down: {run}"
+
+    def promoted() -> tuple[bool, Run]:
+        run = pods.ready(r)
+        return run.code == 0, run
+
+    ok, run = wait_until(promoted, 30, interval=0.5)
+    assert ok, f"{pods.name(r)} not Ready after the failover: {run}\n{pods.logs()}"
+    assert "master" in cluster_nodes(replica.ip)[replica.id].flags
+
+    hook = pods.start_pod(m)
+    assert hook.code == 0, f"postStart of the restarted {pods.name(m)}: {hook}"
+
+    def back() -> tuple[bool, Run]:
+        run = pods.ready(m)
+        return run.code == 0, run
+
+    ok, run = wait_until(back, CONVERGE_TIMEOUT, interval=0.5)
+    assert ok, f"the restarted {pods.name(m)} never Ready: {run}\n{pods.logs()}"
+    assert not (found := healthy(pods, 15)), found
+    assert cluster_nodes(master.ip)[master.id].master_id == replica.id  # its old replica's replica now
+    assert cli(replica.ip, "get", key).strip() == "kept"
+    assert not (unready := all_ready(pods, 15)), f"after the restart: {unready}"
 
 
 @pytest.mark.parametrize("hooks", ["after-all-started", "as-each-starts"])
