@@ -33,7 +33,8 @@ SERVICES = local_layout("dev").services
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 # Created by the operator or the overlay's owner, never kept in the repository (k8s/README.md).
 SECRETS = {"postgres-credentials": {"username", "password"}, "identity-secrets": {"key-encryption-key"},
-           "queue-secrets": {"key-encryption-key"}, "payment-secrets": {"webhook-secret"}}
+           "queue-secrets": {"key-encryption-key"}, "payment-secrets": {"webhook-secret"},
+           **{f"{s.name}-database": {"username", "password"} for s in SERVICES if s.needs_postgres}}
 
 
 @cache
@@ -280,6 +281,32 @@ def test_every_name_a_manifest_refers_to_exists(docs):
     readme = (K8S / "README.md").read_text()
     for name, keys in SECRETS.items():
         assert name in readme and all(k in readme for k in keys), name
+
+
+def _secret_users(docs, workload: dict[str, Any]) -> set[str]:
+    return {v["valueFrom"]["secretKeyRef"]["name"] for c in _containers(_pod(workload)["spec"])
+            for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+
+
+def test_each_service_logs_in_to_its_database_as_its_own_role_never_the_superuser(docs):
+    """The superuser's Secret goes to PostgreSQL and the roles Job only; each service's DSN is built
+    from its own Secret, whose role the Job makes (roles.sh, run for real in
+    tests/integration/test_k8s_postgres_roles.py)."""
+    with_db = [s for s in SERVICES if s.needs_postgres]
+    users = {w["metadata"]["name"]: _secret_users(docs, w) for w in docs if w["kind"] in WORKLOADS}
+    holders = {name for name, secrets in users.items() if "postgres-credentials" in secrets}
+    assert holders == {"postgres", "postgres-roles"}, holders
+    for svc in with_db:
+        assert f"{svc.name}-database" in users[svc.name], svc.name
+        assert {n for n in users[svc.name] if n.endswith("-database")} == {f"{svc.name}-database"}
+    job = _one(docs, "Job", "postgres-roles")
+    (container,) = _pod(job)["spec"]["containers"]
+    env = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container["env"] if "valueFrom" in v}
+    for svc in with_db:
+        assert env[f"{svc.name.upper()}_DB_USER"] == {"name": f"{svc.name}-database", "key": "username"}
+        assert env[f"{svc.name.upper()}_DB_PASSWORD"] == {"name": f"{svc.name}-database", "key": "password"}
+    script = _one(docs, "ConfigMap", "postgres-init")["data"]["roles.sh"]
+    assert f"${{SERVICES:-{' '.join(s.name for s in with_db)}}}" in script
 
 
 def test_the_edge_config_the_pod_renders_finds_every_service(docs):
