@@ -65,7 +65,8 @@ class ProviderUnavailable(DomainError):
 class Payments:
     # The booking events payment acts on; its consumer passes over the others (HoldCreated,
     # OrderCreated: two of every purchase's three booking events), with no transaction.
-    BOOKING_EVENT_TYPES = frozenset({"order_expired", "order_cancelled", "hold_expired", "order_confirmed"})
+    BOOKING_EVENT_TYPES = frozenset({"order_expired", "order_cancelled", "hold_expired", "order_confirmed",
+                                     "payment_order_unknown"})
 
     def __init__(
         self,
@@ -287,6 +288,21 @@ class Payments:
             # partition). Only a pending payment is abandoned here; the order's events decide refunds.
             for p in payments:
                 await self._apply(conn, p, model.on_order_gone(p, "ORDER_EXPIRED", refund=False))
+            return
+        if isinstance(msg, ev.PaymentOrderUnknown):
+            # Booking has no such order (its data lost): the money can buy nothing, give it back.
+            try:
+                payment_id = model.parse_payment_name(msg.payment, "payment")
+            except DomainError:
+                log.warning("PaymentOrderUnknown with a bad payment name ignored",
+                            extra={"payment": msg.payment})
+                return
+            paid = await db.get(conn, payment_id, lock=True)
+            if paid is None:
+                log.warning("PaymentOrderUnknown for an unknown payment ignored",
+                            extra={"payment": msg.payment})
+                return
+            await self._apply(conn, paid, model.on_order_gone(paid, "ORDER_UNKNOWN", refund=True))
             return
         assert isinstance(msg, ev.OrderExpired | ev.OrderCancelled | ev.OrderConfirmed)
         try:

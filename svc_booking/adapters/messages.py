@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -81,3 +82,9 @@ def order_expired(order: Order) -> ev.EventEnvelope:
 
 def event_sold_out(event_id: str) -> ev.EventEnvelope:
     return new_envelope(SOURCE, event_id, ev.EventSoldOut(event=event_name(event_id)))
+
+
+def payment_order_unknown(order_id: uuid.UUID, paid: ev.PaymentSucceeded) -> ev.EventEnvelope:
+    """A PaymentSucceeded for an order booking does not have: payment refunds it."""
+    return new_envelope(SOURCE, str(order_id), ev.PaymentOrderUnknown(
+        payment=paid.payment, order=paid.order, user_id=paid.user_id, amount=paid.amount))

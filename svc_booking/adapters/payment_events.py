@@ -13,6 +13,9 @@ PostgreSQL and redoes the Redis step the crash may have cut off (seats SOLD, or 
   An order already EXPIRED or CANCELLED has emitted its event before: payment refunds on it.
   A PaymentSucceeded whose amount is not the order's is treated the same way (never confirmed).
 * PaymentFailed → ``cancel_order`` (reason PAYMENT_FAILED): seats released, OrderCancelled.
+* A PaymentSucceeded for an order booking does not have (its data lost, restored from an older
+  backup) → PaymentOrderUnknown, written in the de-duplication transaction: payment refunds the
+  money, which can buy nothing. (A PaymentFailed for one changes nothing and is only logged.)
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from ticketping.events.v1 import events_pb2 as ev
 
 from meshkit.errors import DomainError, NotFound
 from meshkit.events import event_type, payload_of
+from meshkit.outbox import enqueue
 
 from ..domain import model
 from ..domain.model import Order, OrderState
 from ..service import Booking
+from . import messages
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +49,33 @@ class PaymentEvents:
         self.confirmed = 0  # counters for tests and metrics
         self.refused = 0
         self.cancelled = 0
+        self.unknown = 0  # PaymentSucceeded for an order booking does not have
 
     async def handle(self, env: ev.EventEnvelope, conn: psycopg.AsyncConnection[Any]) -> None:
         if event_type(env) not in self.TYPES:
             return
         msg = payload_of(env)
         assert isinstance(msg, ev.PaymentSucceeded | ev.PaymentFailed)
-        order = await self._order(msg.order)
-        if order is None:
+        try:
+            order_id = model.parse_order_name(msg.order, "order")
+        except DomainError:
+            log.warning("payment event with a bad order name ignored", extra={"order": msg.order})
+            return
+        try:
+            order = await self.booking.get_order(None, order_id)
+        except NotFound:
+            if isinstance(msg, ev.PaymentSucceeded):
+                await enqueue(conn, self.booking.topic, messages.payment_order_unknown(order_id, msg))
+                self.unknown += 1
+                log.error("PaymentSucceeded for an order booking does not have; payment refunds it",
+                          extra={"order": msg.order, "payment": msg.payment})
+            else:
+                log.warning("PaymentFailed for an unknown order ignored", extra={"order": msg.order})
             return
         if isinstance(msg, ev.PaymentSucceeded):
             await self._succeeded(order, msg)
         else:
             await self._failed(order, msg)
-
-    async def _order(self, name: str) -> Order | None:
-        try:
-            return await self.booking.get_order(None, model.parse_order_name(name, "order"))
-        except NotFound:
-            log.warning("payment event for an unknown order ignored", extra={"order": name})
-        except DomainError:
-            log.warning("payment event with a bad order name ignored", extra={"order": name})
-        return None
 
     async def _succeeded(self, order: Order, msg: ev.PaymentSucceeded) -> None:
         paid = (msg.amount.currency_code, msg.amount.units, msg.amount.nanos)

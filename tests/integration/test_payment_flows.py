@@ -680,6 +680,36 @@ async def test_success_booking_cannot_confirm_ends_expired_and_refunded(
     assert len(await pw.provider.refunds_of(p.provider_reference)) == 1
 
 
+async def test_a_success_for_an_order_booking_lost_is_refunded(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
+) -> None:
+    """Booking's data lost the order (restored from an older backup) while its payment went on:
+    the provider's success can confirm nothing, so the fan's money goes back, once. Before,
+    booking only logged the PaymentSucceeded and the payment stayed SUCCEEDED for good."""
+    bstub, pstub = stubs
+    pw, _ = payment
+    u = user()
+    _, o, p = await awaiting_callback(booking, payment, stubs, u, ("A-5-1",))
+    async with booking.booking.pool.connection() as conn:  # the loss
+        await conn.execute("DELETE FROM orders WHERE order_id = %s", (order_uuid(o),))
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                              model.Money("KRW", 165000))
+    paid = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+    assert paid.state == pb.PAYMENT_STATE_SUCCEEDED
+
+    async def refunded() -> bool:
+        return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_REFUNDED
+    await wait_for("payment REFUNDED", refunded)
+    got = await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))
+    assert got.failure_reason == "ORDER_UNKNOWN"
+    assert await outbox_count(booking.booking.pool, order_uuid(o), "payment_order_unknown") == 1
+    assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_refunded") == 1
+    assert len(await pw.provider.refunds_of(p.provider_reference)) == 1
+    assert await fails(bstub.GetOrderForPayment(bpb.GetOrderForPaymentRequest(order=o.name))) == \
+        (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND")
+
+
 async def test_a_success_recorded_in_time_confirms_though_booking_reads_it_after_the_deadline(
     booking: BookingWired, payment: tuple[PaymentWired, FakeEdge], clock: Clock,
     stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub],
