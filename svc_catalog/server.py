@@ -11,6 +11,7 @@ as an HTTP header, so Envoy and apps may cache them); admin reads, drafts and wr
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import OrderedDict
 from typing import Any, TypeAlias
@@ -53,7 +54,9 @@ class CatalogServicer(pb_grpc.CatalogServiceServicer):
             raise _missing("event")
         event_id = rules.parse_event_id(request.event_id) if request.event_id else None
         request_id = rules.parse_request_id(request.request_id)
-        event = await self.catalog.create(spec_of(request.event), event_id, request_id)
+        asked = hashlib.sha256(request.event.SerializeToString(deterministic=True))
+        asked.update(b"\0" + request.event_id.encode())
+        event = await self.catalog.create(spec_of(request.event), event_id, request_id, asked.digest())
         await self._no_store(context)
         return to_proto(event)
 

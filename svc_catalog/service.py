@@ -65,11 +65,14 @@ class Catalog:
     # -- writes -----------------------------------------------------------------------------
 
     async def create(
-        self, spec: EventSpec, event_id: uuid.UUID | None, request_id: uuid.UUID | None
+        self, spec: EventSpec, event_id: uuid.UUID | None, request_id: uuid.UUID | None,
+        fingerprint: bytes | None = None,
     ) -> Event:
+        """``fingerprint``: a digest of what the request asked for (its event and event id); a
+        retry with the same ``request_id`` must bring the same one."""
         seat_count = rules.validate_spec(spec)
         event, _created = await self.repo.create(
-            event_id or uuid.uuid4(), request_id, spec, seat_count, self._clock()
+            event_id or uuid.uuid4(), request_id, spec, seat_count, self._clock(), fingerprint
         )
         self.changed(event.id)
         return event

@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope
 
 from meshkit.db import autocommit
-from meshkit.errors import AlreadyExists
+from meshkit.errors import AlreadyExists, request_id_reused
 from meshkit.listen import Listener, connect_to
 from meshkit.outbox import enqueue
 
@@ -37,10 +37,10 @@ _COLUMNS = """id, state, title, artist, venue_name, venue_address, start_time, q
     create_time, update_time, publish_time"""
 
 _INSERT = f"""
-INSERT INTO events (id, request_id, state, title, artist, venue_name, venue_address, start_time,
-    queue_open_time, sale_open_time, sale_close_time, seat_limit_per_fan, price_tiers, seat_map,
-    seat_count, create_time, update_time)
-VALUES (%s, %s, 'DRAFT', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+INSERT INTO events (id, request_id, request_fingerprint, state, title, artist, venue_name,
+    venue_address, start_time, queue_open_time, sale_open_time, sale_close_time, seat_limit_per_fan,
+    price_tiers, seat_map, seat_count, create_time, update_time)
+VALUES (%s, %s, %s, 'DRAFT', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING {_COLUMNS}
 """
@@ -160,12 +160,15 @@ class EventRepository:
         spec: EventSpec,
         seat_count: int,
         now: datetime,
+        fingerprint: bytes | None = None,
     ) -> tuple[Event, bool]:
-        """Insert a DRAFT; (event, True). A known ``request_id`` returns (the first event, False)."""
+        """Insert a DRAFT; (event, True). A known ``request_id`` returns (the first event, False)
+        if ``fingerprint`` (what the request asked for) is the first request's, and raises
+        REQUEST_ID_REUSED if it is not."""
         self.writes += 1
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                _INSERT, (event_id, request_id, *_spec_params(spec), seat_count, now, now)
+                _INSERT, (event_id, request_id, fingerprint, *_spec_params(spec), seat_count, now, now)
             )
             row = await cur.fetchone()
             if row is not None:
@@ -174,11 +177,15 @@ class EventRepository:
             # A conflict: the request id (a retry: answer with the first event) or the event id.
             if request_id is not None:
                 cur = await conn.execute(
-                    f"SELECT {_COLUMNS} FROM events WHERE request_id = %s", (request_id,)
+                    f"SELECT {_COLUMNS}, request_fingerprint FROM events WHERE request_id = %s",
+                    (request_id,),
                 )
                 row = await cur.fetchone()
                 if row is not None:
-                    return _event(row), False
+                    first = _event(row[:-1])
+                    if row[-1] is not None and fingerprint is not None and bytes(row[-1]) != fingerprint:
+                        raise request_id_reused(request_id, first.name)
+                    return first, False
             raise AlreadyExists(
                 "EVENT_EXISTS", f"events/{event_id} already exists",
                 metadata={"name": f"events/{event_id}"},

@@ -185,13 +185,25 @@ async def test_create_publish_then_everyone_reads_it(stub: pb_grpc.CatalogServic
 
 
 async def test_create_is_idempotent_per_request_id(stub: pb_grpc.CatalogServiceStub, db: Any) -> None:
+    """A retry (the same request id, the same request) answers the first event; the same id with
+    another request is the client's mistake, refused with the event it did make: answering that
+    event would tell an admin who changed the title that an event with the new title exists."""
     before = count_events(db)
     rid = str(uuid.uuid4())
-    first = await create(stub, new_event("Idempotent"), request_id=rid)
-    again = await create(stub, new_event("Idempotent, retried"), request_id=rid)
-    rid2 = str(uuid.uuid4())
-    burst = await asyncio.gather(*(create(stub, new_event("Burst"), request_id=rid2) for _ in range(8)))
+    asked = new_event("Idempotent")
+    first = await create(stub, asked, request_id=rid)
+    again = await create(stub, asked, request_id=rid)
     assert again == first
+    err = await fails(create(stub, new_event("Idempotent, changed"), request_id=rid),
+                      grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+    info = error_info(err)
+    assert info is not None and info.metadata["used_for"] == first.name
+    chosen = str(uuid.uuid4())  # another event id is another request too
+    await fails(create(stub, asked, request_id=rid, event_id=chosen),
+                grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+    rid2 = str(uuid.uuid4())
+    once = new_event("Burst")
+    burst = await asyncio.gather(*(create(stub, once, request_id=rid2) for _ in range(8)))
     assert len({e.name for e in burst}) == 1
     assert count_events(db) == before + 2
 
