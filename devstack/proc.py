@@ -100,29 +100,6 @@ def running_pid(run_dir: Path, name: str) -> int | None:
     return None
 
 
-# The scheduling policy of everything devstack starts (TP_DEVSTACK_SCHED: "batch", the default, or
-# "normal"). On one machine the mesh's processes (services, PostgreSQL, Redis, Kafka, Envoy) feed
-# each other all the time: under the normal policy each wake-up (a query's answer, a gRPC call,
-# a record) preempts whichever of them is running, only for it to block again a moment later.
-# SCHED_BATCH (sched(7): "without interactivity causing extra preemptions between the workload's
-# tasks") lets the running one go on until it blocks or its slice ends, the woken one next. In
-# alternated flash sales on a 2-core machine: 5 % less CPU per purchase, Kafka's a third less, and
-# 6-17 % more tickets per minute. Unprivileged, inherited by threads and children (chrt(1) sets it
-# before the program starts). Nothing outside devstack changes: a Kubernetes pod is scheduled
-# by its node.
-SCHED_VAR = "TP_DEVSTACK_SCHED"
-
-
-def scheduled(argv: Sequence[str]) -> list[str]:
-    """argv, started under the scheduling policy TP_DEVSTACK_SCHED names."""
-    policy = os.environ.get(SCHED_VAR, "batch")
-    if policy == "normal":
-        return list(argv)
-    if policy != "batch":
-        raise DevstackError(f"{SCHED_VAR}={policy!r}: expected 'batch' or 'normal'")
-    return ["chrt", "--batch", "0", *argv]
-
-
 def spawn(spec: ProcSpec, run_dir: Path) -> int:
     """Start spec in its own session, stdout+stderr appended to its log; write its pid file."""
     log = log_path(run_dir, spec.name)
@@ -136,7 +113,7 @@ def spawn(spec: ProcSpec, run_dir: Path) -> int:
         out.write(f"==== devstack {stamp}: {' '.join(spec.argv)}\n".encode())
         out.flush()
         child = subprocess.Popen(
-            scheduled(spec.argv), cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            list(spec.argv), cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             user=as_user, group=as_user, extra_groups=[] if as_user else None,
         )

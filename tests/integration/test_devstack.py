@@ -8,7 +8,6 @@ keeps it as it is. Stopping is checked on a scratch copy of the test profile (ow
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import signal
 import socket
@@ -131,37 +130,6 @@ def test_a_process_that_dies_names_its_log(tmp_path: Path) -> None:
     assert "exited before it was ready" in str(err.value)
     assert str(tmp_path / "logs" / "doomed.log") in str(err.value)
     assert "boom-from-doomed" in str(err.value)
-
-
-def test_the_stack_runs_under_sched_batch_unless_told_otherwise(infra: Layout, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """What devstack starts runs SCHED_BATCH (devstack/proc.py says why), every thread and child
-    of it too: PostgreSQL's backends, Kafka's JVM threads. TP_DEVSTACK_SCHED=normal opts out."""
-    for name in INFRA:
-        pid = running_pid(infra.run_dir, name)
-        assert pid is not None, name
-        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}, name
-    with psycopg.connect(infra.postgres_dsn(infra.databases[0]), connect_timeout=5) as conn:
-        backend = conn.info.backend_pid
-        assert os.sched_getscheduler(backend) == os.SCHED_BATCH
-
-    def policy_of_a_fresh(name: str) -> int:
-        pid = spawn(ProcSpec(name, ("sleep", "30"), cwd=tmp_path), tmp_path)
-        try:
-            wait_until(name, lambda: Path(f"/proc/{pid}/exe").resolve().name == "sleep", timeout=10,
-                       log=tmp_path / "logs" / f"{name}.log", pid=pid)
-            return os.sched_getscheduler(pid)
-        finally:
-            os.kill(pid, signal.SIGKILL)
-
-    monkeypatch.setenv("TP_DEVSTACK_SCHED", "normal")
-    assert policy_of_a_fresh("normal") == os.SCHED_OTHER
-    monkeypatch.setenv("TP_DEVSTACK_SCHED", "fast")
-    with pytest.raises(DevstackError, match="expected 'batch' or 'normal'"):
-        spawn(ProcSpec("bad", ("sleep", "1"), cwd=tmp_path), tmp_path)
-    monkeypatch.delenv("TP_DEVSTACK_SCHED")
-    assert policy_of_a_fresh("batch") == os.SCHED_BATCH
 
 
 def test_a_taken_port_is_reported() -> None:
