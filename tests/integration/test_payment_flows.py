@@ -279,6 +279,20 @@ def webhook(body: bytes) -> pb.HandleWebhookRequest:
                                                                    data=body))
 
 
+async def succeeded_then_refunded(pstub: pb_grpc.PaymentServiceStub, p: pb.Payment, u: str,
+                                  captured: model.Money) -> None:
+    """The provider's signed success for ``p`` makes it SUCCEEDED; then wait until a booking
+    event that the money can buy nothing has it REFUNDED."""
+    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                              captured)
+    resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+    assert resp.state == pb.PAYMENT_STATE_SUCCEEDED
+
+    async def refunded() -> bool:
+        return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_REFUNDED
+    await wait_for("payment REFUNDED", refunded)
+
+
 def order_uuid(o: bpb.Order) -> str:
     return o.name.removeprefix("orders/")
 
@@ -659,14 +673,7 @@ async def test_success_booking_cannot_confirm_ends_expired_and_refunded(
     # Both clocks: the payment deadline has passed when payment records the success.
     clock.offset = payment_clock.offset = timedelta(minutes=10)
     try:
-        body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
-                                  model.Money("KRW", 330000))
-        resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
-        assert resp.state == pb.PAYMENT_STATE_SUCCEEDED
-
-        async def refunded() -> bool:
-            return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_REFUNDED
-        await wait_for("payment REFUNDED", refunded)
+        await succeeded_then_refunded(pstub, p, u, model.Money("KRW", 330000))
     finally:
         clock.offset = payment_clock.offset = timedelta()
     assert await order_state(bstub, o) == bpb.ORDER_STATE_EXPIRED
@@ -693,14 +700,7 @@ async def test_a_success_for_an_order_booking_lost_is_refunded(
     _, o, p = await awaiting_callback(booking, payment, stubs, u, ("A-5-1",))
     async with booking.booking.pool.connection() as conn:  # the loss
         await conn.execute("DELETE FROM orders WHERE order_id = %s", (order_uuid(o),))
-    body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
-                              model.Money("KRW", 165000))
-    paid = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
-    assert paid.state == pb.PAYMENT_STATE_SUCCEEDED
-
-    async def refunded() -> bool:
-        return await payment_state(pstub, p, u) == pb.PAYMENT_STATE_REFUNDED
-    await wait_for("payment REFUNDED", refunded)
+    await succeeded_then_refunded(pstub, p, u, model.Money("KRW", 165000))
     got = await pstub.GetPayment(pb.GetPaymentRequest(name=p.name), metadata=me(u))
     assert got.failure_reason == "ORDER_UNKNOWN"
     assert await outbox_count(booking.booking.pool, order_uuid(o), "payment_order_unknown") == 1
