@@ -97,11 +97,10 @@ def _redis_hold_script(lay: Layout, seconds: int, connections: int) -> wrk.Resul
                 "s__rand_int__", "s__rand_int__")
         return queue_bench.redis_benchmark(
             lay, seconds, connections, name=f"redis_hold_script ({seats} seats)",
-            command=("EVALSHA", sha, str(len(keys)), *keys, *args), keyspace=seats)
+            command=("EVALSHA", sha, str(len(keys)), *keys, *args), keyspace=seats, leaves=None)
     finally:
-        for key in r.scan_iter(match=inv.meta_key(event).replace(":meta", "*"), count=1000):
-            r.delete(key)
         r.close()
+        queue_bench.drop_keys(lay, inv.meta_key(event).replace(":meta", "*"))
 
 
 def _per_status(result: wrk.Result, name: str, status: int) -> wrk.Result:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from google.protobuf import json_format
 
 from devstack.layout import Layout
@@ -87,21 +88,48 @@ def redis_benchmark(lay: Layout, seconds: int, connections: int, *,
                     name: str = "redis-benchmark, join-shaped script",
                     command: tuple[str, ...] = ("EVAL", JOIN_SHAPE, "2", "{q:bench}:st",
                                                 "{q:bench}:u:__rand_int__"),
-                    keyspace: int = 1_000_000) -> wrk.Result:
+                    keyspace: int = 1_000_000, leaves: str | None = "{q:bench}:*") -> wrk.Result:
     """redis-benchmark sending `command` (a script: EVAL or EVALSHA) to the stack's Redis; every
-    __rand_int__ in it is a random number below `keyspace`, drawn anew for each request."""
+    __rand_int__ in it is a random number below `keyspace`, drawn anew for each request.
+
+    `leaves`: the pattern of the keys the command writes, deleted afterwards (None: the caller
+    does). The join-shaped run left up to a million keys behind, without a TTL, in the stack's
+    Redis on every `make bench`: the dataset grew with every run, and so did every AOF rewrite (a
+    fork copying the whole dataset, which the run's own writes set off)."""
     tool = shutil.which("redis-benchmark")
     if tool is None:
         raise RuntimeError("redis-benchmark is missing (Debian package redis-tools)")
     requests = 40_000 * seconds
-    out = subprocess.run(
-        [tool, "-p", str(lay.redis_port), "-c", str(connections), "-n", str(requests),
-         "-r", str(keyspace), "-q", *command],
-        capture_output=True, text=True, timeout=seconds * 20 + 60, check=True,
-    ).stdout
+    try:
+        out = subprocess.run(
+            [tool, "-p", str(lay.redis_port), "-c", str(connections), "-n", str(requests),
+             "-r", str(keyspace), "-q", *command],
+            capture_output=True, text=True, timeout=seconds * 20 + 60, check=True,
+        ).stdout
+    finally:
+        if leaves is not None:
+            drop_keys(lay, leaves)
     rps = float(re.findall(r"([\d.]+) requests per second", out)[-1])
     p50 = re.findall(r"p50=([\d.]+) msec", out)
     return wrk.Result(name, rps, float(p50[-1]) if p50 else float("nan"), float("nan"), requests, 0, 0)
+
+
+def drop_keys(lay: Layout, pattern: str) -> int:
+    """Delete the stack's Redis keys matching `pattern` (a scan, a thousand at a time)."""
+    r = redis.Redis.from_url(lay.redis_url)
+    dropped = 0
+    try:
+        batch: list[bytes] = []
+        for key in r.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                dropped += r.unlink(*batch)
+                batch.clear()
+        if batch:
+            dropped += r.unlink(*batch)
+    finally:
+        r.close()
+    return dropped
 
 
 def status_rounds(lay: Layout, event: str, base: str, body: str, rounds: int,

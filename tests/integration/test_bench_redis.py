@@ -1,0 +1,41 @@
+"""The Redis baselines of `make bench` run against the stack's own Redis: what they write must not
+stay there (the join-shaped run left up to a million keys, without a TTL, after every run)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import redis
+
+from bench import queue as queue_bench
+from devstack.layout import Layout
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-benchmark") is None,
+                                reason="redis-benchmark (Debian redis-tools) is not installed")
+
+
+def test_the_join_shaped_baseline_leaves_no_keys_behind(infra: Layout) -> None:
+    r = redis.Redis.from_url(infra.redis_url)
+    try:
+        r.set("{q:bench-neighbour}:keep", "1")  # a key outside the pattern stays
+        result = queue_bench.redis_benchmark(infra, 1, 8, keyspace=5_000)
+        assert result.requests_per_second > 0
+        assert list(r.scan_iter(match="{q:bench}:*", count=1000)) == []
+        assert r.get("{q:bench-neighbour}:keep") == b"1"
+    finally:
+        r.delete("{q:bench-neighbour}:keep")
+        r.close()
+
+
+def test_drop_keys_deletes_every_match_past_one_batch(infra: Layout) -> None:
+    r = redis.Redis.from_url(infra.redis_url)
+    try:
+        with r.pipeline(transaction=False) as pipe:
+            for n in range(2_500):
+                pipe.set(f"{{q:bench}}:u:{n}", n)
+            pipe.execute()
+        assert queue_bench.drop_keys(infra, "{q:bench}:*") == 2_500
+        assert list(r.scan_iter(match="{q:bench}:*", count=1000)) == []
+    finally:
+        r.close()
