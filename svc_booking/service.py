@@ -517,14 +517,18 @@ class Booking:
         seconds: an app learns its payment's outcome with one call, not a poll every few
         hundred milliseconds (each a trip through the edge into this service and PostgreSQL).
 
-        Woken by order_settled, which any replica's commit sends; the order is read again then,
-        and every few seconds regardless, so a lost notification delays the answer (by at most
-        SETTLED_RECHECK_SECONDS) and never loses it."""
+        Woken by order_settled, which any replica's commit sends and which says what the order
+        became: the answer is the order read before, so changed (not a second read of it). It is
+        read again on a wake-up that does not say, and every few seconds regardless, so a lost
+        notification delays the answer (by at most SETTLED_RECHECK_SECONDS) and never loses it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
+        order: Order | None = None
         with self.settled.watch(order_id) as woken:
             while True:
-                woken.clear()  # before the read: a commit after it sets this again
+                settled = woken.take()  # before the read: a commit after it sets this again
+                if settled is not None and order is not None:
+                    return settled.of(order)
                 order = await self.get_order(user_id, order_id)
                 left = deadline - loop.time()
                 if order.state is not OrderState.PENDING_PAYMENT or left <= 0 or self.settled.draining:

@@ -557,6 +557,46 @@ async def test_wait_order_answers_when_another_replica_settles_it(
     assert time.monotonic() - t < UNHEARD_RECHECK_SECONDS + 2 < SETTLED_RECHECK_SECONDS
 
 
+async def test_a_woken_wait_order_answers_from_the_note_without_reading_the_order_again(
+        wired: Wired, stub: pb_grpc.BookingServiceStub, pg_dsn: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """order_settled says what the order became (state, update time, payment): the waiting call
+    answers with the order it read, so changed, the same as a read would give, without a
+    second read (one PostgreSQL round trip fewer in every purchase)."""
+    event_id = await new_event(wired)
+    me = fan("u-note", None)
+    h = await hold(stub, "u-note", event_id, ["A-9-1"])
+    order = await stub.CreateOrder(pb.CreateOrderRequest(hold=h.name, request_id=rid()),
+                                   metadata=fan("u-note", event_id))
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as listener:
+        await listener.execute("LISTEN order_settled")
+        reads: list[uuid.UUID] = []
+        real_get_order = wired.booking.get_order
+
+        async def counted(user_id: str | None, order_id: uuid.UUID) -> object:
+            reads.append(order_id)
+            return await real_get_order(user_id, order_id)
+
+        monkeypatch.setattr(wired.booking, "get_order", counted)
+        waiting = asyncio.create_task(_wait_order(
+            stub, pb.WaitOrderRequest(name=order.name, timeout=Duration(seconds=20)), me))
+        await _waiting(wired, 1)
+        sold = await stub.ConfirmOrder(
+            pb.ConfirmOrderRequest(order=order.name, payment="payments/note-1", request_id=rid()),
+            metadata=INTERNAL)
+        got = await asyncio.wait_for(waiting, 10)
+        monkeypatch.undo()
+        assert got == sold == await stub.GetOrder(pb.GetOrderRequest(name=order.name), metadata=me)
+        assert got.state == pb.ORDER_STATE_CONFIRMED and got.payment == "payments/note-1"
+        assert reads == [uuid.UUID(order.name.removeprefix("orders/"))]  # the first look only
+        notes = [n.payload async for n in listener.notifies(timeout=1)]
+    mine = [n for n in notes if n.startswith(order.name.removeprefix("orders/"))]
+    assert len(mine) == 1, notes
+    oid, state, micros, payment = mine[0].split(" ")
+    assert (oid, state, payment) == (order.name.removeprefix("orders/"), "CONFIRMED", "payments/note-1")
+    assert int(micros) == got.update_time.seconds * 1_000_000 + got.update_time.nanos // 1000
+
+
 async def test_a_draining_replica_answers_its_waiting_calls_at_once(
         wired: Wired, stub: pb_grpc.BookingServiceStub, pg_dsn: str, redis_url: str,
         kafka_bootstrap: str, admission: StaticAdmission) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -14,10 +15,10 @@ from meshkit.errors import DomainError
 from meshkit.seats import parse_seat_id
 from svc_booking.adapters import inventory as inv
 from svc_booking.adapters.messages import layout_of
-from svc_booking.adapters.settled import SettledOrders
+from svc_booking.adapters.settled import SettledOrders, Settlement, parse_note
 from svc_booking.config import Settings
 from svc_booking.domain import model
-from svc_booking.domain.model import Money
+from svc_booking.domain.model import Money, OrderState
 
 
 def published() -> ev.EventPublished:
@@ -106,16 +107,34 @@ def test_a_pool_the_consumers_could_exhaust_stops_booking_at_start(monkeypatch, 
     assert load(Settings).payment_consumer_concurrency == 8
 
 
+def test_a_settled_note_says_what_the_order_became_or_nothing_it_cannot_read() -> None:
+    oid = uuid.uuid4()
+    assert parse_note(str(oid)) == (oid, None)  # a trigger older than migration 0005
+    assert parse_note(f"{oid} CONFIRMED 1796625385487669 payments/p1") == (oid, Settlement(
+        OrderState.CONFIRMED, datetime(2026, 12, 7, 6, 36, 25, 487669, tzinfo=UTC), "payments/p1"))
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert parse_note(f"{oid} EXPIRED 0 ") == (oid, Settlement(OrderState.EXPIRED, epoch, ""))
+    for unreadable in ("SHIPPED 1 x", "CONFIRMED soon x", "CONFIRMED", "PENDING_PAYMENT 1 "):
+        assert parse_note(f"{oid} {unreadable}") == (oid, None)  # it reads the order instead
+    with pytest.raises(ValueError):
+        parse_note("not-an-id CONFIRMED 1 x")
+
+
 def test_settled_orders_wake_the_waiters_of_that_order_or_all_when_unsure() -> None:
     settled = SettledOrders()
     a, b = uuid.uuid4(), uuid.uuid4()
     with settled.watch(a) as wa1, settled.watch(a) as wa2, settled.watch(b) as wb:
         assert len(settled) == 3
-        settled.on_note(str(a))
+        settled.on_note(f"{a} CANCELLED 1000000 ")
         assert wa1.is_set() and wa2.is_set() and not wb.is_set()
+        said = Settlement(OrderState.CANCELLED, datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC), "")
+        assert wa1.take() == said and not wa1.is_set() and wa1.take() is None
+        settled.on_note(str(a))  # woken, but not told how: it reads the order
+        assert wa1.is_set() and wa1.take() is None
         settled.on_note("not an order id")  # ignored, not a crash of the listener
         settled.on_note(str(uuid.uuid4()))  # nobody waits for it
         assert not wb.is_set()
+        settled.on_note(f"{a} CONFIRMED 5 payments/p")
         settled.on_note(None)  # notifications may have been lost: everyone looks again
-        assert wb.is_set()
+        assert wb.is_set() and wa2.is_set() and wa2.take() is None
     assert len(settled) == 0 and not settled.listening()
