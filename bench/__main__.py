@@ -23,7 +23,8 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
   purchases            one event's sale through the edge (bench/purchases.py, the `make demo`
                        simulator): tickets and purchases per minute, webhook -> CONFIRMED
                        p50/p99, beside the goal (10,000 tickets/min) and pretix's 300-400,
-                       after an unmeasured warm-up sale of 200 fans (--purchase-warmup-fans)
+                       after an unmeasured warm-up sale of 200 fans (--purchase-warmup-fans);
+                       three sales (--purchase-sales), the median's figures and every one's
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def main() -> None:
                     help="seats of the purchases scenario (more than its fans want)")
     ap.add_argument("--purchase-warmup-fans", type=int, default=200,
                     help="fans of an unmeasured sale before the purchases scenario (0: none)")
+    ap.add_argument("--purchase-sales", type=int, default=3,
+                    help="measured sales, one after another (the median sale's figures are printed)")
     args = ap.parse_args()
     tune_gc()  # the purchases scenario's simulator runs in this process (meshkit.memory)
     lay = layout("test")
@@ -137,7 +140,8 @@ def main() -> None:
         if args.purchase_fans:
             sale = purchases_bench.measure(lay, BENCH_ADMIN, args.purchase_fans, args.purchase_seats,
                                            args.purchase_warmup_fans,
-                                           machine=lambda: machine_speed(lay, args.connections))
+                                           machine=lambda: machine_speed(lay, args.connections),
+                                           sales=args.purchase_sales)
     finally:
         if not args.keep:
             stack.down(lay)

@@ -1,0 +1,49 @@
+"""bench.purchases: several measured sales, reported by the median one, every sale beside it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import purchases
+
+
+def _sale(tpm: float, oversold: int = 0, unconfirmed: int = 0, error: str = "") -> dict[str, Any]:
+    return {
+        "fans": 800, "seats": 2000, "cpu_seconds": {"svc_booking": 1.0}, "cores": 2,
+        "platform_cpu_ms_per_purchase": 600_000 / tpm, "load_generator_cpu_ms_per_purchase": 1.0,
+        "projected_platform_only_tickets_per_minute": 2 * tpm, "tickets_confirmed": 1766,
+        "tickets_per_minute": tpm, "purchases_per_minute": tpm / 2.2,
+        "ratio_to_goal": tpm / purchases.GOAL_TICKETS_PER_MINUTE, "ratio_to_pretix": tpm / 400,
+        "webhook_to_confirmed_ms": {"n": 800, "p50": tpm / 20, "p99": tpm / 10}, "steps_ms": {},
+        "oversold": oversold, "paid_without_confirmation": unconfirmed, "errors": [error] if error else [],
+    }
+
+
+def test_the_median_sale_is_reported_and_every_sale_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = iter([_sale(9000), _sale(11000, oversold=1), _sale(10000, unconfirmed=2, error="boom")])
+    monkeypatch.setattr(purchases, "warm_up", lambda *a: None)
+    monkeypatch.setattr(purchases, "_sale", lambda *a, **k: next(runs))
+    speeds = iter([60_000.0, 50_000.0])
+    m = purchases.measure(None, ("a", "b"), sales=3, machine=lambda: next(speeds))  # type: ignore[arg-type]
+    assert m["tickets_per_minute"] == 10000
+    assert m["webhook_to_confirmed_ms"]["p50"] == 500  # the median sale's own figures
+    assert [s["tickets_per_minute"] for s in m["sales"]] == [9000, 11000, 10000]
+    # What must be 0 is counted over every sale, not the median's alone.
+    assert (m["oversold"], m["paid_without_confirmation"], m["errors"]) == (1, 2, ["boom"])
+    assert m["machine_direct_answers_per_second"] == {"before": 60_000.0, "after": 50_000.0}
+    text = purchases.render(m)
+    assert "3 sales of 800 fans" in text
+    assert "9000 tickets/min at 67 ms, 11000 tickets/min at 55 ms, 10000 tickets/min at 60 ms" in text
+    assert "oversold 1, paid without confirmation 2 (all sales)" in text
+    assert "speed changed by more than a tenth" in text
+
+
+def test_an_even_number_of_sales_reports_the_lower_middle_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = iter([_sale(9000), _sale(12000)])
+    monkeypatch.setattr(purchases, "_sale", lambda *a, **k: next(runs))
+    m = purchases.measure(None, ("a", "b"), warmup_fans=0, sales=2)  # type: ignore[arg-type]
+    assert m["tickets_per_minute"] == 9000
+    with pytest.raises(ValueError, match="at least one"):
+        purchases.measure(None, ("a", "b"), warmup_fans=0, sales=0)  # type: ignore[arg-type]
