@@ -5,7 +5,8 @@ call retried in memory was lost with the process.
 
 Fails closed: a queue that answers UNIMPLEMENTED (not built yet) or "not active" means not
 admitted; a queue that cannot be reached in time is UNAVAILABLE (retryable), never a pass.
-Positive answers are cached for a second or two (the contract allows it); negative ones are not.
+Positive answers are cached for a second or two (the contract allows it), never past the session's
+own expiry; negative ones are not.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class QueueNotifier(Protocol):
 class QueueAdmission:
     """CheckAdmission over gRPC with a short deadline and a small positive cache."""
 
-    def __init__(self, address: str, *, timeout: float = 0.5, cache_seconds: float = 1.0,
+    def __init__(self, address: str, *, timeout: float = 0.5, cache_seconds: float = 2.0,
                  max_cached: int = 100_000) -> None:
         self._channel = client_channel(address)
         self._stub = qpb_grpc.QueueServiceStub(self._channel)
@@ -71,11 +72,15 @@ class QueueAdmission:
                 raise AdmissionUnavailable(err.code().name) from None
             return False  # UNIMPLEMENTED, NOT_FOUND, PERMISSION_DENIED, ...: fail closed
         if resp.active and self.cache_seconds > 0:
-            if len(self._cache) >= self.max_cached:
-                self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+            keep = self.cache_seconds
+            if resp.HasField("expire_time"):  # never past the session's own end
+                keep = min(keep, resp.expire_time.ToMicroseconds() / 1e6 - time.time())
+            if keep > 0:
                 if len(self._cache) >= self.max_cached:
-                    self._cache.clear()
-            self._cache[key] = (jti, now + self.cache_seconds)
+                    self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+                    if len(self._cache) >= self.max_cached:
+                        self._cache.clear()
+                self._cache[key] = (jti, now + keep)
         return bool(resp.active)
 
     async def end_session(self, event_id: str, user_id: str, confirmed: bool) -> None:
