@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from devstack.layout import Layout
+from svc_booking.config import Settings as BookingSettings
 
 from ..support import overlapping_picks
 from .conftest import Fan, crowd_client, sign_up_async
@@ -274,7 +275,8 @@ async def test_redis_flushed_mid_sale_never_sells_a_seat_twice(http: httpx.Clien
         assert gone.json()["state"].endswith("NOT_JOINED")
         refused = await _hold(client, late, event, late_token, ["A-2-1"])
         assert refused.status_code == 403 and refused.json()["details"][0]["reason"] == "NOT_ADMITTED"
-        await asyncio.sleep(1.1)  # past booking's one-second memory of positive admissions
+        # Past booking's memory of positive admissions (the test stack runs its default).
+        await asyncio.sleep(BookingSettings.model_fields["admission_cache_seconds"].default + 0.1)
         no_order = await client.post("/v1/orders", json={"hold": held["name"],
                                                          "requestId": str(uuid.uuid4())},
                                      headers={**holder.auth, "x-admission-token": holder_token})
