@@ -6,7 +6,8 @@ one call (edge-notes.md), so each is turned off per route where the other works,
 runs four listeners:
 
   edge (public)        cache → buffer → health_check → header_mutation → lua (FAILED_PRECONDITION
-                       answers become 412, not the transcoder's 400) → grpc_json_transcoder →
+                       answers become 412, not the transcoder's 400; REST answers lose the
+                       gRPC call's own grpc-* headers) → grpc_json_transcoder →
                        jwt_authn → rbac → router. GETs without a token (what a service marks
                        cacheable, for as long as it says) see only the cache and go on to
                        edge_fill on a miss, or to edge_core when they ask for a fresh answer;
@@ -208,10 +209,18 @@ def _header_sanitizer() -> dict[str, Any]:
 # an event no longer a draft), which an app must tell from its own mistake. The transcoder drops
 # grpc-status from what it converts, so its status JSON is read, on 400s only (the body is
 # buffered for those alone; every other answer passes untouched).
+# The same filter drops the transcoded call's own headers (TRANSPORT_HEADERS, which the
+# transcoder merges from the gRPC answer into the REST one) from every answer that is not gRPC:
+# meaningless to an app, and sent with every answer. Native gRPC answers keep them (a
+# trailers-only error carries its status there).
 _PRECONDITION_CODE = '{"code":9,'
 _PRECONDITION_LUA = f"""
 function envoy_on_response(handle)
-  if handle:headers():get(":status") ~= "400" then return end
+  local headers = handle:headers()
+  local kind = headers:get("content-type")
+  if kind == nil or string.sub(kind, 1, 16) ~= "application/grpc" then
+{"".join(f'    headers:remove("{h}")' + chr(10) for h in TRANSPORT_HEADERS)}  end
+  if headers:get(":status") ~= "400" then return end
   local body = handle:body()  -- waits for the whole body: headers must be fetched again after
   if body ~= nil and body:length() >= {len(_PRECONDITION_CODE)}
       and body:getBytes(0, {len(_PRECONDITION_CODE)}) == '{_PRECONDITION_CODE}' then

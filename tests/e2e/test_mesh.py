@@ -58,6 +58,9 @@ def test_rest_reaches_each_service_transcoded(http: httpx.Client, service: str):
     resp = http.request(method, path, json=body)
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")
+    # The gRPC call's own headers (grpc-status, grpc-message, grpc-accept-encoding) are not the
+    # app's business; native gRPC keeps them (the two tests below).
+    assert not [h for h in resp.headers if h.startswith("grpc-")], resp.headers
     if reason is not None:
         err = resp.json()
         (info,) = err["details"]
