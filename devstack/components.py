@@ -37,6 +37,7 @@ from devstack.proc import (
     DevstackError,
     ProcSpec,
     log_path,
+    rotate_if_large,
     run_checked,
     running_pid,
     spawn,
@@ -452,6 +453,14 @@ def render_envoy_config(layout: Layout, path: Path) -> None:
         raise DevstackError(f"edge.config.write_config(layout, {path}) wrote no file")
 
 
+def _prepare_envoy(layout: Layout) -> None:
+    """Its config, and its access logs (one per listener, written by Envoy itself, not through
+    spawn) set aside if large, as spawn does with every process's own log."""
+    for access_log in layout.logs_dir.glob("*-access.log"):
+        rotate_if_large(access_log)
+    render_envoy_config(layout, envoy_config_path(layout))
+
+
 def envoy(layout: Layout) -> Component:
     # Envoy 1.40 calls prctl(PR_SET_PDEATHSIG, SIGTERM): it dies with its parent, so a plain
     # spawn would die when `python -m devstack up` (or pytest) exits. A shell that waits for it
@@ -467,7 +476,7 @@ def envoy(layout: Layout) -> Component:
         probe=partial(probes.envoy_ready, layout.envoy_admin_port,
                       [s.grpc_port for s in layout.services]),
         timeout=60,
-        prepare=partial(render_envoy_config, layout, envoy_config_path(layout)),
+        prepare=partial(_prepare_envoy, layout),
     )
 
 

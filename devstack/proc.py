@@ -55,6 +55,24 @@ def log_path(run_dir: Path, name: str) -> Path:
     return run_dir / "logs" / f"{name}.log"
 
 
+# Logs are appended to across restarts; past this size a log is set aside when its process starts
+# again (one older copy kept as <name>.1). Without it the edge's access logs grew by hundreds of
+# MB a `make bench` (every wrk request is a line) and never shrank.
+LOG_KEEP_BYTES = 64 * 1024 * 1024
+
+
+def rotate_if_large(log: Path, limit: int | None = None) -> bool:
+    """Move ``log`` to ``<log>.1`` (replacing the older copy) if it holds more than ``limit``
+    bytes (LOG_KEEP_BYTES); True if it did. Only for a log no running process writes to."""
+    try:
+        if log.stat().st_size <= (LOG_KEEP_BYTES if limit is None else limit):
+            return False
+    except FileNotFoundError:
+        return False
+    log.replace(log.with_name(log.name + ".1"))
+    return True
+
+
 def _reap(pid: int) -> None:
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
@@ -105,6 +123,7 @@ def spawn(spec: ProcSpec, run_dir: Path) -> int:
     log = log_path(run_dir, spec.name)
     pidfile = pid_path(run_dir, spec.name)
     log.parent.mkdir(parents=True, exist_ok=True)
+    rotate_if_large(log)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **spec.env, RUN_DIR_VAR: str(run_dir), PROC_VAR: spec.name}
     as_user = spec.user if spec.user and os.geteuid() == 0 else None
