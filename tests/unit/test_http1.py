@@ -61,6 +61,14 @@ def answer(status: int, body: bytes, *extra: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def replying(raw: bytes, keep_open: bool) -> Handler:
+    """A handler that writes ``raw`` to every request, then keeps the connection or closes it."""
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(raw)
+        return keep_open
+    return handler
+
+
 async def echo(request: bytes, writer: asyncio.StreamWriter) -> bool:
     writer.write(answer(200, request))
     return True
@@ -104,10 +112,7 @@ async def test_chunked_answers_are_read_whole_and_the_connection_reused() -> Non
 
 
 async def test_an_answer_framed_by_the_connections_end_is_read_and_the_connection_not_reused() -> None:
-    async def until_close(request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nall of it")
-        return False
-
+    until_close = replying(b"HTTP/1.1 200 OK\r\n\r\nall of it", keep_open=False)
     async with Server(until_close) as srv, Client(srv.url) as http:
         assert (await http.request("GET", "/")).body == b"all of it"
         assert (await http.request("GET", "/")).body == b"all of it"
@@ -115,10 +120,8 @@ async def test_an_answer_framed_by_the_connections_end_is_read_and_the_connectio
 
 
 async def test_connection_close_is_honoured_and_interim_answers_skipped() -> None:
-    async def closing(request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b"ok", "connection: close"))
-        return False
-
+    closing = replying(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b"ok", "connection: close"),
+                       keep_open=False)
     async with Server(closing) as srv, Client(srv.url) as http:
         got = [await http.request("POST", "/", json={}) for _ in range(3)]
     assert [(g.status, g.body) for g in got] == [(201, b"ok")] * 3
@@ -179,10 +182,7 @@ async def test_a_timeout_closes_the_connection_and_the_next_request_gets_a_fresh
 
 
 async def test_garbage_and_refused_connections_are_http_errors() -> None:
-    async def garbage(request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"SMTP ready\r\n\r\n")
-        return True
-
+    garbage = replying(b"SMTP ready\r\n\r\n", keep_open=True)
     async with Server(garbage) as srv, Client(srv.url) as http:
         url = srv.url
         with pytest.raises(HttpError, match="status line"):
@@ -193,10 +193,7 @@ async def test_garbage_and_refused_connections_are_http_errors() -> None:
 
 
 async def test_a_server_that_drops_the_connection_mid_answer_is_an_http_error() -> None:
-    async def truncated(request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly some")
-        return False
-
+    truncated = replying(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly some", keep_open=False)
     async with Server(truncated) as srv, Client(srv.url) as http:
         with pytest.raises(HttpError, match="mid-answer"):
             await http.request("GET", "/")
