@@ -19,7 +19,9 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import heapq
 import json
+import math
 import random
 import time
 import uuid
@@ -427,16 +429,24 @@ def blocks(free: list[str], want: int) -> list[list[str]]:
 def pick(free: list[str], want: int, rng: random.Random, spread: float = 4.0,
          among: list[list[str]] | None = None) -> list[str]:
     """The fan's pick: `want` adjacent seats among the best blocks that are still free (about the
-    `spread` best), else the best single seats left. Fans prefer the front, so they collide there;
-    one who lost a race looks further back next time. ``among``: the blocks of ``free``, when
-    already known."""
+    `spread` best), else single seats drawn the same way. Fans prefer the front, so they collide
+    there; one who lost a race looks further back next time. ``among``: the blocks of ``free``,
+    when already known."""
     found = blocks(free, want) if among is None else among
     if found:
         spread = max(spread, len(found) / 8)  # many fans, many free blocks: not all on one
         if spread >= len(found):
             return list(rng.choice(found))
         return list(found[min(int(rng.expovariate(1 / spread)), len(found) - 1)])
-    return free[:want]
+    # No `want` adjacent seats left: `want` single seats, the i-th best weighted exp(-i/spread) as
+    # a block is (drawn without replacement: the largest of log-weight plus Gumbel noise). Not
+    # the `want` best for everyone: at the end of a sale every fan without a block then asked
+    # for the same seats at once, a convoy of 409s (the purchases bench: 1.1-1.2 failed hold
+    # attempts per purchase, 0.7-0.8 with this).
+    def key(i: int) -> float:
+        return -i / spread - math.log(-math.log(rng.random() or 1e-300))
+
+    return [free[i] for i in sorted(heapq.nlargest(want, range(len(free)), key=key))]
 
 
 class Sale:

@@ -42,7 +42,21 @@ def test_a_pick_is_adjacent_seats_in_one_row_when_there_are_any():
         assert got == ["A-2-7", "A-2-8", "A-2-9"]
     two = pick(free, 2, rng, spread=0.001)  # the very best block: the front row's pair
     assert two == ["A-1-3", "A-1-4"]
-    assert pick(["A-1-1", "A-1-3", "B-4-9"], 2, rng) == ["A-1-1", "A-1-3"]  # no pair left: best singles
+    # No pair left: single seats, the best of them for a fan who wants the best
+    assert pick(["A-1-1", "A-1-3", "B-4-9"], 2, rng, spread=0.001) == ["A-1-1", "A-1-3"]
+
+
+def test_fans_without_a_block_left_spread_over_the_single_seats_instead_of_all_taking_the_same():
+    free = [f"A-{r}-{2 * n}" for r in range(1, 6) for n in range(1, 5)]  # no two seats adjacent
+    rng = random.Random(3)
+    picks = [pick(free, 3, rng, spread=1e9) for _ in range(400)]
+    for got in picks:
+        assert len(set(got)) == 3 and set(got) <= set(free)
+        assert got == sorted(got, key=free.index)  # front first, as the map lists them
+    firsts = {got[0] for got in picks}
+    assert len({tuple(got) for got in picks}) > 300 and len(firsts) > 10  # not one convoy
+    near_front = [pick(free, 2, rng, spread=2) for _ in range(400)]
+    assert sum(free.index(s) < 8 for got in near_front for s in got) > 0.9 * 800  # the best, mostly
 
 
 def test_a_maps_free_blocks_are_worked_out_once_and_less_the_taken_seats_are_the_same_pick():
