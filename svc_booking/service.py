@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -47,6 +47,8 @@ from .domain import model
 from .domain.model import Hold, HoldState, Layout, Order, OrderState
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 Clock = Callable[[], datetime]
 LIVE_HOLD = (HoldState.ACTIVE, HoldState.ORDERED)
@@ -84,6 +86,30 @@ def _same_request(hold: Hold, seats: Sequence[str], request_id: uuid.UUID) -> No
 
 
 DEADLOCK_ATTEMPTS = 3
+WRITTEN_KEPT = 4096  # holds, and orders, this replica wrote and may be asked for next
+
+
+class Written(Generic[K, V]):
+    """What this replica has just written to PostgreSQL, kept for the next step that needs it
+    (the fan orders the hold just made, the order just made is paid): that step reads its own
+    write here instead of in PostgreSQL, one round trip less per purchase, and uses it once.
+
+    Only what never changes after the write may be relied on; the statement that acts on it
+    checks the rest in its WHERE (a hold still ACTIVE, an order still PENDING_PAYMENT) and
+    nothing is written if it changed meanwhile. The oldest are forgotten past ``kept``; another
+    replica, or this one after a restart, reads PostgreSQL as before."""
+
+    def __init__(self, kept: int = WRITTEN_KEPT) -> None:
+        self.kept = kept
+        self._items: dict[K, V] = {}
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        if len(self._items) > self.kept:
+            del self._items[next(iter(self._items))]
+
+    def take(self, key: K) -> V | None:
+        return self._items.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -131,6 +157,8 @@ class Booking:
         self._event_ids: tuple[float, list[str]] = (0.0, [])
         # WaitOrder's waiters; the bootstrap points their listener at order_settled.
         self.settled = SettledOrders()
+        self.written_holds: Written[uuid.UUID, Hold] = Written()
+        self.written_orders: Written[uuid.UUID, Order] = Written()
 
     # --- inventory -----------------------------------------------------------------------------
 
@@ -359,6 +387,7 @@ class Booking:
                 await self._take_back(hold, request_id)
             _same_request(first, seats, request_id)
             return PricedHold(first, layout.amount(first.seat_ids))
+        self.written_holds.put(hold_id, hold)
         return PricedHold(hold, layout.amount(seats))
 
     async def _take_back(self, hold: Hold, request_id: uuid.UUID | None) -> Hold | None:
@@ -463,7 +492,8 @@ class Booking:
         # is still as read (live, the fan's). Anything else (a retry, another fan's hold, an
         # expired one, a race) is sorted out by the transaction below, which says why.
         async with autocommit(self.pool) as conn:
-            hold = await db.get_hold(conn, hold_id)
+            # (The hold as this replica wrote it, if it did: order_live_hold checks that it is.)
+            hold = self.written_holds.take(hold_id) or await db.get_hold(conn, hold_id)
             if hold is not None and hold.user_id == user_id and hold.event_id == event_id \
                     and hold.state is HoldState.ACTIVE and hold.expire_time > now \
                     and (layout.sales_end is None or now < layout.sales_end):
@@ -471,6 +501,7 @@ class Booking:
                 try:
                     if await db.order_live_hold(conn, order, request_id,
                                                 Outboxed(self.topic, messages.order_created(order))):
+                        self.written_orders.put(order.order_id, order)
                         return order
                 except psycopg.errors.UniqueViolation:
                     pass  # the request id was used before: the transaction finds that order

@@ -61,8 +61,11 @@ class PaymentEvents:
         except DomainError:
             log.warning("payment event with a bad order name ignored", extra={"order": msg.order})
             return
+        # A success is checked against the order's amount (which never changes) and sold by a
+        # statement that finds it still pending: the order as this replica made it does.
+        made = self.booking.written_orders.take(order_id) if isinstance(msg, ev.PaymentSucceeded) else None
         try:
-            order = await self.booking.get_order(None, order_id)
+            order = made or await self.booking.get_order(None, order_id)
         except NotFound:
             if isinstance(msg, ev.PaymentSucceeded):
                 await enqueue(conn, self.booking.topic, messages.payment_order_unknown(order_id, msg))

@@ -18,15 +18,17 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from google.type.money_pb2 import Money
 from redis.asyncio import Redis
 from ticketping.booking.v1 import booking_service_pb2 as pb
 from ticketping.booking.v1 import booking_service_pb2_grpc as pb_grpc
 from ticketping.events.v1 import events_pb2 as ev
 from ticketping.queue.v1 import queue_service_pb2_grpc as qpb_grpc
 
-from meshkit.errors import error_info
+from meshkit.errors import DomainError, error_info
 from meshkit.events import new_envelope
 from meshkit.server import start
+from svc_booking.adapters import postgres as db
 from svc_booking.adapters.admission import StaticAdmission
 from svc_booking.adapters.inventory import SWEEP_KEY, HoldResult, Inventory
 from svc_booking.adapters.payment_events import PaymentEvents
@@ -609,3 +611,68 @@ async def _outbox_of(w: Wired, order_id: uuid.UUID, event_type: str) -> int:
         row = await cur.fetchone()
         assert row is not None
         return int(row[0])
+
+
+def _paid(order: Order, payment: str) -> ev.EventEnvelope:
+    return new_envelope("payment", str(order.order_id), ev.PaymentSucceeded(
+        payment=payment, order=order.name, user_id=order.user_id,
+        amount=Money(currency_code=order.amount.currency_code, units=order.amount.units,
+                     nanos=order.amount.nanos)))
+
+
+async def test_a_replica_orders_and_sells_what_it_wrote_without_reading_it_back_and_a_change_still_counts(
+    wired: Wired, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fan orders the hold this replica just made, and pays the order it just made: those
+    steps use the rows as written (no read of them in PostgreSQL), and a hold released or an
+    order cancelled meanwhile is still refused by the statement that would act on it."""
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"),), limit=4)
+    live = wired.booking
+    reads: Counter[str] = Counter()
+
+    def counting(name: str) -> Callable[..., Any]:
+        real = getattr(db, name)
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            reads[name] += 1
+            return real(*args, **kw)
+        return counted
+
+    for name in ("get_hold", "get_order"):
+        monkeypatch.setattr(db, name, counting(name))
+
+    order = await _ordered(live, event_id, "u-own", ["A-1-1"])
+    async with live.pool.connection() as conn:
+        await PaymentEvents(live).handle(_paid(order, "payments/p-own"), conn)
+    assert reads == Counter()
+    assert (await live.get_order("u-own", order.order_id)).state is OrderState.CONFIRMED
+    assert await _outbox_of(wired, order.order_id, "order_confirmed") == 1
+
+    # Released after it was made: ordering it is refused, and nothing is written.
+    released = await live.create_hold("u-gone", event_id, ["A-1-2"], uuid.uuid4())
+    await live.delete_hold("u-gone", event_id, released.hold.hold_id)
+    with pytest.raises(DomainError) as refused:
+        await live.create_order("u-gone", event_id, released.hold.hold_id, uuid.uuid4())
+    assert refused.value.reason == "HOLD_EXPIRED"
+    assert await live.list_orders("u-gone", None, 10) == []
+
+    # Cancelled after it was made: a success for it sells nothing.
+    cancelled = await _ordered(live, event_id, "u-cancel", ["A-1-3"])
+    await live.cancel_order("u-cancel", cancelled.order_id)
+    async with live.pool.connection() as conn:
+        await PaymentEvents(live).handle(_paid(cancelled, "payments/p-late"), conn)
+    assert (await live.get_order("u-cancel", cancelled.order_id)).state is OrderState.CANCELLED
+    assert await _outbox_of(wired, cancelled.order_id, "order_confirmed") == 0
+    _, values = await live.seat_statuses(event_id)
+    assert values["A-1-3"] == "A"
+
+    # What another replica wrote is read, as before: a hold made here ordered there, and that
+    # order's success handled here.
+    reads.clear()
+    other = Booking(live.pool, live.inventory)
+    priced = await live.create_hold("u-two", event_id, ["A-1-4"], uuid.uuid4())
+    made = await other.create_order("u-two", event_id, priced.hold.hold_id, uuid.uuid4())
+    async with live.pool.connection() as conn:
+        await PaymentEvents(live).handle(_paid(made, "payments/p-two"), conn)
+    assert reads == Counter({"get_hold": 1, "get_order": 1})
+    assert (await live.get_order("u-two", made.order_id)).state is OrderState.CONFIRMED
