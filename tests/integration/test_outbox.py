@@ -780,6 +780,70 @@ async def test_graceful_stop_finishes_the_record_in_hand_and_commits_its_offset(
     assert len(await effects(pool, g)) == n
 
 
+async def test_a_busy_consumer_commits_offsets_once_an_interval_not_once_a_batch_and_all_at_stop(
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records trickle in, a batch of a few at a time: the offsets are committed after the first
+    batch and then not again within commit_interval (each commit is a request to the broker),
+    and the graceful stop commits everything handled since, so nothing is delivered again."""
+    n = 60
+    envs = [ping(f"order-{i % 6}", i // 6) for i in range(n)]
+    commits: list[dict[Any, int]] = []
+    real_commit = AIOKafkaConsumer.commit
+
+    async def counted(self: AIOKafkaConsumer, offsets: Any = None) -> None:
+        commits.append(dict(offsets or {}))
+        await real_commit(self, offsets)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "commit", counted)
+    g = group()
+    record = recorder(g)
+    first = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], record, max_batch=3, commit_interval=60)
+    relay = OutboxRelay(pool, kafka_bootstrap)
+    batches = 0
+    real_handle = first._handle_batch
+
+    async def counting_batches(batch: Any) -> None:
+        nonlocal batches
+        batches += bool(batch)
+        await real_handle(batch)
+
+    first._handle_batch = counting_batches  # type: ignore[method-assign]
+    task = asyncio.create_task(first.run())
+    try:
+        for i in range(0, n, 3):
+            await enqueue_all(pool, unique_topic, envs[i:i + 3])
+            await drain(relay)
+            await asyncio.sleep(0.02)
+
+        async def all_done() -> bool:
+            return first.processed_total >= n
+
+        await wait_for(all_done, 30, "every record")
+    finally:
+        await relay.stop()
+    assert batches >= 5
+    assert len(commits) == 1  # the first batch's; the interval has not passed since
+    await first.stop()
+    await task
+    assert len(commits) >= 2  # the stop committed the rest
+
+    second = EventConsumer(pool, kafka_bootstrap, g, [unique_topic], record)
+    async with running(second):
+        await enqueue_all(pool, unique_topic, [ping("order-last", 0)])  # one new record after them
+        relay = OutboxRelay(pool, kafka_bootstrap)
+        assert await drain(relay) == 1
+        await relay.stop()
+
+        async def the_new_one() -> bool:
+            return second.processed_total >= 1
+
+        await wait_for(the_new_one, 30, "the record sent after the stop")
+        await asyncio.sleep(0.5)
+    assert (second.processed_total, second.duplicates_total) == (1, 0)  # none delivered again
+    assert len(await effects(pool, g)) == n + 1
+
+
 async def test_an_unavailable_database_is_waited_out_not_dead_lettered(
     pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
 ) -> None:
