@@ -132,6 +132,39 @@ def drop_keys(lay: Layout, pattern: str) -> int:
     return dropped
 
 
+def rewrite_aof(lay: Layout, timeout: float = 120.0) -> float:
+    """Have the stack's Redis rewrite its append-only file now, and wait for it; the seconds it
+    took.
+
+    Redis rewrites the file by itself once it has doubled since the last rewrite: a fork of the
+    whole dataset, whose copy is written out and synced. The scenarios before the purchases
+    (redis-benchmark's 200,000 scripts above all) grow it by tens of megabytes, so on a stack
+    that has run a few benches that rewrite came due at about the same point of every
+    `make bench`: in the warm-up or the first measured sale (6 of 12 runs in a row on a test
+    stack whose Redis held 250 MB; 1-2 s of a forked process writing the file out), which then
+    paid for the scenarios before it. Done here, the sales start from a file just rewritten,
+    which they grow by about 4 MB each, far from the next rewrite."""
+    r = redis.Redis.from_url(lay.redis_url)
+    t0 = time.monotonic()
+    try:
+        done = int(r.info("persistence").get("aof_rewrites", 0))
+        try:
+            r.bgrewriteaof()
+        except redis.ResponseError:  # one in progress already: it is the one waited for
+            done -= 1
+        while time.monotonic() - t0 < timeout:
+            info = r.info("persistence")
+            if (int(info.get("aof_rewrites", 0)) > done and not info.get("aof_rewrite_in_progress")
+                    and not info.get("aof_rewrite_scheduled")):
+                if info.get("aof_last_bgrewrite_status") != "ok":
+                    raise RuntimeError("Redis's AOF rewrite failed (see its log)")
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise RuntimeError(f"Redis's AOF rewrite did not finish within {timeout:g}s")
+    finally:
+        r.close()
+
+
 def status_rounds(lay: Layout, event: str, base: str, body: str, rounds: int,
                   run: dict[str, Any], unopened: str) -> list[tuple[wrk.Result, wrk.Result | None]]:
     """Envoy's direct answer, then the open room's status (edge/feed.py: Envoy answers it from

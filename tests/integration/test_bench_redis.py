@@ -39,3 +39,20 @@ def test_drop_keys_deletes_every_match_past_one_batch(infra: Layout) -> None:
         assert list(r.scan_iter(match="{q:bench}:*", count=1000)) == []
     finally:
         r.close()
+
+
+def test_rewrite_aof_rewrites_the_file_and_returns_once_it_is_done(infra: Layout) -> None:
+    r = redis.Redis.from_url(infra.redis_url)
+    try:
+        before = int(r.info("persistence")["aof_rewrites"])
+        took = queue_bench.rewrite_aof(infra)
+        info = r.info("persistence")
+        assert took >= 0 and int(info["aof_rewrites"]) == before + 1
+        assert not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]
+        assert info["aof_last_bgrewrite_status"] == "ok"
+        r.bgrewriteaof()  # one already running when asked: that one is waited for
+        queue_bench.rewrite_aof(infra)
+        assert int(r.info("persistence")["aof_rewrites"]) >= before + 2
+        assert not r.info("persistence")["aof_rewrite_in_progress"]
+    finally:
+        r.close()
