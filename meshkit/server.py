@@ -105,22 +105,23 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 return await inner(request, context)
             except DomainError as err:
                 code = err.code.name
-                await context.abort_with_status(status_of(err))
+                status = status_of(err)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
-            except Exception as exc:
+            except Exception:
                 if _aborted(context):  # context.abort() raises an exception of grpc's own
                     code = context.code().name  # type: ignore[union-attr]
                     raise
                 code = "INTERNAL"
                 log.exception("unhandled error in %s", method)
-                await context.abort_with_status(
-                    to_status(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
-                )
-                raise AssertionError("unreachable") from exc
+                status = to_status(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
             finally:
+                # Counted before the status goes out (abort sends it): a client that has its
+                # answer and then scrapes /metrics finds its call counted.
                 metrics.observe(method, code, time.perf_counter() - t0)
+            await context.abort_with_status(status)
+            raise AssertionError("unreachable")  # abort_with_status always raises
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
