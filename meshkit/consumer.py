@@ -64,8 +64,9 @@ _tracer = trace.get_tracer(__name__)
 Handler = Callable[[EventEnvelope, psycopg.AsyncConnection[Any]], Awaitable[None]]
 # Test hook: called after a record's transaction committed, before its offset is committed.
 AfterCommitHook = Callable[[ConsumerRecord[Any, Any], EventEnvelope], Awaitable[None]]
-# A read-only look at an event before its transaction: False when handling it would change
-# nothing, so it is passed over without a transaction or a de-duplication mark.
+# A look at an event before its transaction: False when nothing is left to do for it, so it is
+# passed over without a transaction or a de-duplication mark. Either handling it would change
+# nothing, or the precheck handled it itself by statements that are idempotent on their own.
 Precheck = Callable[[EventEnvelope], Awaitable[bool]]
 # What one attempt at a record came to.
 Outcome = Literal["processed", "duplicate", "passed"]
@@ -206,8 +207,10 @@ class EventConsumer:
         # None: every record goes to the handler.
         self.event_types = frozenset(event_types) if event_types is not None else None
         # The same for records of those types that the handler would find nothing to do for,
-        # which only a read can tell (e.g. an order confirmed by its only payment). Such a
-        # record writes nothing, so passing it over is safe to repeat: a redelivery looks again.
+        # which only a read can tell (e.g. an order confirmed by its only payment), or that the
+        # precheck handled itself with writes that are idempotent without a mark (e.g. a sale
+        # by a statement that only sells a pending order). Either is safe to repeat: a
+        # redelivery looks again, and finds nothing left to do or goes the marked way.
         # It runs in the retry loop, as the handler does.
         self._precheck = precheck
         self.mark_retention = mark_retention
@@ -242,7 +245,7 @@ class EventConsumer:
         # Counters for metrics.
         self.processed_total = 0
         self.skipped_total = 0  # records of a type the handler does not act on
-        self.passed_total = 0  # records the precheck found nothing to do for
+        self.passed_total = 0  # records the precheck found nothing left to do for
         self.duplicates_total = 0
         self.retries_total = 0
         self.dlq_total = 0
@@ -589,7 +592,7 @@ class EventConsumer:
 
     async def _process_once(self, rec: ConsumerRecord[Any, Any], env: EventEnvelope) -> Outcome:
         """One attempt in one transaction: "processed", "duplicate" (processed before), or
-        "passed" (the precheck found nothing to do: no transaction)."""
+        "passed" (the precheck found nothing left to do: no transaction)."""
         if self._precheck is not None and not await self._precheck(env):
             return "passed"
         async with self._pool.connection() as conn, conn.transaction():

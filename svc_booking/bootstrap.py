@@ -99,6 +99,7 @@ async def wire(settings: Settings, *, admission: AdmissionChecker | None = None)
                                              client_id=f"booking-{group}",
                                              is_transient=_transient,
                                              event_types=PaymentEvents.TYPES,
+                                             precheck=payment_events.sell_own,
                                              max_concurrency=settings.payment_consumer_concurrency)
             ptask = asyncio.create_task(payment_consumer.run(), name="booking-payment-consumer")
             stack.push_async_callback(_cancel, ptask)

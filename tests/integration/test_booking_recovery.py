@@ -641,12 +641,24 @@ async def test_a_replica_orders_and_sells_what_it_wrote_without_reading_it_back_
     for name in ("get_hold", "get_order"):
         monkeypatch.setattr(db, name, counting(name))
 
+    events = PaymentEvents(live)
     order = await _ordered(live, event_id, "u-own", ["A-1-1"])
-    async with live.pool.connection() as conn:
-        await PaymentEvents(live).handle(_paid(order, "payments/p-own"), conn)
+    paid = _paid(order, "payments/p-own")
+    assert await events.sell_own(paid) is False  # sold by the precheck: no marked transaction
     assert reads == Counter()
     assert (await live.get_order("u-own", order.order_id)).state is OrderState.CONFIRMED
     assert await _outbox_of(wired, order.order_id, "order_confirmed") == 1
+    _, values = await live.seat_statuses(event_id)
+    assert values["A-1-1"] == "S"
+    # Redelivered: no longer kept here, so it goes the marked way, which changes nothing.
+    reads.clear()
+    assert await events.sell_own(paid) is True
+    async with live.pool.connection() as conn, conn.transaction():
+        await events.handle(paid, conn)
+    # Read, then read again locked by the transaction that finds it sold to this payment.
+    assert reads == Counter({"get_order": 2})
+    assert await _outbox_of(wired, order.order_id, "order_confirmed") == 1
+    assert events.confirmed == 2 and events.refused == 0
 
     # Released after it was made: ordering it is refused, and nothing is written.
     released = await live.create_hold("u-gone", event_id, ["A-1-2"], uuid.uuid4())
@@ -659,8 +671,7 @@ async def test_a_replica_orders_and_sells_what_it_wrote_without_reading_it_back_
     # Cancelled after it was made: a success for it sells nothing.
     cancelled = await _ordered(live, event_id, "u-cancel", ["A-1-3"])
     await live.cancel_order("u-cancel", cancelled.order_id)
-    async with live.pool.connection() as conn:
-        await PaymentEvents(live).handle(_paid(cancelled, "payments/p-late"), conn)
+    assert await events.sell_own(_paid(cancelled, "payments/p-late")) is False
     assert (await live.get_order("u-cancel", cancelled.order_id)).state is OrderState.CANCELLED
     assert await _outbox_of(wired, cancelled.order_id, "order_confirmed") == 0
     _, values = await live.seat_statuses(event_id)
@@ -672,7 +683,8 @@ async def test_a_replica_orders_and_sells_what_it_wrote_without_reading_it_back_
     other = Booking(live.pool, live.inventory)
     priced = await live.create_hold("u-two", event_id, ["A-1-4"], uuid.uuid4())
     made = await other.create_order("u-two", event_id, priced.hold.hold_id, uuid.uuid4())
+    assert await events.sell_own(_paid(made, "payments/p-two")) is True
     async with live.pool.connection() as conn:
-        await PaymentEvents(live).handle(_paid(made, "payments/p-two"), conn)
+        await events.handle(_paid(made, "payments/p-two"), conn)
     assert reads == Counter({"get_hold": 1, "get_order": 1})
     assert (await live.get_order("u-two", made.order_id)).state is OrderState.CONFIRMED
