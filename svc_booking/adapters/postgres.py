@@ -161,12 +161,13 @@ async def write_hold(conn: Conn, hold: Hold, request_id: uuid.UUID, stamp: str,
                        FROM ev WHERE live_stamp = %(stamp)s
                        ON CONFLICT DO NOTHING RETURNING hold_id),
                  ob AS ({created.cte("h")})
-            SELECT (SELECT live_stamp FROM ev), (SELECT count(*) FROM h), {created.notified("ob")}""",
+            SELECT (SELECT live_stamp FROM ev), (SELECT count(*) FROM h), {created.notified("ob", conn)}""",
         {"event": hold.event_id, "hold": hold.hold_id, "user": hold.user_id,
          "seats": list(hold.seat_ids), "expire": hold.expire_time, "create": hold.create_time,
          "state": hold.state.value, "request": request_id, "stamp": stamp, **created.params})
     row = await cur.fetchone()
     assert row is not None
+    created.sent(row[-1])
     return row[0], row[1] == 1
 
 
@@ -237,14 +238,16 @@ async def order_live_hold(conn: Conn, order: Order, request_id: uuid.UUID, creat
                               %(now)s, %(request)s FROM h
                        RETURNING order_id),
                  ob AS ({created.cte("o")})
-            SELECT (SELECT count(*) FROM o), {created.notified("ob")}""",
+            SELECT (SELECT count(*) FROM o), {created.notified("ob", conn)}""",
         {"hold": order.hold_id, "user": order.user_id, "event": order.event_id,
          "now": order.create_time, "expire": order.expire_time, "seats": list(order.seat_ids),
          "order": order.order_id, "currency": order.amount.currency_code,
          "units": order.amount.units, "nanos": order.amount.nanos, "state": order.state.value,
          "payment": order.payment, "request": request_id, **created.params})
     row = await cur.fetchone()
-    return bool(row and row[0] == 1)
+    assert row is not None
+    created.sent(row[-1])
+    return row[0] == 1
 
 
 async def sell_pending(conn: Conn, order: Order, paid_at: datetime, confirmed: Outboxed) -> bool:
@@ -264,11 +267,13 @@ async def sell_pending(conn: Conn, order: Order, paid_at: datetime, confirmed: O
                  h AS (UPDATE holds SET state = 'SOLD', update_time = %(now)s
                        WHERE hold_id = (SELECT hold_id FROM o)),
                  ob AS ({confirmed.cte("o")})
-            SELECT (SELECT count(*) FROM o), {confirmed.notified("ob")}""",
+            SELECT (SELECT count(*) FROM o), {confirmed.notified("ob", conn)}""",
         {"payment": order.payment, "now": order.update_time, "paid": paid_at, "order": order.order_id,
          **confirmed.params})
     row = await cur.fetchone()
-    return bool(row and row[0] == 1)
+    assert row is not None
+    confirmed.sent(row[-1])
+    return row[0] == 1
 
 
 async def get_order(conn: Conn, order_id: uuid.UUID, *, lock: bool = False) -> Order | None:
@@ -339,7 +344,9 @@ async def announce_sold_out(conn: Conn, event_id: str, sold_out: Outboxed) -> bo
         f"""WITH s AS (SELECT 1 WHERE (SELECT count(*) FROM sold_seats WHERE event_id = %(event)s)
                                     >= (SELECT seat_count FROM events WHERE event_id = %(event)s)),
                  ob AS ({sold_out.cte("s")})
-            SELECT (SELECT count(*) FROM s), {sold_out.notified("ob")}""",
+            SELECT (SELECT count(*) FROM s), {sold_out.notified("ob", conn)}""",
         {"event": event_id, **sold_out.params})
     row = await cur.fetchone()
-    return bool(row and row[0])
+    assert row is not None
+    sold_out.sent(row[-1])
+    return bool(row[0])

@@ -135,12 +135,14 @@ async def apply_callback(conn: Conn, before: Payment, after: Payment, provider_e
                  e AS (INSERT INTO provider_events (provider, event_id, payment_id, type)
                        SELECT %(provider)s, %(event)s, payment_id, %(type)s FROM p),
                  ob AS ({outboxed.cte("p")})
-            SELECT (SELECT count(*) FROM p), {outboxed.notified("ob")}""",
+            SELECT (SELECT count(*) FROM p), {outboxed.notified("ob", conn)}""",
         {"state": after.state.value, "reason": after.failure_reason, "now": after.update_time,
          "payment": before.payment_id, "from": before.state.value, "provider": before.provider,
          "event": provider_event, "type": event_type, **outboxed.params})
     row = await cur.fetchone()
-    return bool(row and row[0] == 1)
+    assert row is not None
+    outboxed.sent(row[-1])
+    return row[0] == 1
 
 
 async def record_provider_event(conn: Conn, provider: str, event_id: str, payment_id: uuid.UUID,

@@ -27,10 +27,11 @@ from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope, PaymentRefunded, Ping
 
+from meshkit import outbox as outbox_module
 from meshkit.consumer import EventConsumer
 from meshkit.db import autocommit, close_pool, open_pool
 from meshkit.events import EnvelopeError, new_envelope, payload_of
-from meshkit.outbox import Outboxed, OutboxError, OutboxRelay, enqueue
+from meshkit.outbox import CHANNEL, Outboxed, OutboxError, OutboxRelay, enqueue
 
 from .test_booking_recovery import free_port
 
@@ -311,15 +312,18 @@ async def test_enqueue_refuses_to_run_outside_a_transaction(
 
 
 async def test_one_statement_writes_its_event_only_with_its_change_and_wakes_the_relay(
-    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str
+    pool: AsyncConnectionPool, kafka_bootstrap: str, unique_topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Outboxed: the change and its outbox row in ONE statement (autocommit), as booking's and
-    payment's hot paths write them. A change that matched no row adds no event; the statement's
-    NOTIFY wakes a relay that would otherwise sleep for 30 s; a failed statement adds nothing."""
+    payment's hot paths write them. A change that matched no row adds no event; a failed
+    statement adds nothing. The relay of the writer's own process is woken in the process (no
+    NOTIFY: nobody listening hears one); a relay elsewhere (none registered here) by the
+    statement's NOTIFY. Either way a relay that would otherwise sleep for 30 s publishes at once."""
     async with pool.connection() as conn:
         await conn.execute("CREATE TABLE IF NOT EXISTS seats_probe (id int PRIMARY KEY, state text)")
-        await conn.execute("INSERT INTO seats_probe VALUES (1, 'FREE') ON CONFLICT DO NOTHING")
+        await conn.execute("INSERT INTO seats_probe VALUES (1, 'FREE'), (4, 'FREE') ON CONFLICT DO NOTHING")
     sold, missed, failed = ping("seat-1", 1, "sold"), ping("seat-2", 1, "no such seat"), ping("seat-1", 2)
+    elsewhere = ping("seat-4", 1, "sold")
 
     async def sell(seat: int, env: EventEnvelope, new_id: int | None = None) -> int:
         ob = Outboxed(unique_topic, env)
@@ -328,12 +332,22 @@ async def test_one_statement_writes_its_event_only_with_its_change_and_wakes_the
                 f"""WITH s AS (UPDATE seats_probe SET state = 'SOLD', id = coalesce(%(new)s, id)
                                WHERE id = %(seat)s RETURNING id),
                          ob AS ({ob.cte("s")})
-                    SELECT count(*), {ob.notified("ob")} FROM s""",
+                    SELECT count(*), {ob.notified("ob", conn)} FROM s""",
                 {"seat": seat, "new": new_id, **ob.params})
             row = await cur.fetchone()
-            assert row is not None and row[0] == row[1]  # one wake-up per event
+            assert row is not None and row[0] == row[1]  # one row counted per event
+            ob.sent(row[1])
             return int(row[0])
 
+    def published(n: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return await scalar(pool, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == n
+        return check
+
+    conninfo = pool.conninfo
+    assert isinstance(conninfo, str)
+    listening = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+    await listening.execute(f"LISTEN {CHANNEL}")
     relay = OutboxRelay(pool, kafka_bootstrap, poll_interval=30.0)
     await relay.start()
     try:
@@ -345,17 +359,26 @@ async def test_one_statement_writes_its_event_only_with_its_change_and_wakes_the
             await sell(1, failed, new_id=3)  # the change fails: its event goes with it
         t0 = time.monotonic()
         assert await sell(1, sold) == 1
+        latency = await wait_for(published(1), 10, "the relay to publish")
+        assert latency < 3, f"statement -> published took {time.monotonic() - t0:.2f}s"
+        heard = [n async for n in listening.notifies(timeout=0.3)]
+        assert heard == []  # woken in the process, not through PostgreSQL
 
-        async def published() -> bool:
-            return bool(await scalar(pool, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"))
-
-        latency = await wait_for(published, 10, "the relay to publish")
+        monkeypatch.setattr(outbox_module, "_LOCAL", {})  # as if the relay ran elsewhere
+        await asyncio.sleep(0.3)  # past the relay's gather: asleep for 30 s again
+        t0 = time.monotonic()
+        assert await sell(4, elsewhere) == 1
+        latency = await wait_for(published(2), 10, "the relay to publish on NOTIFY")
+        assert latency < 3, f"statement -> published took {time.monotonic() - t0:.2f}s"
+        heard = [n async for n in listening.notifies(timeout=0.3)]
+        assert [n.channel for n in heard] == [CHANNEL]
     finally:
         await relay.stop()
-    assert latency < 3, f"statement -> published took {time.monotonic() - t0:.2f}s"
-    records = await read_topic(kafka_bootstrap, unique_topic, expect=1)
-    assert [envelope_of(r) for r in records] == [sold]
-    assert await scalar(pool, "SELECT count(*) FROM outbox") == 1
+        await listening.close()
+    records = await read_topic(kafka_bootstrap, unique_topic, expect=2)
+    got = sorted((envelope_of(r) for r in records), key=lambda e: e.aggregate_id)  # two keys:
+    assert got == [sold, elsewhere]  # two partitions, read in no set order
+    assert await scalar(pool, "SELECT count(*) FROM outbox") == 2
 
 
 async def test_a_busy_relay_publishes_what_commits_while_it_gathers_in_one_batch(
