@@ -14,7 +14,8 @@ def _sale(tpm: float, oversold: int = 0, unconfirmed: int = 0, error: str = "") 
         "fans": 800, "seats": 2000, "cpu_seconds": {"svc_booking": 1.0}, "cores": 2,
         "platform_cpu_ms_per_purchase": 600_000 / tpm, "load_generator_cpu_ms_per_purchase": 1.0,
         "projected_platform_only_tickets_per_minute": 2 * tpm, "tickets_confirmed": 1766,
-        "tickets_per_minute": tpm, "purchases_per_minute": tpm / 2.2,
+        "tickets_per_minute": tpm, "tickets_per_minute_from_opening": tpm * 0.98,
+        "purchases_per_minute": tpm / 2.2,
         "ratio_to_goal": tpm / purchases.GOAL_TICKETS_PER_MINUTE, "ratio_to_pretix": tpm / 400,
         "webhook_to_confirmed_ms": {"n": 800, "p50": tpm / 20, "p99": tpm / 10}, "steps_ms": {},
         "oversold": oversold, "paid_without_confirmation": unconfirmed, "errors": [error] if error else [],
@@ -36,6 +37,7 @@ def test_the_median_sale_is_reported_and_every_sale_kept(monkeypatch: pytest.Mon
     text = purchases.render(m)
     assert "3 sales of 800 fans" in text
     assert "9000 tickets/min at 67 ms, 11000 tickets/min at 55 ms, 10000 tickets/min at 60 ms" in text
+    assert "counted from the opening 8820, 10780, 9800" in text
     assert "oversold 1, paid without confirmation 2 (all sales)" in text
     assert "speed changed by more than a tenth" in text
 

@@ -138,3 +138,18 @@ def test_fans_turned_away_once_sold_out_have_no_place_to_judge():
     assert (fair["early_joiners"], fair["late_joiners"]) == (2, 2)
     assert fair["early_all_before_late"] is True
     assert (fair["late_out_of_join_order"], fair["late_pairs_checked"]) == (0, 1)
+
+
+def test_tickets_per_minute_count_from_the_opening_or_the_first_arrival_whichever_is_later():
+    # Opening at t=10; the first fan arrives at 10.5; the last of 120 tickets is confirmed at 22.5.
+    fans = [_fan(0, 10.5, 10.6, 1), _fan(1, 11.0, 11.1, 2)]
+    result = SaleResult(SaleConfig(), "http://edge", "events/e", 200, 10.0, fans, None, 23.0, Progress())
+    checked = report.Checked(tickets_confirmed=120, last_confirmed_at=22.5)
+    s = report.summary(result, checked)
+    assert s["tickets_per_minute"] == pytest.approx(120 / 12 * 60)
+    assert s["tickets_per_minute_from_opening"] == pytest.approx(120 / 12.5 * 60)
+    # Fans in the room before the opening: the sale starts at the opening.
+    early = [_fan(0, 5.0, 5.1, 1), _fan(1, 11.0, 11.1, 2)]
+    result = SaleResult(SaleConfig(), "http://edge", "events/e", 200, 10.0, early, None, 23.0, Progress())
+    s = report.summary(result, checked)
+    assert s["tickets_per_minute"] == s["tickets_per_minute_from_opening"] == pytest.approx(120 / 12.5 * 60)
