@@ -348,6 +348,40 @@ async def test_two_replicas_share_the_callbacks_one_send_at_a_time(sandbox_dsn: 
         await receiver.stop()
 
 
+async def test_delivered_marks_are_written_together_and_a_close_right_after_keeps_them(
+    sandbox_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of callbacks delivered at once is marked by a few statements, not one each; and a
+    replica closed the moment its last callback was answered still records every delivery (none
+    is sent again by the next replica)."""
+    from svc_payment.adapters import provider as provider_module
+    receiver = Receiver()
+    url = await receiver.start()
+    try:
+        async with replica(sandbox_dsn, url, delay=0.2) as a:
+            marks = 0
+            real = provider_module.SandboxProvider._mark_delivered
+
+            async def counted(self: SandboxProvider) -> None:
+                nonlocal marks
+                marks += 1
+                await real(self)
+            monkeypatch.setattr(provider_module.SandboxProvider, "_mark_delivered", counted)
+            refs = await asyncio.gather(*(a.create_checkout(uuid.uuid4(), order(), Money("KRW", 500))
+                                          for _ in range(40)))
+            await wait_for("every callback answered", lambda: len(receiver.receipts) == len(refs))
+        # Closed: whatever was still gathering has been written.
+        async with replica(sandbox_dsn, url) as b:
+            for ref in refs:
+                row = await b.checkout(ref)
+                assert row is not None and row.delivered and row.due_at is None, ref
+            await asyncio.sleep(0.5)
+        assert len(receiver.receipts) == len(refs)  # nothing sent twice
+        assert 1 <= marks <= 10, f"{marks} statements marked {len(refs)} deliveries"
+    finally:
+        await receiver.stop()
+
+
 async def test_a_graceful_close_hands_an_interrupted_send_over_at_once(sandbox_dsn: str) -> None:
     receiver = Receiver()
     url = await receiver.start()
