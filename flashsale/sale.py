@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .http1 import Client, HttpError
+from meshkit.http1 import Client, HttpError
 
 TRANSIENT = {502, 503, 504}
 # How long one WaitOrder call may wait for the payment's outcome (booking allows up to 30 s).
@@ -148,7 +148,7 @@ class Reply:
 
 
 class Edge:
-    """HTTP to the edge for thousands of simulated fans (flashsale.http1: keep-alive connections
+    """HTTP to the edge for thousands of simulated fans (meshkit.http1: keep-alive connections
     whose pool queues waiting requests in order). What it spends per request is taken from the
     platform it measures: httpx spent 4.3 ms of CPU per request with 256 connections here,
     aiohttp about 0.06-0.12 ms, http1 about a third of aiohttp's."""

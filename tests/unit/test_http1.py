@@ -1,4 +1,4 @@
-"""flashsale.http1 against a real socket server that answers what each test scripts."""
+"""meshkit.http1 against a real socket server that answers what each test scripts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from flashsale.http1 import Client, HttpError
+from meshkit.http1 import Client, HttpError
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # -> keep the connection open?
 
@@ -199,8 +199,22 @@ async def test_a_server_that_drops_the_connection_mid_answer_is_an_http_error() 
             await http.request("GET", "/")
 
 
-def test_only_plain_http_origins_and_no_header_injection() -> None:
-    with pytest.raises(ValueError, match="http://"):
-        Client("https://example.test")
+def test_only_http_origins_and_no_header_injection() -> None:
+    with pytest.raises(ValueError, match="http"):
+        Client("ftp://example.test")
+    assert Client("https://example.test").port == 443  # over TLS, verified by default
     with pytest.raises(ValueError, match="line break"):
         Client("http://127.0.0.1:1").encode("GET", "/", headers={"x": "a\r\nInjected: 1"})
+    with pytest.raises(ValueError, match="not both"):
+        Client("http://127.0.0.1:1").encode("POST", "/", json={}, body=b"{}")
+
+
+async def test_a_raw_body_goes_byte_for_byte_with_the_callers_content_type() -> None:
+    signed = b'{"b": 1,  "a": 2}'  # as signed: not to be re-serialized
+    async with Server(echo) as srv, Client(srv.url, user_agent="ticketping-sandbox-psp") as http:
+        got = await http.request("POST", "/hook", body=signed, headers={"content-type": "application/json"})
+    head, _, body = got.body.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert body == signed
+    assert f"Content-Length: {len(signed)}" in lines and "content-type: application/json" in lines
+    assert "User-Agent: ticketping-sandbox-psp" in lines

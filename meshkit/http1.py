@@ -1,12 +1,13 @@
-"""A lean HTTP/1.1 client for the simulated fans: keep-alive connections on asyncio protocols.
+"""A lean HTTP/1.1 client: keep-alive connections on asyncio protocols.
 
-Why not aiohttp: the simulator shares the machine's two cores with the platform it measures, so
-what it spends per request is taken from the figure. aiohttp's client spent about 120 us of CPU
-per request here (its request and response objects, the connector's bookkeeping, a payload
-object per body, a timeout handle, cookie and redirect handling a fan's app does not need);
-this client spends about a third of that. It speaks only what the edge (Envoy) speaks to an app:
-plain HTTP/1.1 to one origin, answers framed by Content-Length, chunked encoding or the end of
-the connection, keep-alive unless either side says ``Connection: close``.
+Used where a request's CPU counts: the flash-sale simulator's fans (flashsale), which share the
+machine's two cores with the platform they measure, and the sandbox PSP's webhook calls
+(svc_payment), made in the process that also answers them. aiohttp's client spent about 120 us
+of CPU per request here (its request and response objects, the connector's bookkeeping, a
+payload object per body, a timeout handle, cookie and redirect handling neither needs); this
+client spends about a third of that. It speaks HTTP/1.1 (over TLS for an https origin) to one
+origin, answers framed by Content-Length, chunked encoding or the end of the connection,
+keep-alive unless either side says ``Connection: close``.
 
 A pool holds up to ``limit`` connections (0: no limit) and queues the requests beyond it in
 arrival order, as aiohttp's connector did. A request that fails leaves its connection closed,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json as jsonlib
+import ssl
 from collections import deque
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -185,18 +187,19 @@ class _Connection(asyncio.Protocol):
 
 
 class Client:
-    """Requests to one ``http://host:port`` origin over a pool of keep-alive connections."""
+    """Requests to one ``http(s)://host:port`` origin over a pool of keep-alive connections."""
 
     def __init__(self, base_url: str, *, limit: int = 100, timeout: float = 30.0,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, user_agent: str = "ticketping-flashsale") -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"only plain http://host:port origins are supported, not {base_url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"only http(s)://host:port origins are supported, not {base_url!r}")
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self._tls else 80)
         self._prefix = parts.path.rstrip("/")
         host_header = parts.netloc
-        self._fixed = f"Host: {host_header}\r\nUser-Agent: ticketping-flashsale\r\n"
+        self._fixed = f"Host: {host_header}\r\nUser-Agent: {user_agent}\r\n"
         self.limit, self.timeout, self.connect_timeout = limit, timeout, connect_timeout
         self._idle: list[_Connection] = []
         self._open = 0
@@ -221,14 +224,16 @@ class Client:
                 waiter.set_exception(HttpError("the client was closed"))
 
     def encode(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-               headers: dict[str, str] | None = None) -> bytes:
-        """The request's bytes."""
+               headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+        """The request's bytes: a ``json`` value serialized, or ``body`` as it is (its
+        Content-Type among ``headers``)."""
         target = self._prefix + path
         if params:
             target += ("&" if "?" in target else "?") + urlencode(params)
-        body = b""
         head = [f"{method} {target} HTTP/1.1\r\n", self._fixed]
         if json is not None:
+            if body:
+                raise ValueError("a request has either a json value or a body, not both")
             body = jsonlib.dumps(json, separators=(",", ":")).encode()
             head.append("Content-Type: application/json\r\n")
         if body or method in ("POST", "PUT", "PATCH"):
@@ -242,9 +247,9 @@ class Client:
         return "".join(head).encode("latin-1") + body
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                      headers: dict[str, str] | None = None) -> Answer:
+                      headers: dict[str, str] | None = None, body: bytes = b"") -> Answer:
         """One request; raises HttpError (the connection failed) or TimeoutError."""
-        data = self.encode(method, path, json=json, params=params, headers=headers)
+        data = self.encode(method, path, json=json, params=params, headers=headers, body=body)
         async with asyncio.timeout(self.timeout):
             conn = await self._acquire()
             try:
@@ -293,7 +298,7 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                _, conn = await loop.create_connection(_Connection, self.host, self.port, ssl=self._tls)
         except OSError as err:
             raise HttpError(f"cannot connect to {self.host}:{self.port}: {err}") from err
         self._all.add(conn)
