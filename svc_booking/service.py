@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -37,6 +37,7 @@ from meshkit.db import autocommit
 from meshkit.errors import DomainError, NotFound, request_id_reused
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import Outboxed, enqueue
+from meshkit.written import Written
 
 from .adapters import inventory as inv
 from .adapters import messages
@@ -47,8 +48,6 @@ from .domain import model
 from .domain.model import Hold, HoldState, Layout, Order, OrderState
 
 log = logging.getLogger(__name__)
-K = TypeVar("K")
-V = TypeVar("V")
 
 Clock = Callable[[], datetime]
 LIVE_HOLD = (HoldState.ACTIVE, HoldState.ORDERED)
@@ -86,32 +85,6 @@ def _same_request(hold: Hold, seats: Sequence[str], request_id: uuid.UUID) -> No
 
 
 DEADLOCK_ATTEMPTS = 3
-WRITTEN_KEPT = 4096  # holds, and orders, this replica wrote and may be asked for next
-
-
-class Written(Generic[K, V]):
-    """What this replica has just written to PostgreSQL, kept for the next step that needs it
-    (the fan orders the hold just made, the order just made is paid): that step reads its own
-    write here instead of in PostgreSQL, one round trip less per purchase, and uses it once.
-
-    Only what never changes after the write may be relied on; the statement that acts on it
-    checks the rest in its WHERE (a hold still ACTIVE, an order still PENDING_PAYMENT) and
-    nothing is written if it changed meanwhile. The oldest are forgotten past ``kept``; another
-    replica, or this one after a restart, reads PostgreSQL as before."""
-
-    def __init__(self, kept: int = WRITTEN_KEPT) -> None:
-        self.kept = kept
-        self._items: dict[K, V] = {}
-
-    def put(self, key: K, value: V) -> None:
-        self._items[key] = value
-        if len(self._items) > self.kept:
-            del self._items[next(iter(self._items))]
-
-    def take(self, key: K) -> V | None:
-        return self._items.pop(key, None)
-
-
 @dataclass(frozen=True)
 class PricedHold:
     hold: Hold

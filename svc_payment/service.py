@@ -34,6 +34,7 @@ from meshkit.db import autocommit
 from meshkit.errors import DomainError, NotFound, request_id_reused
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import Outboxed, enqueue
+from meshkit.written import Written
 
 from .adapters import messages
 from .adapters import postgres as db
@@ -82,6 +83,9 @@ class Payments:
         self.booking = booking
         self.provider = provider
         self._secret = webhook_secret
+        # The payments this replica just opened, by provider reference: their callback (which
+        # the edge may bring to this replica) applies to the payment as written, not read back.
+        self.opened: Written[str, Payment] = Written()
         self.webhook_tolerance = webhook_tolerance
         self.topic = topic
         self.clock = utcnow
@@ -130,6 +134,7 @@ class Payments:
         except psycopg.errors.UniqueViolation:  # the order has a live payment: made meanwhile
             ended, inserted = None, False
         if inserted:
+            self.opened.put(reference, payment)
             return payment
         if ended is None:  # this request's payment, or the order's live one, was made meanwhile
             async with autocommit(self.pool) as conn:
@@ -195,10 +200,11 @@ class Payments:
 
     async def _apply_callback(self, event: model.WebhookEvent) -> Payment | None:
         """The common callback, a pending payment succeeding or failing, in two round trips: the
-        payment read, then one statement that applies it if the payment is still as read and the
-        callback new (db.apply_callback). None if not so: the transaction sorts that out."""
+        payment read (not even that if this replica just opened it), then one statement that
+        applies it if the payment is still as read and the callback new (db.apply_callback).
+        None if not so: the transaction sorts that out."""
         async with autocommit(self.pool) as conn:
-            p = await db.by_reference(conn, event.reference)
+            p = self.opened.take(event.reference) or await db.by_reference(conn, event.reference)
             if p is None:
                 return None
             t = model.on_webhook(p, event)

@@ -442,6 +442,36 @@ async def test_webhook_bad_signature_stale_timestamp_and_replay_change_nothing(
     assert await outbox_count(booking.booking.pool, order_uuid(o), "order_confirmed") == 1
 
 
+async def test_the_replica_that_opened_a_payment_applies_its_callback_without_reading_it_back(
+    booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
+    stubs: tuple[bpb_grpc.BookingServiceStub, pb_grpc.PaymentServiceStub], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The callback of a payment this replica just opened applies to the payment as written (no
+    read of it); one it no longer keeps (another replica's, or after a restart) is read."""
+    _, pstub = stubs
+    pw, _ = payment
+    reads = 0
+    real = payment_db.by_reference
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real(*args, **kw)
+    monkeypatch.setattr(payment_db, "by_reference", counted)
+    for kept in (True, False):
+        u = user()
+        _, o, p = await awaiting_callback(booking, payment, stubs, u)
+        if not kept:
+            assert pw.payments.opened.take(p.provider_reference) is not None  # as if elsewhere
+        reads = 0
+        body = model.webhook_body(f"evt_{uuid.uuid4().hex}", model.SUCCEEDED_TYPE, p.provider_reference,
+                                  model.Money("KRW", 330000))
+        resp = await pstub.HandleWebhook(webhook(body), metadata=signed(body))
+        assert resp.state == pb.PAYMENT_STATE_SUCCEEDED
+        assert reads == (0 if kept else 1)
+        assert await outbox_count(pw.payments.pool, order_uuid(o), "payment_succeeded") == 1
+
+
 @pytest.mark.parametrize("first", ["success", "decline"])
 async def test_racing_callbacks_apply_one_outcome_once(
     first: str, booking: BookingWired, payment: tuple[PaymentWired, FakeEdge],
