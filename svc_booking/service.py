@@ -475,6 +475,7 @@ class Booking:
                     if await db.order_live_hold(conn, order, request_id,
                                                 Outboxed(self.topic, messages.order_created(order))):
                         self.written_orders.put(order.order_id, order)
+                        self.settled.made(order)
                         return order
                 except psycopg.errors.UniqueViolation:
                     pass  # the request id was used before: the transaction finds that order
@@ -533,7 +534,13 @@ class Booking:
                 settled = woken.take()  # before the read: a commit after it sets this again
                 if settled is not None and order is not None:
                     return settled.of(order)
-                order = await self.get_order(user_id, order_id)
+                # Made here and every change since heard (a note before this take is in it):
+                # the first look needs no read.
+                known = self.settled.known(order_id) if order is None else None
+                if known is not None and known.user_id == user_id:
+                    order = known
+                else:
+                    order = await self.get_order(user_id, order_id)
                 left = deadline - loop.time()
                 if order.state is not OrderState.PENDING_PAYMENT or left <= 0 or self.settled.draining:
                     return order

@@ -8,6 +8,11 @@ order it read before, so changed, without reading it again. A note it cannot use
 an older trigger, a wake-up of everyone) makes it read the order, as it does on its own every
 few seconds: a missed notification (the listening connection lost) must not leave a fan waiting
 for the timeout.
+
+An order this replica made while it was listening is known without a read, too (``made``,
+``known``): it was pending as made, and every change since then has been heard (the note is
+kept), as long as the listener has not lost its connection meanwhile (``on_note(None)``
+forgets them all). So the fan's first look, right after paying, costs no round trip.
 """
 
 from __future__ import annotations
@@ -73,8 +78,11 @@ class Woken(asyncio.Event):
 class SettledOrders:
     """The events of the calls waiting per order; ``on_note`` is the listener's callback."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: int = 4096) -> None:
         self._waiting: dict[uuid.UUID, set[Woken]] = {}
+        # Orders made here while listening: as made, and what a note since said they became.
+        self._made: dict[uuid.UUID, tuple[Order, Settlement | None]] = {}
+        self.kept = kept
         # Whether notifications arrive now (the listener's connection is up).
         self.listening: Callable[[], bool] = lambda: False
         # The server drains: every waiting call answers with the order as it is now (the app
@@ -102,9 +110,27 @@ class SettledOrders:
                 if not waiting:
                     del self._waiting[order_id]
 
+    def made(self, order: Order) -> None:
+        """This replica just committed ``order`` (pending): its changes from now on are heard."""
+        if not self.listening():
+            return
+        self._made[order.order_id] = (order, None)
+        if len(self._made) > self.kept:
+            del self._made[next(iter(self._made))]
+
+    def known(self, order_id: uuid.UUID) -> Order | None:
+        """The order as it is now, if this replica made it and has heard every note since; else
+        None (read it)."""
+        entry = self._made.get(order_id)
+        if entry is None or not self.listening():
+            return None
+        order, settled = entry
+        return order if settled is None else settled.of(order)
+
     def on_note(self, payload: str | None) -> None:
         """One order settled (its note), or None: any may have, wake everyone (they read)."""
         if payload is None:
+            self._made.clear()  # notes may have been missed: what was known must be read
             for waiting in self._waiting.values():
                 for woken in waiting:
                     woken.settled = None
@@ -114,6 +140,12 @@ class SettledOrders:
             order_id, settled = parse_note(payload)
         except ValueError:
             return
+        entry = self._made.get(order_id)
+        if entry is not None:
+            if settled is None:  # changed, to what it does not say
+                del self._made[order_id]
+            else:
+                self._made[order_id] = (entry[0], settled)
         for woken in self._waiting.get(order_id, ()):
             woken.settled = settled
             woken.set()

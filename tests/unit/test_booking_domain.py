@@ -138,3 +138,35 @@ def test_settled_orders_wake_the_waiters_of_that_order_or_all_when_unsure() -> N
         settled.on_note(None)  # notifications may have been lost: everyone looks again
         assert wb.is_set() and wa2.is_set() and wa2.take() is None
     assert len(settled) == 0 and not settled.listening()
+
+
+def test_an_order_made_while_listening_is_known_until_a_note_may_have_been_missed() -> None:
+    settled = SettledOrders(kept=2)
+    t = datetime(2026, 12, 7, tzinfo=UTC)
+
+    def order() -> model.Order:
+        return model.Order(uuid.uuid4(), "e", uuid.uuid4(), "u", ("A-1-1",), Money("KRW", 1000),
+                           OrderState.PENDING_PAYMENT, t, "", t, t)
+
+    deaf = order()
+    settled.made(deaf)  # not listening: its notes could be missed
+    assert settled.known(deaf.order_id) is None
+    settled.listening = lambda: True
+    a, b, c = order(), order(), order()
+    for o in (a, b):
+        settled.made(o)
+    assert settled.known(a.order_id) == a  # pending, as made
+    settled.on_note(f"{a.order_id} CONFIRMED 5 payments/p")
+    assert settled.known(a.order_id) == model.Order(
+        a.order_id, "e", a.hold_id, "u", ("A-1-1",), Money("KRW", 1000), OrderState.CONFIRMED, t,
+        "payments/p", t, datetime(1970, 1, 1, 0, 0, 0, 5, tzinfo=UTC))
+    settled.on_note(str(b.order_id))  # changed, not said how: read it
+    assert settled.known(b.order_id) is None
+    settled.made(b)
+    settled.made(c)  # past ``kept``: the oldest (a) is forgotten
+    assert settled.known(a.order_id) is None and settled.known(c.order_id) == c
+    settled.listening = lambda: False  # the connection is down: nothing is known
+    assert settled.known(c.order_id) is None
+    settled.listening = lambda: True
+    settled.on_note(None)  # notes may have been missed: everything is read again
+    assert settled.known(b.order_id) is None and settled.known(c.order_id) is None
