@@ -223,7 +223,7 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
         return order_to_proto(order)
 
     async def GetOrderForPayment(self, request: pb.GetOrderForPaymentRequest, context: Ctx) -> pb.Order:
-        order = await self.booking.get_order(None, model.parse_order_name(request.order, "order"))
+        order = await self.booking.current_order(model.parse_order_name(request.order, "order"))
         return order_to_proto(order)
 
     async def ConfirmOrder(self, request: pb.ConfirmOrderRequest, context: Ctx) -> pb.Order:

@@ -517,6 +517,12 @@ class Booking:
             raise model.order_not_found(f"orders/{order_id}")
         return order
 
+    async def current_order(self, order_id: uuid.UUID) -> Order:
+        """The order as it is now (payment asks, to open a payment for it): known without a read
+        if this replica made it while listening and has heard every change since (settled.known;
+        a change commits before its note arrives, as it could commit right after a read)."""
+        return self.settled.known(order_id) or await self.get_order(None, order_id)
+
     async def wait_order(self, user_id: str, order_id: uuid.UUID, within: float) -> Order:
         """The caller's order once it has left PENDING_PAYMENT, or as it is after ``within``
         seconds: an app learns its payment's outcome with one call, not a poll every few

@@ -533,6 +533,9 @@ async def test_wait_order_answers_when_another_replica_settles_it(
         assert time.monotonic() - t < SETTLED_RECHECK_SECONDS / 2  # woken, not found by a re-read
         assert len(wired.booking.settled) == 0
 
+        # What payment reads of it here is as the other replica left it (heard, or read).
+        assert await stub.GetOrderForPayment(pb.GetOrderForPaymentRequest(order=first.name),
+                                             metadata=INTERNAL) == sold
         # Settled already: answered at once.
         t = time.monotonic()
         assert await stub.WaitOrder(pb.WaitOrderRequest(name=first.name), metadata=me) == sold
@@ -602,11 +605,16 @@ async def test_a_woken_wait_order_answers_from_the_note_without_reading_the_orde
     reads.clear()
     monkeypatch.setattr(wired.booking, "get_order", counted)
     assert await stub.WaitOrder(pb.WaitOrderRequest(name=order.name), metadata=me) == sold
+    # And payment's look at it (GetOrderForPayment), as it is now.
+    assert await stub.GetOrderForPayment(pb.GetOrderForPaymentRequest(order=order.name),
+                                         metadata=INTERNAL) == sold
     assert reads == []
     # Notes may have been missed (the listener reconnected): what was known is read again.
     wired.booking.settled.on_note(None)
     assert await stub.WaitOrder(pb.WaitOrderRequest(name=order.name), metadata=me) == sold
-    assert reads == [uuid.UUID(order.name.removeprefix("orders/"))]
+    assert await stub.GetOrderForPayment(pb.GetOrderForPaymentRequest(order=order.name),
+                                         metadata=INTERNAL) == sold
+    assert reads == [uuid.UUID(order.name.removeprefix("orders/"))] * 2
     # Another fan's look at it is refused as before.
     code, reason, _ = await fails(stub.WaitOrder(pb.WaitOrderRequest(name=order.name),
                                                  metadata=fan("u-nosy", None)))
