@@ -32,3 +32,10 @@ class Written(Generic[K, V]):
 
     def take(self, key: K) -> V | None:
         return self._items.pop(key, None)
+
+    def get(self, key: K) -> V | None:
+        """Look without using it up (it may still change: put it again)."""
+        return self._items.get(key)
+
+    def clear(self) -> None:
+        self._items.clear()

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from meshkit.written import Written
+
 from ..domain.model import Order, OrderState
 
 CHANNEL = "order_settled"
@@ -81,8 +83,7 @@ class SettledOrders:
     def __init__(self, kept: int = 4096) -> None:
         self._waiting: dict[uuid.UUID, set[Woken]] = {}
         # Orders made here while listening: as made, and what a note since said they became.
-        self._made: dict[uuid.UUID, tuple[Order, Settlement | None]] = {}
-        self.kept = kept
+        self._made: Written[uuid.UUID, tuple[Order, Settlement | None]] = Written(kept)
         # Whether notifications arrive now (the listener's connection is up).
         self.listening: Callable[[], bool] = lambda: False
         # The server drains: every waiting call answers with the order as it is now (the app
@@ -112,11 +113,8 @@ class SettledOrders:
 
     def made(self, order: Order) -> None:
         """This replica just committed ``order`` (pending): its changes from now on are heard."""
-        if not self.listening():
-            return
-        self._made[order.order_id] = (order, None)
-        if len(self._made) > self.kept:
-            del self._made[next(iter(self._made))]
+        if self.listening():
+            self._made.put(order.order_id, (order, None))
 
     def known(self, order_id: uuid.UUID) -> Order | None:
         """The order as it is now, if this replica made it and has heard every note since; else
@@ -143,9 +141,9 @@ class SettledOrders:
         entry = self._made.get(order_id)
         if entry is not None:
             if settled is None:  # changed, to what it does not say
-                del self._made[order_id]
+                self._made.take(order_id)
             else:
-                self._made[order_id] = (entry[0], settled)
+                self._made.put(order_id, (entry[0], settled))
         for woken in self._waiting.get(order_id, ()):
             woken.settled = settled
             woken.set()
