@@ -15,7 +15,7 @@ runs four listeners:
                        but the cache and goes straight to the services, in one hop (a second hop
                        cost Envoy about a millisecond per purchase). The HCM appends the
                        client's address to x-forwarded-for (use_remote_address): services trust
-                       its LAST entry. Client-sent ``x-user-*`` and ``x-admission-{sub,event,jti}``
+                       its LAST entry. Client-sent ``x-user-*`` and ``x-admission-{sub,event,jti,iat}``
                        are dropped before the token checks set them.
   edge_fill (loopback) where the front's cache misses go: cache_v2 → router → edge_core. An
                        answer expires for every fan at once (the legacy cache counts age in
@@ -347,7 +347,7 @@ def _jwt_authn(lay: Layout, descriptor: Path) -> dict[str, Any]:
                     "claim_to_headers": [
                         {"header_name": header, "claim_name": claim}
                         for header, claim in zip(access.ADMISSION_CLAIM_HEADERS,
-                                                 ("sub", "event", "jti"), strict=True)
+                                                 ("sub", "event", "jti", "iat"), strict=True)
                     ],
                 },
             },

@@ -25,8 +25,9 @@ PROVIDER = access_pb2.ACCESS_PROVIDER
 DEFAULT = USER
 
 # Headers only the edge may set, from verified tokens; client-sent copies are dropped at the edge.
-# (x-admission-token itself is the client's admission token and passes.)
-ADMISSION_CLAIM_HEADERS = ("x-admission-sub", "x-admission-event", "x-admission-jti")
+# (x-admission-token itself is the client's admission token and passes.) The claims, in order:
+# sub, event, jti, iat.
+ADMISSION_CLAIM_HEADERS = ("x-admission-sub", "x-admission-event", "x-admission-jti", "x-admission-iat")
 USER_ID_HEADER = "x-user-id"
 USER_ROLE_HEADER = "x-user-role"
 ROLE_ADMIN = "ADMIN"

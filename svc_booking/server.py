@@ -1,9 +1,10 @@
 """BookingService: translates proto ⇄ domain and domain errors ⇄ status codes.
 
 ADMITTED methods also check the admission claims the edge verified and passed as metadata
-(``x-admission-sub``, ``x-admission-event``, ``x-admission-jti``): the edge checks the token's
-signature only, so here the claims must name this fan (sub = x-user-id) and the event the request
-is about, and the waiting room must say the session is still active.
+(``x-admission-sub``, ``x-admission-event``, ``x-admission-jti``, ``x-admission-iat``): the edge
+checks the token's signature only, so here the claims must name this fan (sub = x-user-id) and
+the event the request is about, and the waiting room must say the session is still active (a
+token issued within the last second or two says so itself: adapters/admission.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .service import Booking
 Ctx: TypeAlias = grpc.aio.ServicerContext
 SEATS_CACHE_CONTROL = (("cache-control", "public, max-age=1"),)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-ADMISSION_SUB, ADMISSION_EVENT, ADMISSION_JTI = access.ADMISSION_CLAIM_HEADERS
+ADMISSION_SUB, ADMISSION_EVENT, ADMISSION_JTI, ADMISSION_IAT = access.ADMISSION_CLAIM_HEADERS
 # WaitOrder: how long when the caller does not say, and at most (the edge's route for it allows
 # a little more: edge/config.py LONG_POLLS).
 WAIT_DEFAULT = timedelta(seconds=20)
@@ -74,6 +75,14 @@ def _parse_offset(token: str) -> int:
                           metadata={"field": "page_token"})
 
 
+def _issued_at(value: str) -> int | None:
+    """The admission token's ``iat`` as the edge passed it (decimal seconds), or None."""
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
 class BookingServicer(pb_grpc.BookingServiceServicer):
     def __init__(self, booking: Booking, admission: AdmissionChecker,
                  pool: AsyncConnectionPool | None = None) -> None:
@@ -98,7 +107,8 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
                                    "the admission token is for another event",
                                    metadata={"admission_event": event,
                                              "event": model.event_name(event_id)})
-        if not await self.admission.is_active(event_id, user, jti):
+        if not await self.admission.is_active(event_id, user, jti,
+                                              _issued_at(access.single_value(context, ADMISSION_IAT))):
             raise PermissionDenied("NOT_ADMITTED", "the admission is not (or no longer) active",
                                    metadata={"event": model.event_name(event_id)})
         return user

@@ -7,6 +7,13 @@ Fails closed: a queue that answers UNIMPLEMENTED (not built yet) or "not active"
 admitted; a queue that cannot be reached in time is UNAVAILABLE (retryable), never a pass.
 Positive answers are cached for a second or two (the contract allows it), never past the session's
 own expiry; negative ones are not.
+
+An admission token is such a positive answer too: the waiting room signs it at the moment it
+claims the fan's session (its ``iat``), so for the same second or two after that moment booking
+takes the token's word without asking, exactly as it takes a cached answer's. A flash sale's
+fan holds right after being admitted: this spares most purchases their one CheckAdmission call
+(README "Admission"). A session this replica ended (EndSession) is never taken on an older
+token's word.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ class AdmissionUnavailable(DomainError):
 
 
 class AdmissionChecker(Protocol):
-    async def is_active(self, event_id: str, user_id: str, jti: str) -> bool: ...
+    async def is_active(self, event_id: str, user_id: str, jti: str,
+                        issued_at: int | None = None) -> bool:
+        """``issued_at``: the token's ``iat`` (Unix seconds) when the edge passed it."""
 
 
 class QueueNotifier(Protocol):
@@ -56,9 +65,24 @@ class QueueAdmission:
         # (event, user) -> (jti, until): one live session per fan and event, so ending it is one
         # pop, not a scan of every cached session.
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+        # (event, user) -> when this replica ended the fan's session (Unix seconds): a token
+        # issued before that is not fresh. Kept no longer than a token stays fresh.
+        self._ended: dict[tuple[str, str], float] = {}
 
-    async def is_active(self, event_id: str, user_id: str, jti: str) -> bool:
+    def fresh(self, key: tuple[str, str], issued_at: int) -> bool:
+        """Whether a token issued at ``issued_at`` (whole seconds, rounded down by the queue) is
+        recent enough to stand for the waiting room's answer. A token from the future beyond a
+        second (the two clocks disagree) is not."""
+        if self.cache_seconds <= 0:
+            return False
+        age = time.time() - issued_at
+        return -1.0 < age < self.cache_seconds and self._ended.get(key, 0.0) < issued_at
+
+    async def is_active(self, event_id: str, user_id: str, jti: str,
+                        issued_at: int | None = None) -> bool:
         key = (event_id, user_id)
+        if issued_at is not None and self.fresh(key, issued_at):
+            return True
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and cached[0] == jti and cached[1] > now:
@@ -86,6 +110,12 @@ class QueueAdmission:
     async def end_session(self, event_id: str, user_id: str, confirmed: bool) -> None:
         reason = (qpb.SESSION_END_REASON_ORDER_CONFIRMED if confirmed
                   else qpb.SESSION_END_REASON_UNSPECIFIED)
+        # Before the call: a request meanwhile is let in neither on the cache nor on its token.
+        self._cache.pop((event_id, user_id), None)
+        now = time.time()
+        if len(self._ended) >= self.max_cached:
+            self._ended = {k: t for k, t in self._ended.items() if now - t < self.cache_seconds}
+        self._ended[(event_id, user_id)] = now
         try:
             await self._stub.EndSession(
                 qpb.EndSessionRequest(event=f"events/{event_id}", user_id=user_id, reason=reason),
@@ -93,7 +123,6 @@ class QueueAdmission:
         except grpc.aio.AioRpcError as err:
             log.warning("EndSession failed; the session ends with its TTL",
                         extra={"event": event_id, "code": err.code().name})
-        self._cache.pop((event_id, user_id), None)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -108,7 +137,8 @@ class StaticAdmission:
         self.calls = 0
         self.ended: list[tuple[str, str, bool]] = []
 
-    async def is_active(self, event_id: str, user_id: str, jti: str) -> bool:
+    async def is_active(self, event_id: str, user_id: str, jti: str,
+                        issued_at: int | None = None) -> bool:
         self.calls += 1
         return self.active and (event_id, user_id, jti) not in self.revoked
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+
+from devstack.layout import Layout
+from svc_booking.config import Settings as BookingSettings
 
 from .conftest import Fan, sign_up
 from .test_catalog_edge import _iso, create_and_publish, event_json
@@ -165,12 +169,52 @@ def test_an_admission_for_one_event_does_not_open_another(http: httpx.Client, ad
     assert resp.json()["details"][0]["reason"] == "ADMISSION_WRONG_EVENT"
 
 
+def _check_admission_calls(mesh: Layout) -> float:
+    """How many CheckAdmission calls the waiting room has served (its /metrics)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mesh.service('queue').metrics_port}/metrics",
+                                  timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("grpc_server_started_total{")
+               and 'grpc_method="CheckAdmission"' in line)
+
+
+def _past_fresh(token: str) -> None:
+    """Sleep until booking no longer takes this admission token's own word (its iat plus
+    booking's admission_cache_seconds, the test stack's default)."""
+    issued = jwt.decode(token, options={"verify_signature": False})["iat"]
+    fresh = BookingSettings.model_fields["admission_cache_seconds"].default
+    time.sleep(max(0.0, issued + fresh + 1.1 - time.time()))
+
+
+def test_a_fresh_admission_token_needs_no_call_to_the_waiting_room(http: httpx.Client, admin: Fan,
+                                                                   mesh: Layout):
+    """The edge passes the token's iat (an integer claim) to booking: a fan who holds right after
+    being admitted is let in on the token's word; later, booking asks the waiting room."""
+    event = _sale(http, admin, opens_in=1)
+    fan = sign_up(http)
+    assert http.post(f"/v1/{event}/queue:join", json={}, headers=fan.auth).status_code == 200
+    token = _admitted(http, fan, event)["admissionToken"]
+    before = _check_admission_calls(mesh)
+    held = _hold(http, fan, event, token, ["A-1-1"])
+    assert held.status_code == 200, held.text
+    assert _check_admission_calls(mesh) == before
+    _past_fresh(token)
+    again = _hold(http, fan, event, token, ["A-1-2"])
+    assert again.status_code == 200, again.text
+    assert _check_admission_calls(mesh) == before + 1
+
+
 def test_leaving_ends_the_session(http: httpx.Client, sale):
+    """Once booking no longer takes the token's own word, the session's end is seen, and an iat
+    the client sends itself changes nothing (the edge drops it and passes the token's)."""
     event, (_, _, carol) = sale
     token = _admitted(http, carol, event)["admissionToken"]
     left = http.post(f"/v1/{event}/queue:leave", json={}, headers=carol.auth)
     assert left.status_code == 200, left.text
-    resp = _hold(http, carol, event, token, ["A-2-5"])
+    _past_fresh(token)
+    resp = http.post(f"/v1/{event}/holds", json={"seatIds": ["A-2-5"], "requestId": str(uuid.uuid4())},
+                     headers={**carol.auth, "x-admission-token": token,
+                              "x-admission-iat": str(int(time.time()))})
     assert resp.status_code == 403 and resp.json()["details"][0]["reason"] == "NOT_ADMITTED"
 
 

@@ -1,5 +1,6 @@
 """svc_booking's QueueAdmission cache: a positive answer is kept for cache_seconds, never past the
-session's own expiry (the real queue behind it: tests/integration/test_queue_rooms.py)."""
+session's own expiry, and a token issued within cache_seconds is such an answer (the real queue
+behind it: tests/integration/test_queue_rooms.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ class FakeQueue:
     def __init__(self, session_left: float) -> None:
         self.session_left = session_left
         self.calls = 0
+        self.ended: list[tuple[str, str]] = []
 
     async def CheckAdmission(self, request: qpb.CheckAdmissionRequest, **_: Any) -> Any:  # noqa: N802
         self.calls += 1
         ends = Timestamp()
         ends.FromMicroseconds(int((time.time() + self.session_left) * 1e6))
         return qpb.CheckAdmissionResponse(active=True, expire_time=ends)
+
+    async def EndSession(self, request: qpb.EndSessionRequest, **_: Any) -> Any:  # noqa: N802
+        self.ended.append((request.event.removeprefix("events/"), request.user_id))
+        return qpb.EndSessionResponse()
 
 
 async def _admission(queue: FakeQueue, cache_seconds: float) -> QueueAdmission:
@@ -59,5 +65,52 @@ async def test_a_session_ending_sooner_than_the_cache_time_is_asked_again_once_e
         for _ in range(2):
             assert await admission.is_active("e", "u", "j")
         assert queue.calls == 4
+    finally:
+        await admission.close()
+
+
+async def test_a_token_issued_within_the_cache_time_stands_for_the_answer() -> None:
+    """The queue signs the token when it claims the session: for the cache time after its iat,
+    the token is a positive answer as fresh as a cached one, and nobody is asked."""
+    queue = FakeQueue(session_left=300)
+    admission = await _admission(queue, cache_seconds=2)
+    try:
+        now = int(time.time())
+        assert await admission.is_active("e", "u", "j", issued_at=now)
+        assert await admission.is_active("e", "u", "j", issued_at=now - 1)
+        assert queue.calls == 0
+        assert await admission.is_active("e", "u2", "j", issued_at=now - 3)  # too old: asked
+        assert queue.calls == 1
+        assert await admission.is_active("e", "u3", "j", issued_at=now + 5)  # clocks disagree
+        assert queue.calls == 2
+        assert await admission.is_active("e", "u4", "j")  # no iat passed: asked
+        assert queue.calls == 3
+    finally:
+        await admission.close()
+
+
+async def test_a_session_ended_here_is_not_let_in_on_an_earlier_token() -> None:
+    queue = FakeQueue(session_left=300)
+    admission = await _admission(queue, cache_seconds=2)
+    try:
+        issued = int(time.time())
+        await admission.end_session("e", "u", confirmed=False)
+        assert queue.ended == [("e", "u")]
+        assert await admission.is_active("e", "u", "j", issued_at=issued)  # the fake still says yes
+        assert queue.calls == 1  # but it was asked
+        assert await admission.is_active("e", "other", "j", issued_at=issued)  # another fan: fresh
+        assert queue.calls == 1
+    finally:
+        await admission.close()
+
+
+async def test_no_cache_time_means_every_token_is_checked() -> None:
+    queue = FakeQueue(session_left=300)
+    admission = await _admission(queue, cache_seconds=0)
+    try:
+        now = int(time.time())
+        for issued in (now, now + 1):
+            assert await admission.is_active("e", "u", "j", issued_at=issued)
+        assert queue.calls == 2
     finally:
         await admission.close()
