@@ -36,6 +36,9 @@ from meshkit.http1 import Client, HttpError
 TRANSIENT = {502, 503, 504}
 # How long one WaitOrder call may wait for the payment's outcome (booking allows up to 30 s).
 WAIT_ORDER = "20s"
+# The wait when the room admits nobody now (paused, or full and nobody leaving): long, so the
+# fan looks again after the longest pause.
+ETA_UNKNOWN = 60.0
 
 
 class SaleError(RuntimeError):
@@ -536,7 +539,7 @@ class Sale:
         read when the number is not known yet (joined before the lottery) and when the turn has
         come (that read claims the slot). In between, the position is the number minus the
         public status's serving number, which the edge's cache answers, polled at the pace the
-        room admits at.
+        room admits at (as it measures it: a full room admits only as fans leave).
         """
         while True:
             if fan.number and time.time() > self.sale_open:
@@ -548,8 +551,12 @@ class Sale:
                         return None
                     ahead = fan.number - int(room.get("servingNumber", 0))
                     if ahead > 0:
-                        rate = float(room.get("admitRatePerSecond", 0) or 0) or 1.0
-                        await self._pause(ahead / rate)
+                        # The wait at the rate fans are let in now (less than the configured
+                        # one while the room is full), else at the configured rate.
+                        measured = room.get("measuredAdmitRatePerSecond")
+                        rate = float(room.get("admitRatePerSecond", 0) or 0) if measured is None \
+                            else float(measured)
+                        await self._pause(ahead / rate if rate > 1e-6 else ETA_UNKNOWN)
                         continue
             elif not fan.number and time.time() < self.sale_open:  # the draw is at the opening
                 await asyncio.sleep(self.sale_open - time.time() + self.rng.uniform(0.0, 1.0))

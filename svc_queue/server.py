@@ -86,6 +86,7 @@ def queue_proto(s: RoomStatus) -> pb.Queue:
         paused=s.paused,
         session_ttl=ttl,
         sold_out=s.sold_out,
+        measured_admit_rate_per_second=s.measured_rate,
     )
 
 

@@ -27,6 +27,7 @@ from ..domain.room import (
     Ticket,
     TicketState,
     eta_seconds,
+    rate_now,
 )
 
 LUA = Path(__file__).with_name("lua")
@@ -240,7 +241,7 @@ class RoomStore:
 
     def _status(self, event_id: str, reply: list[Any]) -> RoomStatus:
         self._error(event_id, reply)
-        serving, waiting, active, rate, max_active, paused, ttl, sold, pending = reply
+        serving, waiting, active, rate, max_active, paused, ttl, sold, pending, now, mr, mt, m0 = reply
         return RoomStatus(
             event_id=event_id,
             serving_number=int(serving),
@@ -252,4 +253,5 @@ class RoomStore:
             paused=bool(int(paused)),
             session_ttl_ms=int(ttl),
             sold_out=bool(int(sold)),
+            measured_rate=rate_now(float(_text(mr)), int(_text(mt)), int(_text(m0)), int(now)),
         )

@@ -160,6 +160,7 @@ class RoomStatus:
     paused: bool
     session_ttl_ms: int
     sold_out: bool
+    measured_rate: float | None = None  # admissions per second lately (rate_now); None: not yet
 
 
 @dataclass(frozen=True)

@@ -779,6 +779,24 @@ async def test_the_eta_follows_the_measured_rate(
     assert t.state == WAITING and abs(t.position - (200 - status.serving_number)) <= 3  # a tick apart
     expected = t.position / 20
     assert 0.7 * expected <= t.eta_seconds <= 1.4 * expected + 1, (t.eta_seconds, expected)
+    # The public status says the same pace, for apps that estimate from it.
+    assert status.HasField("measured_admit_rate_per_second")
+    assert 14 <= status.measured_admit_rate_per_second <= 28, status.measured_admit_rate_per_second
+
+
+async def test_a_full_room_says_it_admits_slower_than_its_configured_rate(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """While max_active fans are shopping, turns come only as they leave: the measured rate,
+    not the configured one, is what a waiting fan's wait follows."""
+    event_id = await open_room(wired, rooms, rate=100, max_active=5)
+    fresh = await room(stub, event_id)
+    assert not fresh.HasField("measured_admit_rate_per_second")  # nothing measured yet
+    await asyncio.gather(*(join(stub, event_id, f"f{i}") for i in range(60)))
+    await asyncio.sleep(3.0)  # 5 admitted at once, then nobody: nobody leaves
+    status = await room(stub, event_id)
+    assert status.serving_number == 5 and status.admit_rate_per_second == 100
+    assert status.HasField("measured_admit_rate_per_second")
+    assert status.measured_admit_rate_per_second < 5, status.measured_admit_rate_per_second
 
 
 async def test_room_status_is_public_cacheable_and_small(

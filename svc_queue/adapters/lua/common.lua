@@ -131,7 +131,8 @@ local function with_room(v, now, cfg, st)
           m[1] or '0', m[2] or '0', m[3] or '0'}
 end
 
--- The public room status: {serving, waiting, active, rate, max, paused, ttl, sold, pending}.
+-- The public room status: {serving, waiting, active, rate, max, paused, ttl, sold, pending,
+-- now, mr, mt, m0} (the last four for the measured rate, as in with_room).
 local function status(now, cfg, st)
   local waiting
   if st.drawn then
@@ -141,6 +142,7 @@ local function status(now, cfg, st)
   end
   local active = redis.call('ZCOUNT', ACT, '(' .. now, '+inf')
   local pending = redis.call('ZCOUNT', PEND, '(' .. now, '+inf')
+  local m = redis.call('HMGET', STATS, 'mr', 'mt', 'm0')
   return {st.serving, waiting, active, tostring(cfg.rate), cfg.max, cfg.paused and 1 or 0, cfg.ttl,
-          cfg.sold and 1 or 0, pending}
+          cfg.sold and 1 or 0, pending, now, m[1] or '0', m[2] or '0', m[3] or '0'}
 end
