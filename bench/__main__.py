@@ -24,7 +24,9 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
                        simulator): tickets and purchases per minute, webhook -> CONFIRMED
                        p50/p99, beside the goal (10,000 tickets/min) and pretix's 300-400,
                        after an unmeasured warm-up sale of 200 fans (--purchase-warmup-fans);
-                       three sales (--purchase-sales), the median's figures and every one's
+                       three sales (--purchase-sales), the median's figures and every one's,
+                       the room letting 200 shop at once; then one sale with the room wide
+                       open (every fan at once), printed beside them (--no-open-room-sale)
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ def main() -> None:
                     help="fans of an unmeasured sale before the purchases scenario (0: none)")
     ap.add_argument("--purchase-sales", type=int, default=3,
                     help="measured sales, one after another (the median sale's figures are printed)")
+    ap.add_argument("--no-open-room-sale", action="store_true",
+                    help="skip the extra sale with every fan let in at once (no admission control)")
     args = ap.parse_args()
     tune_gc()  # the purchases scenario's simulator runs in this process (meshkit.memory)
     lay = layout("test")
@@ -143,7 +147,8 @@ def main() -> None:
             sale = purchases_bench.measure(lay, BENCH_ADMIN, args.purchase_fans, args.purchase_seats,
                                            args.purchase_warmup_fans,
                                            machine=lambda: machine_speed(lay, args.connections),
-                                           sales=args.purchase_sales)
+                                           sales=args.purchase_sales,
+                                           open_room_sale=not args.no_open_room_sale)
     finally:
         if not args.keep:
             stack.down(lay)

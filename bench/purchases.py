@@ -2,10 +2,20 @@
 
 flashsale drives it (the same simulator as `make demo`): every fan signs in, joins, is admitted,
 holds 1-4 seats, orders and pays; the sandbox PSP approves after its delay (0.2 s in the test
-profile) and the fan waits for CONFIRMED. The room admits fast enough not to be the limit, so the
-figure is what booking, payment, Kafka and the edge carry together on this machine. Fans pick
-seats anywhere on the map, so what is measured is the purchase path, not the race for the front
-rows (booking_hold measures that).
+profile) and the fan waits for CONFIRMED. Fans pick seats anywhere on the map, so what is
+measured is the purchase path, not the race for the front rows (booking_hold measures that).
+
+The room is run as an operator runs it for a sale: it lets fans in quickly (300 a second) but no
+more than ROOM_MAX_ACTIVE shop at once, about what this machine's booking path keeps busy
+(Little's law: 70-100 purchases a second here, at about 2 s from one fan's admission to the next
+one's in the same slot). The room is not the limit: both cores stay busy from the opening to the
+last confirmation. With every fan let in at once (sessions 1-21 measured that way) the fans wait
+inside the booking path instead of in the room: a purchase took 9-10 s at p50 from admission to
+CONFIRMED against 2.1-3.2 s, holds came seconds after the admission (booking asked the waiting
+room 1.2-1.6 times per purchase, against 0.1-0.5 with the token's own word, see svc_booking) and
+from seat maps seconds old (0.7 failed holds per purchase, against 0.35-0.45). Tickets per minute
+came out the same within this machine's noise (six alternated pairs, session 22). One more sale
+runs that way, the room wide open (``open_room_sale``), printed beside the figure.
 
   tickets per minute         seats in CONFIRMED orders / (last confirmation - sale opening)
   purchases per minute       the same, in orders
@@ -56,8 +66,15 @@ PRETIX_TICKETS_PER_MINUTE = 400  # pretix's documentation: 300-400 per minute pe
 GOAL_TICKETS_PER_MINUTE = 10_000
 
 
-def _config(fans: int, seats: int, seed: int) -> SaleConfig:
-    return SaleConfig(fans=fans, seats=seats, admit_rate=1000, max_active=fans, early_share=0.0,
+# The room's settings in the measured sales (see above).
+ROOM_MAX_ACTIVE = 200
+ROOM_ADMIT_RATE = 300.0
+
+
+def _config(fans: int, seats: int, seed: int, room_open: bool = False) -> SaleConfig:
+    """The sale's settings; ``room_open``: every fan let in at once (no admission control)."""
+    return SaleConfig(fans=fans, seats=seats, admit_rate=1000 if room_open else ROOM_ADMIT_RATE,
+                      max_active=fans if room_open else min(fans, ROOM_MAX_ACTIVE), early_share=0.0,
                       lead_seconds=3, arrival_seconds=1, decline_share=0.0, connections=256,
                       give_up_seconds=3, max_seconds=300, seed=seed, pick_spread=1e9)
 
@@ -73,28 +90,33 @@ def warm_up(lay: Layout, admin: tuple[str, str], fans: int) -> None:
 
 def measure(lay: Layout, admin: tuple[str, str], fans: int = 800, seats: int = 2000,
             warmup_fans: int = 200, machine: Callable[[], float] | None = None,
-            sales: int = 3) -> dict[str, Any]:
+            sales: int = 3, open_room_sale: bool = True) -> dict[str, Any]:
     """``sales`` measured sales one after another (each a new event of ``seats`` for ``fans``
     new fans); the figures are the median sale's (by tickets per minute), with every sale's
-    beside them. ``machine``: the machine's speed now (a bare Envoy's answers per second), asked
-    right before the first sale and right after the last."""
+    beside them. ``open_room_sale``: then one more, every fan let in at once, reported apart.
+    ``machine``: the machine's speed now (a bare Envoy's answers per second), asked right
+    before the first sale and right after the last."""
     if sales < 1:
         raise ValueError("at least one sale is measured")
     if warmup_fans:
         warm_up(lay, admin, warmup_fans)
     speed_before = machine() if machine else None
     runs = [_sale(lay, admin, fans, seats, seed=5 + i) for i in range(sales)]
+    wide_open = _sale(lay, admin, fans, seats, seed=5, room_open=True) if open_room_sale else None
     speed_after = machine() if machine else None
     median = sorted(runs, key=lambda r: r["tickets_per_minute"])[(len(runs) - 1) // 2]
+    every = runs + ([wide_open] if wide_open else [])
     return {
         **median,
         "warmup_fans": warmup_fans,
+        "room": {"max_active": min(fans, ROOM_MAX_ACTIVE), "admit_rate_per_second": ROOM_ADMIT_RATE},
         "sales": [{k: r[k] for k in SALE_KEYS} for r in runs],
+        "open_room": {k: wide_open[k] for k in SALE_KEYS} if wide_open else None,
         "machine_direct_answers_per_second": {"before": speed_before, "after": speed_after},
         # Every sale's, not the median's alone: each must be 0.
-        "oversold": sum(r["oversold"] for r in runs),
-        "paid_without_confirmation": sum(r["paid_without_confirmation"] for r in runs),
-        "errors": [e for r in runs for e in r["errors"]][:5],
+        "oversold": sum(r["oversold"] for r in every),
+        "paid_without_confirmation": sum(r["paid_without_confirmation"] for r in every),
+        "errors": [e for r in every for e in r["errors"]][:5],
     }
 
 
@@ -104,8 +126,9 @@ SALE_KEYS = ("tickets_per_minute", "tickets_per_minute_from_opening",
              "webhook_to_confirmed_ms", "oversold", "paid_without_confirmation")
 
 
-def _sale(lay: Layout, admin: tuple[str, str], fans: int, seats: int, seed: int) -> dict[str, Any]:
-    cfg = _config(fans, seats, seed=seed)
+def _sale(lay: Layout, admin: tuple[str, str], fans: int, seats: int, seed: int,
+          room_open: bool = False) -> dict[str, Any]:
+    cfg = _config(fans, seats, seed=seed, room_open=room_open)
     marks: dict[str, Any] = {}
 
     def phase(what: str) -> None:
@@ -154,9 +177,12 @@ def _sale(lay: Layout, admin: tuple[str, str], fans: int, seats: int, seed: int)
 def render(m: dict[str, Any]) -> str:
     w = m["webhook_to_confirmed_ms"]
     sales = m.get("sales") or [m]
+    room, wide_open = m.get("room"), m.get("open_room")
     return "\n".join([
         f"purchases ({len(sales)} sales of {m['fans']} fans for {m['seats']} seats each, through the edge;"
         f" after a warm-up sale of {m['warmup_fans']} fans, not measured; the median sale's figures)",
+        *([f"  the room                lets {room['admit_rate_per_second']:.0f} fans in a second,"
+           f" at most {room['max_active']} shopping at once"] if room else []),
         f"  tickets per minute      {m['tickets_per_minute']:8.0f}   goal {GOAL_TICKETS_PER_MINUTE}"
         f" (ratio {m['ratio_to_goal']:.2f});"
         f" pretix ~{PRETIX_TICKETS_PER_MINUTE} (ratio {m['ratio_to_pretix']:.0f})",
@@ -166,6 +192,9 @@ def render(m: dict[str, Any]) -> str:
         "  counted from the opening " + ", ".join(
             f"{r.get('tickets_per_minute_from_opening', 0):.0f}" for r in sales)
         + " (the window also holds the time before the first fan arrived)",
+        *([f"  room wide open          {wide_open['tickets_per_minute']:.0f} tickets/min at"
+           f" {wide_open['platform_cpu_ms_per_purchase']:.0f} ms (one more sale, every fan let in at once:"
+           f" no admission control)"] if wide_open else []),
         f"  purchases per minute    {m['purchases_per_minute']:8.0f}",
         f"  webhook -> CONFIRMED    p50 {w['p50']:.0f} ms  p99 {w['p99']:.0f} ms  (n {w['n']})",
         f"  oversold {m['oversold']}, paid without confirmation {m['paid_without_confirmation']}"

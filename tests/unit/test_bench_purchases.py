@@ -27,7 +27,8 @@ def test_the_median_sale_is_reported_and_every_sale_kept(monkeypatch: pytest.Mon
     monkeypatch.setattr(purchases, "warm_up", lambda *a: None)
     monkeypatch.setattr(purchases, "_sale", lambda *a, **k: next(runs))
     speeds = iter([60_000.0, 50_000.0])
-    m = purchases.measure(None, ("a", "b"), sales=3, machine=lambda: next(speeds))  # type: ignore[arg-type]
+    m = purchases.measure(None, ("a", "b"), sales=3, machine=lambda: next(speeds),  # type: ignore[arg-type]
+                          open_room_sale=False)
     assert m["tickets_per_minute"] == 10000
     assert m["webhook_to_confirmed_ms"]["p50"] == 500  # the median sale's own figures
     assert [s["tickets_per_minute"] for s in m["sales"]] == [9000, 11000, 10000]
@@ -45,7 +46,37 @@ def test_the_median_sale_is_reported_and_every_sale_kept(monkeypatch: pytest.Mon
 def test_an_even_number_of_sales_reports_the_lower_middle_one(monkeypatch: pytest.MonkeyPatch) -> None:
     runs = iter([_sale(9000), _sale(12000)])
     monkeypatch.setattr(purchases, "_sale", lambda *a, **k: next(runs))
-    m = purchases.measure(None, ("a", "b"), warmup_fans=0, sales=2)  # type: ignore[arg-type]
+    m = purchases.measure(None, ("a", "b"), warmup_fans=0, sales=2,  # type: ignore[arg-type]
+                          open_room_sale=False)
     assert m["tickets_per_minute"] == 9000
     with pytest.raises(ValueError, match="at least one"):
         purchases.measure(None, ("a", "b"), warmup_fans=0, sales=0)  # type: ignore[arg-type]
+
+
+def test_the_open_room_sale_is_reported_apart_and_checked_like_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One more sale with every fan let in at once: beside the figure, never the figure, and
+    what must be 0 there counts too."""
+    calls: list[bool] = []
+
+    def sale(*a: Any, room_open: bool = False, **k: Any) -> dict[str, Any]:
+        calls.append(room_open)
+        return _sale(7000, oversold=1) if room_open else _sale(10000)
+
+    monkeypatch.setattr(purchases, "_sale", sale)
+    m = purchases.measure(None, ("a", "b"), warmup_fans=0, sales=3)  # type: ignore[arg-type]
+    assert calls == [False, False, False, True]
+    assert m["tickets_per_minute"] == 10000 and m["open_room"]["tickets_per_minute"] == 7000
+    assert m["oversold"] == 1
+    assert m["room"] == {"max_active": purchases.ROOM_MAX_ACTIVE,
+                         "admit_rate_per_second": purchases.ROOM_ADMIT_RATE}
+    text = purchases.render(m)
+    assert "room wide open          7000 tickets/min at 86 ms" in text
+    assert f"at most {purchases.ROOM_MAX_ACTIVE} shopping at once" in text
+
+
+def test_the_room_admits_everyone_at_once_only_in_the_open_room_sale() -> None:
+    capped, wide = purchases._config(800, 2000, seed=1), purchases._config(800, 2000, seed=1, room_open=True)
+    assert (capped.max_active, capped.admit_rate) == (purchases.ROOM_MAX_ACTIVE, purchases.ROOM_ADMIT_RATE)
+    assert wide.max_active == 800 and wide.admit_rate >= 800
+    assert purchases._config(50, 200, seed=1).max_active == 50
