@@ -24,9 +24,9 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
                        simulator): tickets and purchases per minute, webhook -> CONFIRMED
                        p50/p99, beside the goal (10,000 tickets/min) and pretix's 300-400,
                        after an unmeasured warm-up sale of 200 fans (--purchase-warmup-fans);
-                       three sales (--purchase-sales), the median's figures and every one's,
-                       the room letting 200 shop at once; then one sale with the room wide
-                       open (every fan at once), printed beside them (--no-open-room-sale)
+                       three sales (--purchase-sales), the median's figures and every one's;
+                       then one sale with the room letting at most 200 shop at once, printed
+                       beside them (--no-capped-room-sale)
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ def main() -> None:
                     help="fans of an unmeasured sale before the purchases scenario (0: none)")
     ap.add_argument("--purchase-sales", type=int, default=3,
                     help="measured sales, one after another (the median sale's figures are printed)")
-    ap.add_argument("--no-open-room-sale", action="store_true",
-                    help="skip the extra sale with every fan let in at once (no admission control)")
+    ap.add_argument("--no-capped-room-sale", action="store_true",
+                    help="skip the extra sale with at most 200 fans shopping at once")
     args = ap.parse_args()
     tune_gc()  # the purchases scenario's simulator runs in this process (meshkit.memory)
     lay = layout("test")
@@ -148,7 +148,7 @@ def main() -> None:
                                            args.purchase_warmup_fans,
                                            machine=lambda: machine_speed(lay, args.connections),
                                            sales=args.purchase_sales,
-                                           open_room_sale=not args.no_open_room_sale)
+                                           capped_room_sale=not args.no_capped_room_sale)
     finally:
         if not args.keep:
             stack.down(lay)
