@@ -8,6 +8,7 @@ keeps it as it is. Stopping is checked on a scratch copy of the test profile (ow
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import signal
 import socket
@@ -181,3 +182,41 @@ def test_restart_and_down_leave_nothing(infra: Layout) -> None:
     # The session's own infrastructure was not touched.
     assert all(infra_pids(infra).values())
     assert probes.redis_ping(infra.redis_port)
+
+
+def _envoy_child(keeper: int) -> int | None:
+    """The Envoy the keeper shell runs now (its child), if any."""
+    out = subprocess.run(["pgrep", "-P", str(keeper)], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def test_a_crashed_envoy_is_started_again_and_a_stopped_one_is_not(tmp_path: Path) -> None:
+    """The edge is one process: when Envoy crashes (here: SIGSEGV) its keeper starts it again,
+    as Kubernetes restarts a crashed pod; devstack's stop ends both for good."""
+    import urllib.request
+
+    from bench.baseline import direct_envoy
+
+    lay = dataclasses.replace(scratch_layout(), run_dir=tmp_path)
+
+    def answers(url: str) -> bool:
+        try:
+            return urllib.request.urlopen(url, timeout=1).read() == b"ok"
+        except OSError:
+            return False
+
+    with direct_envoy(lay, {"/ok": ("text/plain", "ok")}) as base:
+        keeper = running_pid(lay.run_dir, "envoy-baseline")
+        assert keeper is not None and answers(f"{base}/ok")
+        first = _envoy_child(keeper)
+        assert first is not None
+        os.kill(first, signal.SIGSEGV)
+        log = lay.run_dir / "logs" / "envoy-baseline.log"
+        wait_until("envoy started again", lambda: _envoy_child(keeper) not in (None, first)
+                   and answers(f"{base}/ok"), timeout=30, log=log)
+        again = _envoy_child(keeper)
+        assert again is not None and again != first
+        assert "envoy crashed (exit status 139), starting it again" in log.read_text()
+    time.sleep(1.5)  # past the keeper's pause: nothing was started after the stop
+    assert not is_alive(keeper) and not is_alive(again)
+    assert not answers(f"{base}/ok")
