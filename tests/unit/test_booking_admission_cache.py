@@ -5,7 +5,9 @@ behind it: tests/integration/test_queue_rooms.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -31,29 +33,30 @@ class FakeQueue:
         return qpb.EndSessionResponse()
 
 
-async def _admission(queue: FakeQueue, cache_seconds: float) -> QueueAdmission:
+@contextlib.asynccontextmanager
+async def _admission(queue: FakeQueue, cache_seconds: float) -> AsyncIterator[QueueAdmission]:
+    """A QueueAdmission that asks `queue`, closed when the block ends."""
     admission = QueueAdmission("127.0.0.1:1", cache_seconds=cache_seconds)
     admission._stub = queue  # type: ignore[assignment]
-    return admission
+    try:
+        yield admission
+    finally:
+        await admission.close()
 
 
 async def test_an_active_answer_is_kept_for_the_cache_time() -> None:
     queue = FakeQueue(session_left=300)
-    admission = await _admission(queue, cache_seconds=0.3)
-    try:
+    async with _admission(queue, cache_seconds=0.3) as admission:
         assert await admission.is_active("e", "u", "j") and await admission.is_active("e", "u", "j")
         assert queue.calls == 1
         await asyncio.sleep(0.35)
         assert await admission.is_active("e", "u", "j")
         assert queue.calls == 2
-    finally:
-        await admission.close()
 
 
 async def test_a_session_ending_sooner_than_the_cache_time_is_asked_again_once_ended() -> None:
     queue = FakeQueue(session_left=0.3)
-    admission = await _admission(queue, cache_seconds=60)
-    try:
+    async with _admission(queue, cache_seconds=60) as admission:
         assert await admission.is_active("e", "u", "j")
         assert await admission.is_active("e", "u", "j")
         assert queue.calls == 1
@@ -65,16 +68,13 @@ async def test_a_session_ending_sooner_than_the_cache_time_is_asked_again_once_e
         for _ in range(2):
             assert await admission.is_active("e", "u", "j")
         assert queue.calls == 4
-    finally:
-        await admission.close()
 
 
 async def test_a_token_issued_within_the_cache_time_stands_for_the_answer() -> None:
     """The queue signs the token when it claims the session: for the cache time after its iat,
     the token is a positive answer as fresh as a cached one, and nobody is asked."""
     queue = FakeQueue(session_left=300)
-    admission = await _admission(queue, cache_seconds=2)
-    try:
+    async with _admission(queue, cache_seconds=2) as admission:
         now = int(time.time())
         assert await admission.is_active("e", "u", "j", issued_at=now)
         assert await admission.is_active("e", "u", "j", issued_at=now - 1)
@@ -85,14 +85,11 @@ async def test_a_token_issued_within_the_cache_time_stands_for_the_answer() -> N
         assert queue.calls == 2
         assert await admission.is_active("e", "u4", "j")  # no iat passed: asked
         assert queue.calls == 3
-    finally:
-        await admission.close()
 
 
 async def test_a_session_ended_here_is_not_let_in_on_an_earlier_token() -> None:
     queue = FakeQueue(session_left=300)
-    admission = await _admission(queue, cache_seconds=2)
-    try:
+    async with _admission(queue, cache_seconds=2) as admission:
         issued = int(time.time())
         await admission.end_session("e", "u", confirmed=False)
         assert queue.ended == [("e", "u")]
@@ -100,17 +97,12 @@ async def test_a_session_ended_here_is_not_let_in_on_an_earlier_token() -> None:
         assert queue.calls == 1  # but it was asked
         assert await admission.is_active("e", "other", "j", issued_at=issued)  # another fan: fresh
         assert queue.calls == 1
-    finally:
-        await admission.close()
 
 
 async def test_no_cache_time_means_every_token_is_checked() -> None:
     queue = FakeQueue(session_left=300)
-    admission = await _admission(queue, cache_seconds=0)
-    try:
+    async with _admission(queue, cache_seconds=0) as admission:
         now = int(time.time())
         for issued in (now, now + 1):
             assert await admission.is_active("e", "u", "j", issued_at=issued)
         assert queue.calls == 2
-    finally:
-        await admission.close()
