@@ -123,12 +123,17 @@ local function view(user, now, cfg, st, claim_jti)
   return {'EXPIRED', n, 0}
 end
 
+-- The measured admission rate as stored: mr, mt, m0 (the EWMA, when, since when).
+local function measured()
+  local m = redis.call('HMGET', STATS, 'mr', 'mt', 'm0')
+  return m[1] or '0', m[2] or '0', m[3] or '0'
+end
+
 -- What a ticket answer carries about the room (for the position's ETA).
 local function with_room(v, now, cfg, st)
-  local m = redis.call('HMGET', STATS, 'mr', 'mt', 'm0')
+  local mr, mt, m0 = measured()
   return {v[1], v[2], v[3], v[4] or '', v[5] or 0, v[6] or '', v[7] or 0,
-          now, cfg.so, tostring(cfg.rate), cfg.paused and 1 or 0,
-          m[1] or '0', m[2] or '0', m[3] or '0'}
+          now, cfg.so, tostring(cfg.rate), cfg.paused and 1 or 0, mr, mt, m0}
 end
 
 -- The public room status: {serving, waiting, active, rate, max, paused, ttl, sold, pending,
@@ -142,7 +147,7 @@ local function status(now, cfg, st)
   end
   local active = redis.call('ZCOUNT', ACT, '(' .. now, '+inf')
   local pending = redis.call('ZCOUNT', PEND, '(' .. now, '+inf')
-  local m = redis.call('HMGET', STATS, 'mr', 'mt', 'm0')
+  local mr, mt, m0 = measured()
   return {st.serving, waiting, active, tostring(cfg.rate), cfg.max, cfg.paused and 1 or 0, cfg.ttl,
-          cfg.sold and 1 or 0, pending, now, m[1] or '0', m[2] or '0', m[3] or '0'}
+          cfg.sold and 1 or 0, pending, now, mr, mt, m0}
 end
