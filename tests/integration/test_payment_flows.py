@@ -573,6 +573,11 @@ async def test_same_payment_succeeded_twice_confirms_once(
     async def confirmed() -> bool:
         return await order_state(bstub, o) == bpb.ORDER_STATE_CONFIRMED
     await wait_for("order CONFIRMED", confirmed)
+
+    async def counted() -> bool:  # the sale commits before the consumer counts the record
+        assert booking.payment_consumer is not None
+        return booking.payment_consumer.passed_total > passed
+    await wait_for("the record counted", counted)
     # The replica that made the order sold it in its precheck (no de-duplication mark) ...
     assert booking.payment_consumer.passed_total == passed + 1
     async with pw.payments.pool.connection() as conn:
