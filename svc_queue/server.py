@@ -8,6 +8,7 @@ second); everything about one fan answers `cache-control: no-store`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TypeAlias
 
 import grpc
@@ -17,7 +18,7 @@ from ticketping.queue.v1 import queue_service_pb2 as pb
 from ticketping.queue.v1 import queue_service_pb2_grpc as pb_grpc
 
 from meshkit import access
-from meshkit.errors import Unauthenticated
+from meshkit.errors import InvalidArgument, Unauthenticated
 from meshkit.server import mark_unimplemented
 
 from .domain.room import (
@@ -35,6 +36,8 @@ from .service import Queue
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 PUBLIC_STATUS = (("cache-control", "public, max-age=1"),)
+# One BatchCheckAdmission's checks at most: one Redis script call runs them all.
+MAX_BATCH_CHECKS = 1000
 
 _STATE = {
     "NOT_JOINED": pb.QUEUE_TICKET_STATE_NOT_JOINED,
@@ -149,11 +152,32 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         self, request: pb.CheckAdmissionRequest, context: Ctx
     ) -> pb.CheckAdmissionResponse:
         event_id = parse_event_name(request.event)
-        expire_ms = await self.queue.check(
-            event_id, require(request.user_id, "user_id"), require(request.jti, "jti"))
-        if expire_ms is None:
-            return pb.CheckAdmissionResponse(active=False)
-        return pb.CheckAdmissionResponse(active=True, expire_time=_ts(expire_ms))
+        (answer,) = await self._check(event_id, (request,))
+        return answer
+
+    async def BatchCheckAdmission(
+        self, request: pb.BatchCheckAdmissionRequest, context: Ctx
+    ) -> pb.BatchCheckAdmissionResponse:
+        event_id = parse_event_name(request.event)
+        if not request.requests:
+            raise InvalidArgument("MISSING_FIELD", "requests is required", metadata={"field": "requests"})
+        if len(request.requests) > MAX_BATCH_CHECKS:
+            raise InvalidArgument("TOO_MANY_REQUESTS", f"at most {MAX_BATCH_CHECKS} checks in one batch",
+                                  metadata={"field": "requests", "limit": str(MAX_BATCH_CHECKS)})
+        for i, r in enumerate(request.requests):
+            require(r.user_id, f"requests[{i}].user_id")
+            require(r.jti, f"requests[{i}].jti")
+            if r.event and r.event != request.event:
+                raise InvalidArgument("EVENT_MISMATCH", "every check must be for the batch's event",
+                                      metadata={"field": f"requests[{i}].event", "event": request.event})
+        return pb.BatchCheckAdmissionResponse(responses=await self._check(event_id, request.requests))
+
+    async def _check(self, event_id: str, requests: Iterable[pb.CheckAdmissionRequest]
+                     ) -> list[pb.CheckAdmissionResponse]:
+        sessions = [(require(r.user_id, "user_id"), require(r.jti, "jti")) for r in requests]
+        return [pb.CheckAdmissionResponse(active=False) if exp is None
+                else pb.CheckAdmissionResponse(active=True, expire_time=_ts(exp))
+                for exp in await self.queue.check(event_id, sessions)]
 
     async def ListOpenQueues(
         self, request: pb.ListOpenQueuesRequest, context: Ctx

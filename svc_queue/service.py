@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -202,14 +202,15 @@ class Queue:
         ended, _ = await self.rooms.end_session(event_id, user_id, to="E" if expired else "D")
         return ended
 
-    async def check(self, event_id: str, user_id: str, jti: str) -> int | None:
-        """The session's deadline (ms) if active, else None (also for a room that does not
-        exist: booking only needs "not admitted"). A missing room is rebuilt on the way; the
-        answer is "not active" whatever catalog says, since a lost session stays lost."""
+    async def check(self, event_id: str, sessions: Sequence[tuple[str, str]]) -> list[int | None]:
+        """For each (user, jti): the session's deadline (ms) if active, else None (also for a
+        room that does not exist: booking only needs "not admitted"). A missing room is rebuilt
+        on the way; the answer is "not active" whatever catalog says, since a lost session stays
+        lost."""
         try:
-            return await self._in_room(event_id, lambda: self.rooms.check(event_id, user_id, jti))
+            return await self._in_room(event_id, lambda: self.rooms.check(event_id, sessions))
         except (EventNotFound, CatalogUnavailable):
-            return None
+            return [None] * len(sessions)
 
     async def jwks(self) -> list[dict[str, str]]:
         return await self.keys.jwks()

@@ -18,6 +18,7 @@ token's word.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Protocol
@@ -30,6 +31,10 @@ from meshkit.channels import client_channel
 from meshkit.errors import DomainError
 
 log = logging.getLogger(__name__)
+
+# After a waiting room answers BatchCheckAdmission with UNIMPLEMENTED: one CheckAdmission per
+# check this long (seconds), then the batch is tried again.
+SINGLE_CHECKS_FOR = 60.0
 
 
 class AdmissionUnavailable(DomainError):
@@ -56,7 +61,7 @@ class QueueAdmission:
     """CheckAdmission over gRPC with a short deadline and a small positive cache."""
 
     def __init__(self, address: str, *, timeout: float = 0.5, cache_seconds: float = 2.0,
-                 max_cached: int = 100_000) -> None:
+                 max_cached: int = 100_000, max_batch: int = 500) -> None:
         self._channel = client_channel(address)
         self._stub = qpb_grpc.QueueServiceStub(self._channel)
         self.timeout = timeout
@@ -68,6 +73,13 @@ class QueueAdmission:
         # (event, user) -> when this replica ended the fan's session (Unix seconds): a token
         # issued before that is not fresh. Kept no longer than a token stays fresh.
         self._ended: dict[tuple[str, str], float] = {}
+        # event -> (user, jti) -> the answer: the checks waiting for the next batch; and the
+        # events with a batch under way (one at a time per event, so the batches grow with the load).
+        self._waiting: dict[str, dict[tuple[str, str], asyncio.Future[qpb.CheckAdmissionResponse]]] = {}
+        self._sending: set[str] = set()
+        self._senders: set[asyncio.Task[None]] = set()
+        self.max_batch = max_batch
+        self._single_until = 0.0  # until then, no BatchCheckAdmission (the queue had none)
 
     def fresh(self, key: tuple[str, str], issued_at: int) -> bool:
         """Whether a token issued at ``issued_at`` (whole seconds, rounded down by the queue) is
@@ -87,14 +99,7 @@ class QueueAdmission:
         cached = self._cache.get(key)
         if cached is not None and cached[0] == jti and cached[1] > now:
             return True
-        try:
-            resp = await self._stub.CheckAdmission(
-                qpb.CheckAdmissionRequest(event=f"events/{event_id}", user_id=user_id, jti=jti),
-                timeout=self.timeout)
-        except grpc.aio.AioRpcError as err:
-            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise AdmissionUnavailable(err.code().name) from None
-            return False  # UNIMPLEMENTED, NOT_FOUND, PERMISSION_DENIED, ...: fail closed
+        resp = await self._ask(event_id, user_id, jti)
         if resp.active and self.cache_seconds > 0:
             keep = self.cache_seconds
             if resp.HasField("expire_time"):  # never past the session's own end
@@ -106,6 +111,67 @@ class QueueAdmission:
                         self._cache.clear()
                 self._cache[key] = (jti, now + keep)
         return bool(resp.active)
+
+    async def _ask(self, event_id: str, user_id: str, jti: str) -> qpb.CheckAdmissionResponse:
+        """The waiting room's answer for one session, asked together with every other check of
+        the event that comes while one batch is under way (the same session's once)."""
+        waiting = self._waiting.setdefault(event_id, {})
+        answer = waiting.get((user_id, jti))
+        if answer is None:
+            answer = waiting[(user_id, jti)] = asyncio.get_running_loop().create_future()
+            if event_id not in self._sending:
+                self._sending.add(event_id)
+                sender = asyncio.create_task(self._send(event_id))
+                self._senders.add(sender)
+                sender.add_done_callback(self._senders.discard)
+        # Shielded: a caller that gives up must not cancel the answer others wait for too.
+        return await asyncio.shield(answer)
+
+    async def _send(self, event_id: str) -> None:
+        """Batches of the event's waiting checks, one after another, until none is left."""
+        try:
+            while waiting := self._waiting.pop(event_id, None):
+                batch = list(waiting.items())
+                if len(batch) > self.max_batch:  # the rest go in the next batch
+                    self._waiting[event_id] = dict(batch[self.max_batch:])
+                    batch = batch[:self.max_batch]
+                try:
+                    answers = await self._check(event_id, [session for session, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - each waiter gets it
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                else:
+                    for (_, answer), resp in zip(batch, answers, strict=True):
+                        if not answer.done():
+                            answer.set_result(resp)
+        finally:
+            self._sending.discard(event_id)
+
+    async def _check(self, event_id: str, sessions: list[tuple[str, str]]
+                     ) -> list[qpb.CheckAdmissionResponse]:
+        event = f"events/{event_id}"
+        requests = [qpb.CheckAdmissionRequest(event=event, user_id=u, jti=j) for u, j in sessions]
+        try:
+            if len(requests) > 1 and time.monotonic() >= self._single_until:
+                try:
+                    batch = qpb.BatchCheckAdmissionRequest(event=event, requests=requests)
+                    return list((await self._stub.BatchCheckAdmission(batch, timeout=self.timeout)).responses)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    # A waiting room from before BatchCheckAdmission (a rolling upgrade): one
+                    # call per check for a while.
+                    self._single_until = time.monotonic() + SINGLE_CHECKS_FOR
+            return list(await asyncio.gather(
+                *(self._stub.CheckAdmission(r, timeout=self.timeout) for r in requests)))
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise AdmissionUnavailable(err.code().name) from None
+            # UNIMPLEMENTED, NOT_FOUND, PERMISSION_DENIED, ...: fail closed
+            log.warning("the waiting room refused the admission check; not admitted",
+                        extra={"event": event_id, "code": err.code().name})
+            return [qpb.CheckAdmissionResponse(active=False)] * len(sessions)
 
     async def end_session(self, event_id: str, user_id: str, confirmed: bool) -> None:
         reason = (qpb.SESSION_END_REASON_ORDER_CONFIRMED if confirmed

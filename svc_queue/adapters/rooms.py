@@ -137,16 +137,17 @@ class RoomStore:
         kept = await self._run("store_token", [ticket_key(event_id, user_id)], [jti, token])
         return None if kept is None else _text(kept)
 
-    async def check(self, event_id: str, user_id: str, jti: str) -> int | None:
-        """The session's deadline (ms) if ``jti`` is the user's active session, else None.
-        Raises EventNotFound when the answer is "no" and the room itself does not exist."""
-        active, exp, room = await self._run(
-            "check", [ticket_key(event_id, user_id), RoomKeys.of(event_id).cfg], [jti])
-        if int(active):
-            return int(exp)
-        if not int(room):
+    async def check(self, event_id: str, sessions: Sequence[tuple[str, str]]) -> list[int | None]:
+        """For each (user, jti): the session's deadline (ms) if ``jti`` is the user's active
+        session, else None; all in one script. Raises EventNotFound when some answer is "no" and
+        the room itself does not exist."""
+        reply = await self._run(
+            "check", [RoomKeys.of(event_id).cfg, *(ticket_key(event_id, u) for u, _ in sessions)],
+            [jti for _, jti in sessions])
+        *found, room = (int(x) for x in reply)
+        if not room:
             raise EventNotFound(event_id)
-        return None
+        return [exp or None for exp in found]
 
     async def end_session(
         self, event_id: str, user_id: str, *, to: str = "D", marker: str | None = None,

@@ -5,6 +5,7 @@ While svc_queue answers UNIMPLEMENTED (not built yet), booking fails closed: 403
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -93,3 +94,59 @@ async def test_unreachable_queue_is_unavailable_not_a_pass() -> None:
             await check.is_active("e1", "u1", "j1")
     finally:
         await check.close()
+
+
+async def test_a_waiting_room_without_batches_gets_one_check_per_call() -> None:
+    """A waiting room from before BatchCheckAdmission (a rolling upgrade) answers it
+    UNIMPLEMENTED: the checks that came together are asked one by one, each gets its own
+    answer, and the batch is not tried again for a while."""
+
+    fake = ActiveFor("events/e1", "u1", "j1")
+    server, addr = await serve(fake)
+    check = QueueAdmission(addr, timeout=1.0, cache_seconds=0)
+    try:
+        asks = [("u1", "j1"), ("u2", "j1"), ("u1", "j2")] * 4
+        got = await asyncio.gather(*(check.is_active("e1", u, j) for u, j in asks))
+        assert got == [(u, j) == ("u1", "j1") for u, j in asks]
+        first = len(fake.calls)
+        assert set(fake.calls) == {("events/e1", u, j) for u, j in asks} and first <= len(asks)
+        got = await asyncio.gather(*(check.is_active("e1", u, j) for u, j in asks))
+        assert got == [(u, j) == ("u1", "j1") for u, j in asks]
+        assert len(fake.calls) > first
+    finally:
+        await check.close()
+        await server.stop(0)
+
+
+async def test_a_caller_giving_up_spares_the_others_and_an_unreachable_queue_fails_each() -> None:
+
+    class Slow(ActiveFor):
+        async def CheckAdmission(self, request: qpb.CheckAdmissionRequest, context: object
+                                 ) -> qpb.CheckAdmissionResponse:
+            await asyncio.sleep(0.3)
+            return await super().CheckAdmission(request, context)
+
+    fake = Slow("events/e1", "u1", "j1")
+    server, addr = await serve(fake)
+    check = QueueAdmission(addr, timeout=2.0, cache_seconds=0)
+    try:
+        first = asyncio.create_task(check.is_active("e1", "u0", "j0"))  # a batch of one, under way
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(check.is_active("e1", "u1", "j1")) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        waiting[0].cancel()  # a caller gives up: the others sharing its answer still get it
+        assert await first is False
+        assert [await w for w in waiting[1:]] == [True, True]
+        assert waiting[0].cancelled()
+        assert fake.calls == [("events/e1", "u0", "j0"), ("events/e1", "u1", "j1")]  # asked once
+    finally:
+        await check.close()
+        await server.stop(0)
+
+    gone = QueueAdmission("127.0.0.1:1", timeout=0.3)
+    try:
+        answers = await asyncio.gather(*(gone.is_active("e1", f"u{i}", "j") for i in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(a, AdmissionUnavailable) for a in answers)
+    finally:
+        await gone.close()

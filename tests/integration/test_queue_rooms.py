@@ -28,6 +28,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
+from prometheus_client import REGISTRY
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from ticketping.events.v1 import events_pb2 as ev
@@ -766,6 +767,54 @@ async def test_the_admission_token_is_es256_for_this_fan_and_event_and_checkable
     assert not again_end.ended  # nothing left to end
 
 
+async def test_a_batch_of_admission_checks_answers_each_in_order(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """BatchCheckAdmission: one answer per check, in their order, each what CheckAdmission
+    says; a room that does not exist answers "not active" to all; a bad batch is refused whole
+    with the reason and the field."""
+    event_id = await open_room(wired, rooms, max_active=2)
+    for u in ("a", "b", "waiting"):
+        await join(stub, event_id, u)
+    await until(lambda: served(stub, event_id, 2))
+    a, b = await me(stub, event_id, "a"), await me(stub, event_id, "b")
+    event = f"events/{event_id}"
+
+    def req(user: str, jti: str, on: str = "") -> pb.CheckAdmissionRequest:
+        return pb.CheckAdmissionRequest(event=on, user_id=user, jti=jti)
+
+    checks = [req("a", _jti(a)), req("b", _jti(a)), req("waiting", str(uuid.uuid4())),
+              req("b", _jti(b), on=event), req("nobody", _jti(b)), req("a", _jti(a))]
+    got = await stub.BatchCheckAdmission(pb.BatchCheckAdmissionRequest(event=event, requests=checks),
+                                         timeout=5)
+    assert [r.active for r in got.responses] == [True, False, False, True, False, True]
+    assert got.responses[0].expire_time == a.admission_expire_time
+    assert got.responses[3].expire_time == b.admission_expire_time
+    for one, answer in zip(checks, got.responses, strict=True):
+        assert await stub.CheckAdmission(req(one.user_id, one.jti, on=event), timeout=5) == answer
+
+    missing = f"events/{uuid.uuid4()}"
+    nowhere = await stub.BatchCheckAdmission(
+        pb.BatchCheckAdmissionRequest(event=missing, requests=checks[:2]), timeout=5)
+    assert [r.active for r in nowhere.responses] == [False, False]
+
+    for bad, reason, field in (
+            ([], "MISSING_FIELD", "requests"),
+            ([req("a", _jti(a)), req("b", "")], "MISSING_FIELD", "requests[1].jti"),
+            ([req("", _jti(a))], "MISSING_FIELD", "requests[0].user_id"),
+            ([req("a", _jti(a), on=missing)], "EVENT_MISMATCH", "requests[0].event"),
+            ([req("a", _jti(a))] * 1001, "TOO_MANY_REQUESTS", "requests")):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.BatchCheckAdmission(pb.BatchCheckAdmissionRequest(event=event, requests=bad),
+                                           timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info(refused.value)
+        assert info is not None and info.reason == reason and info.metadata["field"] == field
+    # 1,000 checks go in one call
+    full = await stub.BatchCheckAdmission(
+        pb.BatchCheckAdmissionRequest(event=event, requests=[req("b", _jti(b))] * 1000), timeout=10)
+    assert len(full.responses) == 1000 and all(r.active for r in full.responses)
+
+
 async def test_the_eta_follows_the_measured_rate(
         stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
     event_id = await open_room(wired, rooms, rate=20, max_active=10_000)
@@ -934,6 +983,42 @@ async def test_bookings_admission_client_works_against_the_real_queue(
     finally:
         await client.close()
         await cached.close()
+
+
+def _calls(method: str) -> float:
+    return REGISTRY.get_sample_value("grpc_server_started_total", {
+        "grpc_service": "ticketping.queue.v1.QueueService", "grpc_method": method}) or 0.0
+
+
+async def test_bookings_checks_made_at_once_go_in_few_batches_each_with_its_own_answer(
+        stub: pb_grpc.QueueServiceStub, wired: Wired, rooms: list[str]) -> None:
+    """Hundreds of fans holding at once: booking's client sends the checks that arrive while one
+    call is under way together (BatchCheckAdmission), and asks for the same session once; every
+    fan still gets the waiting room's answer about their own session."""
+    from svc_booking.adapters.admission import QueueAdmission
+
+    event_id = await open_room(wired, rooms, max_active=150)
+    users = [f"f{i:03d}" for i in range(200)]
+    for i in range(0, 200, 50):
+        await asyncio.gather(*(join(stub, event_id, u) for u in users[i:i + 50]))
+    await until(lambda: served(stub, event_id, 150))
+    tickets = {u: await me(stub, event_id, u) for u in users}
+    active = {u for u, t in tickets.items() if t.state == ACTIVE}
+    assert len(active) == 150
+    jtis = {u: _jti(t) if u in active else str(uuid.uuid4()) for u, t in tickets.items()}
+    client = QueueAdmission(f"127.0.0.1:{wired.app.port}", timeout=5.0, cache_seconds=0)
+    singles, batches = _calls("CheckAdmission"), _calls("BatchCheckAdmission")
+    try:
+        asks = [(u, jtis[u]) for u in users] * 3  # each fan three times (a hold, an order...)
+        random.shuffle(asks)
+        got = await asyncio.gather(*(client.is_active(event_id, u, j) for u, j in asks))
+        assert got == [u in active for u, _ in asks]
+        sent = _calls("CheckAdmission") - singles + _calls("BatchCheckAdmission") - batches
+        assert 1 <= sent <= 5, f"{sent} calls for {len(asks)} checks"
+        # one at a time, a check is one CheckAdmission, as before
+        assert await client.is_active(event_id, users[0], jtis[users[0]]) == (users[0] in active)
+    finally:
+        await client.close()
 
 
 async def test_booking_s_sold_out_event_closes_the_room(
