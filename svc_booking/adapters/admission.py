@@ -99,8 +99,10 @@ class QueueAdmission:
         cached = self._cache.get(key)
         if cached is not None and cached[0] == jti and cached[1] > now:
             return True
+        asked = time.time()
         resp = await self._ask(event_id, user_id, jti)
-        if resp.active and self.cache_seconds > 0:
+        # Not kept if this replica ended the session meanwhile: the answer may be from before.
+        if resp.active and self.cache_seconds > 0 and self._ended.get(key, 0.0) < asked:
             keep = self.cache_seconds
             if resp.HasField("expire_time"):  # never past the session's own end
                 keep = min(keep, resp.expire_time.ToMicroseconds() / 1e6 - time.time())

@@ -106,3 +106,27 @@ async def test_no_cache_time_means_every_token_is_checked() -> None:
         for issued in (now, now + 1):
             assert await admission.is_active("e", "u", "j", issued_at=issued)
         assert queue.calls == 2
+
+
+async def test_an_answer_asked_before_this_replica_ended_the_session_is_not_kept() -> None:
+    """A check under way (or waiting for the batch before it) when this replica ends the
+    session may bring back the room's "active" from before the end: it answers the request
+    that asked, but is not kept for the next one."""
+    queue = FakeQueue(session_left=300)
+    gate = asyncio.Event()
+    asked = queue.CheckAdmission
+
+    async def slow(request: qpb.CheckAdmissionRequest, **kw: Any) -> Any:
+        await gate.wait()
+        return await asked(request, **kw)
+
+    queue.CheckAdmission = slow  # type: ignore[method-assign]
+    async with _admission(queue, cache_seconds=60) as admission:
+        check = asyncio.create_task(admission.is_active("e", "u", "j"))
+        await asyncio.sleep(0.01)
+        await admission.end_session("e", "u", confirmed=True)
+        gate.set()
+        assert await check  # the room's answer, from before the end
+        queue.CheckAdmission = asked  # type: ignore[method-assign]
+        assert await admission.is_active("e", "u", "j")
+        assert queue.calls == 2  # asked again: the first answer was not kept
