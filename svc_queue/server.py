@@ -8,7 +8,6 @@ second); everything about one fan answers `cache-control: no-store`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TypeAlias
 
 import grpc
@@ -152,7 +151,8 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         self, request: pb.CheckAdmissionRequest, context: Ctx
     ) -> pb.CheckAdmissionResponse:
         event_id = parse_event_name(request.event)
-        (answer,) = await self._check(event_id, (request,))
+        (answer,) = await self._check(
+            event_id, [(require(request.user_id, "user_id"), require(request.jti, "jti"))])
         return answer
 
     async def BatchCheckAdmission(
@@ -164,17 +164,17 @@ class QueueServicer(pb_grpc.QueueServiceServicer):
         if len(request.requests) > MAX_BATCH_CHECKS:
             raise InvalidArgument("TOO_MANY_REQUESTS", f"at most {MAX_BATCH_CHECKS} checks in one batch",
                                   metadata={"field": "requests", "limit": str(MAX_BATCH_CHECKS)})
+        sessions = []
         for i, r in enumerate(request.requests):
-            require(r.user_id, f"requests[{i}].user_id")
-            require(r.jti, f"requests[{i}].jti")
             if r.event and r.event != request.event:
                 raise InvalidArgument("EVENT_MISMATCH", "every check must be for the batch's event",
                                       metadata={"field": f"requests[{i}].event", "event": request.event})
-        return pb.BatchCheckAdmissionResponse(responses=await self._check(event_id, request.requests))
+            sessions.append((require(r.user_id, f"requests[{i}].user_id"),
+                             require(r.jti, f"requests[{i}].jti")))
+        return pb.BatchCheckAdmissionResponse(responses=await self._check(event_id, sessions))
 
-    async def _check(self, event_id: str, requests: Iterable[pb.CheckAdmissionRequest]
-                     ) -> list[pb.CheckAdmissionResponse]:
-        sessions = [(require(r.user_id, "user_id"), require(r.jti, "jti")) for r in requests]
+    async def _check(self, event_id: str, sessions: list[tuple[str, str]]) -> list[pb.CheckAdmissionResponse]:
+        """Each (user, jti) checked (validated by the caller), in one Redis script."""
         return [pb.CheckAdmissionResponse(active=False) if exp is None
                 else pb.CheckAdmissionResponse(active=True, expire_time=_ts(exp))
                 for exp in await self.queue.check(event_id, sessions)]
