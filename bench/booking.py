@@ -92,7 +92,7 @@ def _redis_hold_script(lay: Layout, seconds: int, connections: int) -> wrk.Resul
         now_ms = int(time.time() * 1000)
         keys = (inv.meta_key(event), inv.seats_key(event), inv.deadlines_key(event),
                 inv.fans_key(event), inv.request_key(event, "u__rand_int__", "__rand_int__"),
-                inv.hold_key(event, "__rand_int__"))
+                inv.hold_key(event, "__rand_int__"), inv.runs_key(event))
         args = ("u__rand_int__", "__rand_int__", str(now_ms), str(now_ms + 300_000), "600000",
                 "s__rand_int__", "s__rand_int__")
         return queue_bench.redis_benchmark(

@@ -162,7 +162,8 @@ class BookingServicer(pb_grpc.BookingServiceServicer):
         event_id = model.parse_event_name(request.parent)
         request_id = model.parse_request_id(request.request_id)
         user = await self._admit(context, event_id)
-        priced = await self.booking.create_hold(user, event_id, list(request.seat_ids), request_id)
+        priced = await self.booking.create_hold(user, event_id, list(request.seat_ids), request_id,
+                                                quantity=request.quantity, section=request.section)
         h = priced.hold
         return pb.Hold(name=h.name, seat_ids=h.seat_ids, expire_time=ts(h.expire_time),
                        create_time=ts(h.create_time), amount=money(priced.amount))

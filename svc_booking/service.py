@@ -34,7 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 from ticketping.events.v1.events_pb2 import EventEnvelope, EventPublished
 
 from meshkit.db import autocommit
-from meshkit.errors import DomainError, NotFound, request_id_reused
+from meshkit.errors import DomainError, InvalidArgument, NotFound, request_id_reused
 from meshkit.events import event_type, payload_of
 from meshkit.outbox import Outboxed, enqueue
 from meshkit.written import Written
@@ -78,9 +78,14 @@ class _StateRebuilt(Exception):
         self.made_on = made_on
 
 
-def _same_request(hold: Hold, seats: Sequence[str], request_id: uuid.UUID) -> None:
-    """A hold request answered from an earlier one with this id must have asked for its seats."""
-    if sorted(hold.seat_ids) != sorted(seats):
+def _same_request(hold: Hold, wanted: Sequence[str] | model.BestAvailable, request_id: uuid.UUID) -> None:
+    """A hold request answered from an earlier one with this id must have asked for its seats
+    (or, best available, for as many in the section it names)."""
+    if isinstance(wanted, model.BestAvailable):
+        same = wanted.asked_for(hold.seat_ids)
+    else:
+        same = sorted(hold.seat_ids) == sorted(wanted)
+    if not same:
         raise request_id_reused(request_id, model.hold_name(hold.event_id, hold.hold_id))
 
 
@@ -286,21 +291,30 @@ class Booking:
     # --- holds ---------------------------------------------------------------------------------
 
     async def create_hold(
-        self, user_id: str, event_id: str, seat_ids: Sequence[str], request_id: uuid.UUID
+        self, user_id: str, event_id: str, seat_ids: Sequence[str], request_id: uuid.UUID,
+        *, quantity: int = 0, section: str = "",
     ) -> PricedHold:
+        """Hold the named seats, or (``quantity``, ``section``) the best free ones."""
         layout = await self.layout(event_id)
         layout.check_on_sale(self.clock())
-        seats = model.check_seat_ids(seat_ids)
-        unknown = layout.unknown(seats)
-        if unknown:
-            raise model.unknown_seats(unknown)
+        wanted: tuple[str, ...] | model.BestAvailable
+        if quantity or section:
+            if seat_ids:
+                raise InvalidArgument("SEATS_OR_QUANTITY", "name seat_ids or a quantity (best available), "
+                                      "not both", metadata={"field": "quantity"})
+            wanted = layout.best_available(quantity, section)
+        else:
+            wanted = model.check_seat_ids(seat_ids)
+            unknown = layout.unknown(wanted)
+            if unknown:
+                raise model.unknown_seats(unknown)
         for _ in range(3):
-            placed = await self._place_hold(layout, user_id, seats, request_id)
+            placed = await self._place_hold(layout, user_id, wanted, request_id)
             if placed is not None:
                 return placed
         raise DomainError("INVENTORY_UNAVAILABLE", "the seat state kept being rebuilt; retry")
 
-    async def _place_hold(self, layout: Layout, user_id: str, seats: tuple[str, ...],
+    async def _place_hold(self, layout: Layout, user_id: str, wanted: tuple[str, ...] | model.BestAvailable,
                           request_id: uuid.UUID) -> PricedHold | None:
         """One attempt: the Redis script decides, then PostgreSQL writes the hold down. None if
         the state the script ran on was lost and rebuilt before the row was written: the seats
@@ -310,7 +324,7 @@ class Booking:
         expire = now + self.hold_ttl
         hold_id = uuid.uuid4()
         for _ in range(3):
-            res = await self.inventory.hold(event_id, user_id, str(hold_id), str(request_id), seats,
+            res = await self.inventory.hold(event_id, user_id, str(hold_id), str(request_id), wanted,
                                             ms(now), ms(expire), self._keep_ms)
             if res.outcome != "NOINV":
                 break
@@ -318,17 +332,20 @@ class Booking:
         if res.outcome == "DUP":
             replayed = await self._replay_hold(layout, user_id, uuid.UUID(res.values[0]), request_id)
             if replayed is not None:
-                _same_request(replayed.hold, seats, request_id)
+                _same_request(replayed.hold, wanted, request_id)
             return replayed
         if res.outcome == "TAKEN":
             raise model.SeatUnavailable(res.values)
         if res.outcome == "LIMIT":
-            raise model.SeatLimitExceeded(int(res.values[0]), len(seats), int(res.values[1]))
+            asked = wanted.quantity if isinstance(wanted, model.BestAvailable) else len(wanted)
+            raise model.SeatLimitExceeded(int(res.values[0]), asked, int(res.values[1]))
         if res.outcome == "UNKNOWN":
             raise model.unknown_seats(res.values)
+        if res.outcome == "NONE" and isinstance(wanted, model.BestAvailable):
+            raise model.no_seats_for(wanted, int(res.values[0]))
         if res.outcome != "OK":
             raise DomainError("INVENTORY_UNAVAILABLE", "the seat state could not be built; retry")
-        stamp = res.values[0]
+        stamp, seats = res.values[0], (wanted if isinstance(wanted, tuple) else res.values[1:])
         hold = Hold(hold_id, event_id, user_id, seats, expire, now)
         first = None
         try:
@@ -358,7 +375,7 @@ class Booking:
         if first is not None:
             if first.hold_id != hold_id:
                 await self._take_back(hold, request_id)
-            _same_request(first, seats, request_id)
+            _same_request(first, wanted, request_id)
             return PricedHold(first, layout.amount(first.seat_ids))
         self.written_holds.put(hold_id, hold)
         return PricedHold(hold, layout.amount(seats))

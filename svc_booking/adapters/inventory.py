@@ -6,6 +6,9 @@ Keys (one slot per event, so every script works on Redis Cluster):
   ``{inv:<e>}:seats``      hash: seat id -> "A" available | "H<hold id>" held | "S" sold
   ``{inv:<e>}:deadlines``  sorted set: hold id -> deadline (ms); the sweeper reads it
   ``{inv:<e>}:fans``       hash: user id -> seats counted against the per-fan limit
+  ``{inv:<e>}:runs``       hash: "<section>-<row>" -> the longest run of free seats side by side
+                           in the row, exact when present (a change to the row drops it, a
+                           best-available pick that reads the row writes it; hold.lua)
   ``{inv:<e>}:hold:<h>``   hash: user, seats, exp, created (a hold's record while it lives)
   ``{inv:<e>}:req:<u>:<r>`` string: the hold id a (user, request id) made (idempotent retries)
 
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshkit.redis import AnyRedis
+
+from ..domain.model import BestAvailable
 
 LUA = Path(__file__).parent / "lua"
 
@@ -51,6 +56,10 @@ def fans_key(event_id: str) -> str:
     return _tag(event_id) + ":fans"
 
 
+def runs_key(event_id: str) -> str:
+    return _tag(event_id) + ":runs"
+
+
 def hold_key(event_id: str, hold_id: str) -> str:
     return f"{_tag(event_id)}:hold:{hold_id}"
 
@@ -61,8 +70,9 @@ def request_key(event_id: str, user_id: str, request_id: str) -> str:
 
 @dataclass(frozen=True)
 class HoldResult:
-    outcome: str  # OK, NOINV, DUP, UNKNOWN, TAKEN, LIMIT
-    values: tuple[str, ...] = ()  # OK: (stamp of the state the hold was made on,)
+    outcome: str  # OK, NOINV, DUP, UNKNOWN, TAKEN, LIMIT, NONE
+    # OK: (stamp of the state the hold was made on, the seats held...); NONE: (free seats seen,)
+    values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,13 +120,16 @@ class Inventory:
         self._held_stamp = redis.register_script(_HELD_STAMP)
 
     async def hold(
-        self, event_id: str, user_id: str, hold_id: str, request_id: str, seats: Sequence[str],
-        now_ms: int, expire_ms: int, keep_ms: int,
+        self, event_id: str, user_id: str, hold_id: str, request_id: str,
+        seats: Sequence[str] | BestAvailable, now_ms: int, expire_ms: int, keep_ms: int,
     ) -> HoldResult:
+        """Hold the named seats, or the best free ones (hold.lua)."""
         keys = [meta_key(event_id), seats_key(event_id), deadlines_key(event_id),
                 fans_key(event_id), request_key(event_id, user_id, request_id),
-                hold_key(event_id, hold_id)]
-        out = await self._hold(keys=keys, args=[user_id, hold_id, now_ms, expire_ms, keep_ms, *seats])
+                hold_key(event_id, hold_id), runs_key(event_id)]
+        wanted: list[str | int] = [*seats] if not isinstance(seats, BestAvailable) else \
+            ["", seats.quantity, *(v for s in seats.sections for v in (s.name, s.rows, s.seats_per_row))]
+        out = await self._hold(keys=keys, args=[user_id, hold_id, now_ms, expire_ms, keep_ms, *wanted])
         values = tuple(_s(v) for v in out)
         return HoldResult(values[0], values[1:])
 
@@ -125,7 +138,7 @@ class Inventory:
         """Free the hold's seats; with request_id, also forget that request (the hold is taken
         back before it was written down: a retry of the request is a new attempt)."""
         keys = [seats_key(event_id), deadlines_key(event_id), fans_key(event_id),
-                hold_key(event_id, hold_id)]
+                hold_key(event_id, hold_id), runs_key(event_id)]
         if request_id is not None:
             keys.append(request_key(event_id, user_id, request_id))
         return int(await self._release(keys=keys, args=[hold_id, user_id, *seats]))
@@ -202,7 +215,7 @@ class Inventory:
         args = [snap.limit, now_ms, stamp, len(seat_args), *seat_args, len(dl_args), *dl_args,
                 len(fan_args), *fan_args, keep_ms, *(hid for _, hid in reqs)]
         keys = [meta_key(event_id), seats_key(event_id), deadlines_key(event_id), fans_key(event_id),
-                *(request_key(event_id, user, rid) for (user, rid), _ in reqs)]
+                runs_key(event_id), *(request_key(event_id, user, rid) for (user, rid), _ in reqs)]
         return bool(await self._rebuild(keys=keys, args=args))
 
     async def forget_build(self, event_id: str, stamp: str) -> bool:

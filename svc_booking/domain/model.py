@@ -121,6 +121,54 @@ class Layout:
     def unknown(self, seat_ids: Iterable[str]) -> list[str]:
         return [s for s in seat_ids if self.seat(s) is None]
 
+    def best_available(self, quantity: int, section: str) -> BestAvailable:
+        """A best-available request checked against this event: ``quantity`` seats (1 up to the
+        hold's cap) in ``section`` if named (one of the event's), else in any section."""
+        if quantity < 1:
+            raise InvalidArgument("BAD_QUANTITY", "quantity must be at least 1 (or name seat_ids)",
+                                  metadata={"field": "quantity"})
+        if quantity > MAX_SEATS_PER_HOLD:
+            raise InvalidArgument("TOO_MANY_SEATS", f"at most {MAX_SEATS_PER_HOLD} seats per hold",
+                                  metadata={"field": "quantity"})
+        if not section:
+            return BestAvailable(quantity, "", self.seat_map.sections)
+        found = self.section(section)
+        if found is None:
+            raise InvalidArgument("UNKNOWN_SECTION",
+                                  f"{event_name(self.event_id)} has no section {section!r}",
+                                  metadata={"field": "section", "section": section})
+        return BestAvailable(quantity, section, (found,))
+
+
+@dataclass(frozen=True)
+class BestAvailable:
+    """A hold of the best ``quantity`` free seats side by side in one row, looked for in
+    ``sections`` in their order (only the one ``section`` a fan named, else all)."""
+
+    quantity: int
+    section: str
+    sections: tuple[Section, ...]
+
+    def asked_for(self, seat_ids: Sequence[str]) -> bool:
+        """Whether a hold of these seats answers this request (a retry's check)."""
+        names = {s.name for s in self.sections}
+        return len(seat_ids) == self.quantity and all(
+            (p := parse_seat_id(sid)) is not None and p[0] in names for sid in seat_ids)
+
+
+def no_seats_for(best: BestAvailable, longest: int) -> DomainError:
+    """ABORTED (409): SOLD_OUT when no seat is free where the fan looked, else NO_SEATS_TOGETHER
+    (``longest``: the most free seats side by side there)."""
+    where = f"section {best.section}" if best.section else "the event"
+    meta = {"quantity": str(best.quantity)} | ({"section": best.section} if best.section else {})
+    if longest == 0:
+        return DomainError("SOLD_OUT", f"no seat is free in {where}", code=grpc.StatusCode.ABORTED,
+                           metadata=meta)
+    return DomainError("NO_SEATS_TOGETHER",
+                       f"no {best.quantity} free seats side by side in one row in {where}: at most "
+                       f"{longest}", code=grpc.StatusCode.ABORTED,
+                       metadata=meta | {"longest_run": str(longest)})
+
 
 @dataclass(frozen=True)
 class Hold:
@@ -217,7 +265,8 @@ def parse_request_id(raw: str) -> uuid.UUID:
 
 def check_seat_ids(seat_ids: Sequence[str]) -> tuple[str, ...]:
     if not seat_ids:
-        raise InvalidArgument("NO_SEATS", "name at least one seat", metadata={"field": "seat_ids"})
+        raise InvalidArgument("NO_SEATS", "name at least one seat, or a quantity for the best available",
+                              metadata={"field": "seat_ids"})
     if len(set(seat_ids)) != len(seat_ids):
         raise InvalidArgument("DUPLICATE_SEAT", "a seat is named twice", metadata={"field": "seat_ids"})
     if len(seat_ids) > MAX_SEATS_PER_HOLD:

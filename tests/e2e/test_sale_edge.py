@@ -160,6 +160,29 @@ def test_admitted_fans_hold_seats_and_nobody_else_does(http: httpx.Client, sale)
     assert http.post(f"/v1/{event}/holds", json={"seatIds": ["A-2-1"]}, headers=bob.auth).status_code == 401
 
 
+def test_best_available_through_the_edge(http: httpx.Client, admin: Fan):
+    """`{"quantity": n}` instead of seat ids: booking picks n free seats side by side, or says why
+    not (409 NO_SEATS_TOGETHER, 400 for a section the event does not have)."""
+    event = _sale(http, admin, opens_in=1, rows=1, seats_per_row=4, seatLimitPerFan=4)
+    fan = sign_up(http)
+    assert http.post(f"/v1/{event}/queue:join", json={}, headers=fan.auth).status_code == 200
+    admitted = {**fan.auth, "x-admission-token": _admitted(http, fan, event)["admissionToken"]}
+
+    def best(body: dict) -> httpx.Response:
+        return http.post(f"/v1/{event}/holds", json={**body, "requestId": str(uuid.uuid4())},
+                         headers=admitted)
+
+    held = best({"quantity": 2})
+    assert held.status_code == 200, held.text
+    assert (held.json()["seatIds"], held.json()["amount"]["units"]) == (["A-1-2", "A-1-3"], "2000")
+    for body, status, reason in (({"quantity": 2}, 409, "NO_SEATS_TOGETHER"),
+                                 ({"quantity": 1, "section": "Z"}, 400, "UNKNOWN_SECTION"),
+                                 ({"quantity": 1, "seatIds": ["A-1-4"]}, 400, "SEATS_OR_QUANTITY")):
+        refused = best(body)
+        assert (refused.status_code, refused.json()["details"][0]["reason"]) == (status, reason), refused.text
+    assert best({"quantity": 1, "section": "A"}).json()["seatIds"] == ["A-1-1"]
+
+
 def test_an_admission_for_one_event_does_not_open_another(http: httpx.Client, admin: Fan, sale):
     event, (alice, *_) = sale
     token = _admitted(http, alice, event)["admissionToken"]

@@ -272,6 +272,145 @@ async def test_per_fan_limit_counts_holds_and_orders(wired: Wired,
     await hold(stub, "u-limit-2", event_id, ["A-4-1", "A-4-2", "A-4-3", "A-4-4"])
 
 
+async def best(stub: pb_grpc.BookingServiceStub, user: str, event_id: str, quantity: int, section: str = "",
+               request_id: str | None = None, seats: tuple[str, ...] = ()) -> pb.Hold:
+    """A best-available hold: ``quantity`` seats side by side, picked by booking."""
+    return await stub.CreateHold(
+        pb.CreateHoldRequest(parent=f"events/{event_id}", quantity=quantity, section=section,
+                             seat_ids=seats, request_id=request_id or rid()),
+        metadata=fan(user, event_id))
+
+
+async def test_best_available_holds_front_rows_middle_first_side_by_side(
+    wired: Wired, stub: pb_grpc.BookingServiceStub
+) -> None:
+    event_id = await new_event(wired, sections=(("A", 2, 6, "VIP"), ("B", 2, 4, "R")), limit=4)
+    h1 = await best(stub, "b-1", event_id, 2)
+    assert list(h1.seat_ids) == ["A-1-3", "A-1-4"]  # the middle of the front row
+    assert (h1.amount.units, h1.amount.currency_code) == (2 * 165000, "KRW")  # priced by booking
+    assert list((await best(stub, "b-2", event_id, 2)).seat_ids) == ["A-1-1", "A-1-2"]
+    # row 1 has two seats left (5, 6): three together are in row 2, nearest its middle
+    assert list((await best(stub, "b-3", event_id, 3)).seat_ids) == ["A-2-2", "A-2-3", "A-2-4"]
+    h4 = await best(stub, "b-4", event_id, 4, "B")
+    assert list(h4.seat_ids) == ["B-1-1", "B-1-2", "B-1-3", "B-1-4"]
+    assert (h4.amount.units, h4.amount.nanos) == (4 * 132000 + 2, 0)  # 4 x 132,000.5
+    seats = await statuses(stub, event_id)
+    held = {s for s, st in seats.items() if st == pb.SEAT_STATUS_HELD}
+    assert held == {*h1.seat_ids, "A-1-1", "A-1-2", "A-2-2", "A-2-3", "A-2-4", *h4.seat_ids}
+    async with wired.booking.pool.connection() as conn:  # written down like any hold
+        cur = await conn.execute("SELECT seat_ids FROM holds WHERE hold_id = %s",
+                                 (uuid.UUID(h4.name.rsplit("/", 1)[1]),))
+        assert await cur.fetchone() == (list(h4.seat_ids),)
+    # it can be ordered like any hold
+    order = await stub.CreateOrder(pb.CreateOrderRequest(hold=h1.name, request_id=rid()),
+                                   metadata=fan("b-1", event_id))
+    assert list(order.seat_ids) == list(h1.seat_ids)
+
+
+async def test_best_available_says_sold_out_or_not_together_and_sees_released_seats(
+    wired: Wired, stub: pb_grpc.BookingServiceStub
+) -> None:
+    event_id = await new_event(wired, sections=(("A", 1, 4, "VIP"), ("B", 1, 2, "R")), limit=4)
+    named = await hold(stub, "n-1", event_id, ["A-1-2"])
+    code, reason, md = await fails(best(stub, "n-2", event_id, 3, "A"))
+    assert (code, reason) == (grpc.StatusCode.ABORTED, "NO_SEATS_TOGETHER")
+    assert md == {"quantity": "3", "section": "A", "longest_run": "2"}
+    assert list((await best(stub, "n-2", event_id, 1, "A")).seat_ids) == ["A-1-3"]
+    assert list((await best(stub, "n-3", event_id, 1, "A")).seat_ids) == ["A-1-1"]
+    assert list((await best(stub, "n-4", event_id, 1, "A")).seat_ids) == ["A-1-4"]
+    code, reason, md = await fails(best(stub, "n-5", event_id, 1, "A"))
+    assert (code, reason, md) == (grpc.StatusCode.ABORTED, "SOLD_OUT", {"quantity": "1", "section": "A"})
+    # no section named: the next section has them
+    assert list((await best(stub, "n-5", event_id, 2)).seat_ids) == ["B-1-1", "B-1-2"]
+    code, reason, md = await fails(best(stub, "n-6", event_id, 1))
+    assert (reason, md) == ("SOLD_OUT", {"quantity": "1"})
+    # a released seat of a full row is found again (delete, as expiry and cancel do)
+    await stub.DeleteHold(pb.DeleteHoldRequest(name=named.name), metadata=fan("n-1", event_id))
+    assert list((await best(stub, "n-6", event_id, 1)).seat_ids) == ["A-1-2"]
+    # and after Redis lost the event's state (its full rows with it) the rebuild serves the rest
+    assert await _drop_live_state(wired, event_id) > 0
+    code, reason, _ = await fails(best(stub, "n-7", event_id, 1))
+    assert reason == "SOLD_OUT"
+    assert Counter((await statuses(stub, event_id)).values()) == {pb.SEAT_STATUS_HELD: 6}
+
+
+async def test_best_available_bad_requests_change_nothing_and_retries_get_the_first_hold(
+    wired: Wired, stub: pb_grpc.BookingServiceStub
+) -> None:
+    event_id = await new_event(wired, sections=(("A", 2, 5, "VIP"),), limit=4)
+    bad = [
+        (best(stub, "v-1", event_id, 2, seats=("A-1-1",)), "SEATS_OR_QUANTITY", "quantity"),
+        (best(stub, "v-1", event_id, -1), "BAD_QUANTITY", "quantity"),
+        (best(stub, "v-1", event_id, 0, "A"), "BAD_QUANTITY", "quantity"),  # a section alone
+        (best(stub, "v-1", event_id, 51), "TOO_MANY_SEATS", "quantity"),
+        (best(stub, "v-1", event_id, 2, "Z"), "UNKNOWN_SECTION", "section"),
+    ]
+    for call, want, field in bad:
+        code, reason, md = await fails(call)
+        assert (code, reason, md["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, want, field)
+    code, reason, md = await fails(best(stub, "v-1", event_id, 5))  # past the fan's limit of 4
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SEAT_LIMIT_EXCEEDED")
+    assert md == {"seats_used": "0", "seats_requested": "5", "seat_limit_per_fan": "4"}
+    assert set((await statuses(stub, event_id)).values()) == {pb.SEAT_STATUS_AVAILABLE}
+
+    key = rid()
+    first = await best(stub, "v-1", event_id, 3, request_id=key)
+    again = await best(stub, "v-1", event_id, 3, request_id=key)
+    assert (again.name, list(again.seat_ids)) == (first.name, list(first.seat_ids))
+    assert (await best(stub, "v-1", event_id, 3, "A", request_id=key)).name == first.name
+    code, reason, md = await fails(best(stub, "v-1", event_id, 2, request_id=key))
+    assert (code, reason, md["used_for"]) == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED",
+                                              first.name)
+    assert Counter((await statuses(stub, event_id)).values())[pb.SEAT_STATUS_HELD] == 3
+
+
+async def test_300_fans_race_best_available_for_200_seats_without_a_conflict(
+    wired: Wired, stub: pb_grpc.BookingServiceStub
+) -> None:
+    """300 fans ask at once for 1, 2 or 3 seats together: each gets that many side by side, no
+    seat twice, and a fan turned away is turned away rightly: SOLD_OUT only once no seat is
+    left, NO_SEATS_TOGETHER only when no run of that many is; nobody meets a seat taken under
+    them (SEAT_UNAVAILABLE), the cost of picking from a stale seat map."""
+    event_id = await new_event(wired, sections=(("A", 5, 20, "VIP"), ("B", 5, 20, "R")), limit=4)
+    want = [1 + i % 3 for i in range(300)]
+
+    async def one(i: int) -> pb.Hold | str:
+        try:
+            return await best(stub, f"pair-{i}", event_id, want[i])
+        except grpc.aio.AioRpcError as err:
+            info = error_info(err)
+            assert info is not None, err
+            return info.reason
+
+    results = await asyncio.gather(*(one(i) for i in range(300)))
+    won = {i: r for i, r in enumerate(results) if isinstance(r, pb.Hold)}
+    refused = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+    assert set(refused.values()) <= {"SOLD_OUT", "NO_SEATS_TOGETHER"}, Counter(refused.values())
+    owner: Counter[str] = Counter(s for h in won.values() for s in h.seat_ids)
+    assert max(owner.values()) == 1
+    for i, h in won.items():
+        parts = [s.split("-") for s in h.seat_ids]
+        assert len(parts) == want[i] and len({(sec, row) for sec, row, _ in parts}) == 1, h.seat_ids
+        numbers = [int(n) for _, _, n in parts]
+        assert numbers == list(range(numbers[0], numbers[0] + want[i])), h.seat_ids
+    seats = await statuses(stub, event_id)
+    assert {s for s, st in seats.items() if st == pb.SEAT_STATUS_HELD} == set(owner)
+    free = {s for s, st in seats.items() if st == pb.SEAT_STATUS_AVAILABLE}
+    longest = 0  # the longest run of free seats left in a row
+    for sec in "AB":
+        for row in range(1, 6):
+            run = 0
+            for n in range(1, 21):
+                run = run + 1 if f"{sec}-{row}-{n}" in free else 0
+                longest = max(longest, run)
+    if "SOLD_OUT" in refused.values():
+        assert not free
+    apart = [want[i] for i, r in refused.items() if r == "NO_SEATS_TOGETHER"]
+    assert all(longest < q for q in apart), (longest, Counter(apart))
+    print(f"\n300 fans, best available, 200 seats: {len(won)} holds, {len(owner)} seats, "
+          f"refused {dict(Counter(refused.values()))}, {len(free)} seats left apart")
+
+
 async def test_expired_holds_are_swept_and_free_their_seats(
     wired: Wired, stub: pb_grpc.BookingServiceStub, clock: Clock
 ) -> None:

@@ -91,7 +91,7 @@ def test_seat_list_checks_and_error_shapes() -> None:
 def test_every_key_of_an_event_shares_one_hash_tag() -> None:
     e = "0b0b0b0b-0000-4000-8000-000000000001"
     keys = [inv.meta_key(e), inv.seats_key(e), inv.deadlines_key(e), inv.fans_key(e),
-            inv.hold_key(e, "h"), inv.request_key(e, "u", "r")]
+            inv.hold_key(e, "h"), inv.request_key(e, "u", "r"), inv.runs_key(e)]
     assert {k[: k.index("}") + 1] for k in keys} == {"{inv:" + e + "}"}
 
 

@@ -1,5 +1,6 @@
 -- Build an event's live state from PostgreSQL's snapshot, unless it exists (first writer wins).
--- KEYS: 1 meta, 2 seats, 3 deadlines, 4 fans, 5.. the request keys of the live holds
+-- KEYS: 1 meta, 2 seats, 3 deadlines, 4 fans, 5 row runs (see hold.lua; dropped), 6.. the request
+--       keys of the live holds
 -- ARGV: 1 limit, 2 now ms, 3 stamp (this build's id, see hold.lua), 4 n = number of seat args
 --       (seat, value pairs), 5..4+n seat pairs, then m, then m deadline args (score, hold id
 --       pairs), then k, then k fan args (user, count), then keep ms, then one hold id per request
@@ -13,7 +14,7 @@ local function hset_chunks(key, cmd, first, last)
     i = j + 1
   end
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local n = tonumber(ARGV[4])
 hset_chunks(KEYS[2], 'HSET', 5, 4 + n)
 local p = 5 + n
@@ -24,7 +25,7 @@ local k = tonumber(ARGV[p])
 hset_chunks(KEYS[4], 'HSET', p + 1, p + k)
 p = p + k + 1
 local keep = ARGV[p]
-for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[p + i - 4], 'PX', keep) end
+for i = 6, #KEYS do redis.call('SET', KEYS[i], ARGV[p + i - 5], 'PX', keep) end
 local unsold = 0  -- what sell.lua counts down: the house is sold out when it reaches 0
 for i = 6, 4 + n, 2 do
   if ARGV[i] ~= 'S' then unsold = unsold + 1 end
