@@ -77,7 +77,8 @@ def _config(fans: int, seats: int, seed: int, max_active: int | None = None) -> 
     return SaleConfig(fans=fans, seats=seats, admit_rate=1000 if max_active is None else ROOM_ADMIT_RATE,
                       max_active=fans if max_active is None else min(fans, max_active), early_share=0.0,
                       lead_seconds=3, arrival_seconds=1, decline_share=0.0, connections=256,
-                      give_up_seconds=3, max_seconds=300, seed=seed, pick_spread=1e9)
+                      give_up_seconds=3, max_seconds=300, seed=seed, pick_spread=1e9,
+                      best_share=0.0)
 
 
 def warm_up(lay: Layout, admin: tuple[str, str], fans: int) -> None:

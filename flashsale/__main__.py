@@ -40,6 +40,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="later fans arrive spread over this many seconds after the opening")
     ap.add_argument("--decline-share", type=float, default=d.decline_share,
                     help="share of payments the sandbox PSP declines (default 0.05)")
+    ap.add_argument("--best-share", type=float, default=d.best_share,
+                    help="share of fans who ask for the best seats together instead of picking on the "
+                         f"map (default {d.best_share})")
     ap.add_argument("--connections", type=int, default=d.connections, help="HTTP connections to the edge")
     ap.add_argument("--max-seconds", type=float, default=d.max_seconds, help="time limit of the sale")
     ap.add_argument("--seed", type=int, default=None, help="random seed (picks, arrivals, declines)")
@@ -49,7 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--admin-password", default=None)
     ap.add_argument("--quiet", action="store_true", help="no live progress")
     args = ap.parse_args(argv)
-    if args.fans < 1 or args.seats < 1 or not 0 <= args.decline_share <= 1 or not 0 <= args.early_share <= 1:
+    shares = (args.decline_share, args.early_share, args.best_share)
+    if args.fans < 1 or args.seats < 1 or not all(0 <= v <= 1 for v in shares):
         ap.error("--fans and --seats must be at least 1; the shares between 0 and 1")
     return args
 
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SaleConfig(fans=args.fans, seats=args.seats, seat_limit=args.seat_limit, admit_rate=args.admit_rate,
                      max_active=args.max_active, early_share=args.early_share, lead_seconds=args.lead,
                      arrival_seconds=args.arrival, decline_share=args.decline_share,
-                     connections=args.connections, max_seconds=args.max_seconds, seed=args.seed)
+                     best_share=args.best_share, connections=args.connections, max_seconds=args.max_seconds,
+                     seed=args.seed)
     live = sys.stderr.isatty() and not args.quiet
     last_print = [0.0]
 

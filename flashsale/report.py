@@ -23,7 +23,8 @@ from typing import Any
 
 from .sale import Edge, Fan, Progress, SaleResult, call, in_order_share, order_violations, seat_map, state_of
 
-STEPS = ("sign_up", "log_in", "refresh", "join", "wait", "hold", "order", "pay", "confirm", "purchase")
+STEPS = ("sign_up", "log_in", "refresh", "join", "wait", "hold", "hold_on_map", "hold_best", "order", "pay",
+         "confirm", "purchase")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -145,6 +146,7 @@ def summary(result: SaleResult, checked: Checked) -> dict[str, Any]:
             "p50": percentile(checked.webhook_to_confirmed, 0.5) * 1000,
             "p99": percentile(checked.webhook_to_confirmed, 0.99) * 1000},
         "hold_conflicts_409": sum(f.conflicts for f in fans),
+        "best_available_fans": sum(f.best for f in fans),
         "transient_retries": sum(f.retries for f in fans),
         "errors": [f"{f.email}: {f.error}" for f in fans if f.error][:20],
     }
@@ -197,8 +199,9 @@ def render(s: dict[str, Any]) -> str:
     w = s["webhook_to_confirmed_ms"]
     if w["n"]:
         lines.append(f"  {'webhook -> CONFIRMED':<22}{w['n']:>6}{w['p50']:>10.0f}{w['p99']:>10.0f}")
-    lines.append(f"  hold conflicts (409) {s['hold_conflicts_409']},"
-                 f" transient retries {s['transient_retries']}")
+    lines.append(f"  hold conflicts (409) {s['hold_conflicts_409']} (fans picking on the map), transient"
+                 f" retries {s['transient_retries']}; fans asking for the best available"
+                 f" {s['best_available_fans']}")
     for e in s["errors"]:
         lines.append(f"  error: {e}")
     return "\n".join(lines)

@@ -64,6 +64,9 @@ class SaleConfig:
     # pick (more after each lost race). Small: everyone wants the front rows, as at a real
     # on-sale; very large: picks spread over the whole map (the bench's purchase capacity).
     pick_spread: float = 4.0
+    # Fans who ask the server for the best seats together (`{"quantity": n}`) instead of picking
+    # on the map: they never meet a seat taken under them.
+    best_share: float = 0.5
     seed: int | None = None
 
 
@@ -75,6 +78,7 @@ class Fan:
     access: str = ""
     refresh: str = ""
     wanted: int = 1
+    best: bool = False  # asks for the best available instead of picking on the map
     decline: bool = False
     arrive_at: float = 0.0  # wall clock
     join_sent: float = 0.0
@@ -583,8 +587,31 @@ class Sale:
         """Until the next look: a third of the ETA, between half a second and five."""
         await asyncio.sleep(min(5.0, max(0.5, eta / 3)) * self.rng.uniform(0.8, 1.2))
 
+    def _none_free(self, fan: Fan, seats: SeatMap, since: float | None) -> float | None:
+        """Nothing free for this fan: held seats come back when a payment is declined or a hold
+        expires, so the fan waits for them; but not once none is held (sold out), nor longer
+        than give_up_seconds. When the fan first saw nothing free; None once the fan leaves
+        (fan.outcome says why)."""
+        if seats.counts()["H"] == 0:
+            fan.outcome = "sold_out"
+            return None
+        now = time.monotonic()
+        since = since or now
+        if now - since > self.cfg.give_up_seconds:
+            fan.outcome = "gave_up"
+            return None
+        return since
+
+    def _held(self, fan: Fan, resp: Reply, t: float) -> str:
+        fan.hold, fan.seats = resp.json()["name"], list(resp.json()["seatIds"])
+        fan.steps["hold"] = time.perf_counter() - t
+        fan.steps["hold_best" if fan.best else "hold_on_map"] = fan.steps["hold"]
+        return fan.hold
+
     async def _hold(self, fan: Fan, admitted: dict[str, str]) -> str | None:
         """Hold the best seats left; a 409 names the taken ones and the fan picks again."""
+        if fan.best:
+            return await self._hold_best(fan, admitted)
         taken: set[str] = set()
         no_free_since: float | None = None
         fresh = False
@@ -593,16 +620,10 @@ class Sale:
             seats = await seat_map(self.http, self.event, fresh)
             free = [s for s in seats.seats("A") if s not in taken] if taken else seats.seats("A")
             if not free:
-                counts = seats.counts()
-                if counts["H"] == 0:
-                    fan.outcome = "sold_out"
+                no_free_since = self._none_free(fan, seats, no_free_since)
+                if no_free_since is None:
                     return None
-                now = time.monotonic()
-                no_free_since = no_free_since or now
-                if now - no_free_since > self.cfg.give_up_seconds:
-                    fan.outcome = "gave_up"
-                    return None
-                taken.clear()  # held seats come back when a payment is declined or a hold expires
+                taken.clear()
                 fresh = False
                 await asyncio.sleep(1.0)
                 continue
@@ -617,9 +638,7 @@ class Sale:
             resp = await self._call(fan, "POST", f"/v1/{self.event}/holds", headers=admitted,
                                     json={"seatIds": choice, "requestId": str(uuid.uuid4())})
             if resp.status_code == 200:
-                fan.hold, fan.seats = resp.json()["name"], list(resp.json()["seatIds"])
-                fan.steps["hold"] = time.perf_counter() - t
-                return fan.hold
+                return self._held(fan, resp, t)
             reason = reason_of(resp)
             if resp.status_code == 409 and reason == "SEAT_UNAVAILABLE":
                 fan.conflicts += 1
@@ -627,6 +646,34 @@ class Sale:
                 named = resp.json()["details"][0].get("metadata", {}).get("seat_ids", "")
                 taken.update(s for s in named.split(",") if s)
                 fresh = fan.conflicts % 3 == 0  # past the edge's one-second copy now and then
+                continue
+            if resp.status_code == 403 and reason == "NOT_ADMITTED":
+                fan.outcome = "lost_session"
+                return None
+            raise SaleError(f"hold: {resp.status_code} {resp.text[:200]}")
+
+    async def _hold_best(self, fan: Fan, admitted: dict[str, str]) -> str | None:
+        """Ask for the best `wanted` seats side by side; with fewer together than that, take as
+        many as there are (the server says how many); with none free, wait for held seats to
+        come back as the map's pickers do."""
+        want = fan.wanted
+        no_free_since: float | None = None
+        t = time.perf_counter()
+        while True:
+            resp = await self._call(fan, "POST", f"/v1/{self.event}/holds", headers=admitted,
+                                    json={"quantity": want, "requestId": str(uuid.uuid4())})
+            if resp.status_code == 200:
+                return self._held(fan, resp, t)
+            reason = reason_of(resp)
+            if resp.status_code == 409 and reason == "NO_SEATS_TOGETHER":
+                longest = resp.json()["details"][0].get("metadata", {}).get("longest_run", "1")
+                want = max(1, min(want - 1, int(longest)))
+                continue
+            if resp.status_code == 409 and reason == "SOLD_OUT":
+                no_free_since = self._none_free(fan, await seat_map(self.http, self.event), no_free_since)
+                if no_free_since is None:
+                    return None
+                await asyncio.sleep(1.0)
                 continue
             if resp.status_code == 403 and reason == "NOT_ADMITTED":
                 fan.outcome = "lost_session"
@@ -678,6 +725,8 @@ def plan_fans(fans: list[Fan], cfg: SaleConfig, room_ready: float, sale_open: fl
     for i, f in enumerate(rng.sample(fans, len(fans))):
         f.wanted = min(cfg.seat_limit, rng.choices([1, 2, 3, 4], weights=[20, 50, 15, 15])[0])
         f.decline = rng.random() < cfg.decline_share
+        if cfg.best_share > 0:  # (no draw when none do: a seeded sale plans its fans as before)
+            f.best = rng.random() < cfg.best_share
         if i < early:  # in the room before the opening, with half a second to spare
             f.arrive_at = rng.uniform(room_ready, max(room_ready, sale_open - 0.5))
         else:
