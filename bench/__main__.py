@@ -26,7 +26,9 @@ machines here are noisy: the ratio is what to compare between runs, not the raw 
                        after an unmeasured warm-up sale of 200 fans (--purchase-warmup-fans);
                        three sales (--purchase-sales), the median's figures and every one's;
                        then one sale with the room letting at most 200 shop at once, printed
-                       beside them (--no-capped-room-sale)
+                       beside them (--no-capped-room-sale), and one with every fan asking
+                       for the best available instead of picking on the map
+                       (--no-best-available-sale)
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def main() -> None:
                     help="fans of an unmeasured sale before the purchases scenario (0: none)")
     ap.add_argument("--purchase-sales", type=int, default=3,
                     help="measured sales, one after another (the median sale's figures are printed)")
+    ap.add_argument("--no-best-available-sale", action="store_true",
+                    help="skip the extra sale with every fan asking for the best available")
     ap.add_argument("--no-capped-room-sale", action="store_true",
                     help="skip the extra sale with at most 200 fans shopping at once")
     args = ap.parse_args()
@@ -148,7 +152,8 @@ def main() -> None:
                                            args.purchase_warmup_fans,
                                            machine=lambda: machine_speed(lay, args.connections),
                                            sales=args.purchase_sales,
-                                           capped_room_sale=not args.no_capped_room_sale)
+                                           capped_room_sale=not args.no_capped_room_sale,
+                                           best_available_sale=not args.no_best_available_sale)
     finally:
         if not args.keep:
             stack.down(lay)

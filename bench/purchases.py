@@ -71,14 +71,16 @@ ROOM_MAX_ACTIVE = 200
 ROOM_ADMIT_RATE = 300.0
 
 
-def _config(fans: int, seats: int, seed: int, max_active: int | None = None) -> SaleConfig:
+def _config(fans: int, seats: int, seed: int, max_active: int | None = None,
+            best_available: bool = False) -> SaleConfig:
     """The sale's settings: every fan let in at once, or at most ``max_active`` shopping at once
-    (then let in at ROOM_ADMIT_RATE)."""
+    (then let in at ROOM_ADMIT_RATE); every fan picking on the seat map, or (``best_available``)
+    every fan asking booking for the best seats together."""
     return SaleConfig(fans=fans, seats=seats, admit_rate=1000 if max_active is None else ROOM_ADMIT_RATE,
                       max_active=fans if max_active is None else min(fans, max_active), early_share=0.0,
                       lead_seconds=3, arrival_seconds=1, decline_share=0.0, connections=256,
                       give_up_seconds=3, max_seconds=300, seed=seed, pick_spread=1e9,
-                      best_share=0.0)
+                      best_share=1.0 if best_available else 0.0)
 
 
 def warm_up(lay: Layout, admin: tuple[str, str], fans: int) -> None:
@@ -92,11 +94,13 @@ def warm_up(lay: Layout, admin: tuple[str, str], fans: int) -> None:
 
 def measure(lay: Layout, admin: tuple[str, str], fans: int = 800, seats: int = 2000,
             warmup_fans: int = 200, machine: Callable[[], float] | None = None,
-            sales: int = 3, capped_room_sale: bool = True) -> dict[str, Any]:
+            sales: int = 3, capped_room_sale: bool = True,
+            best_available_sale: bool = True) -> dict[str, Any]:
     """``sales`` measured sales one after another (each a new event of ``seats`` for ``fans``
     new fans); the figures are the median sale's (by tickets per minute), with every sale's
     beside them. ``capped_room_sale``: then one more, at most ROOM_MAX_ACTIVE fans shopping at
-    once, reported apart.
+    once, reported apart. ``best_available_sale``: and one more with every fan asking for the
+    best available instead of picking on the map, reported apart.
     ``machine``: the machine's speed now (a bare Envoy's answers per second), asked right
     before the first sale and right after the last."""
     if sales < 1:
@@ -106,15 +110,17 @@ def measure(lay: Layout, admin: tuple[str, str], fans: int = 800, seats: int = 2
     speed_before = machine() if machine else None
     runs = [_sale(lay, admin, fans, seats, seed=5 + i) for i in range(sales)]
     capped = _sale(lay, admin, fans, seats, seed=5, max_active=ROOM_MAX_ACTIVE) if capped_room_sale else None
+    best = _sale(lay, admin, fans, seats, seed=5, best_available=True) if best_available_sale else None
     speed_after = machine() if machine else None
     median = sorted(runs, key=lambda r: r["tickets_per_minute"])[(len(runs) - 1) // 2]
-    every = runs + ([capped] if capped else [])
+    every = runs + [r for r in (capped, best) if r]
     return {
         **median,
         "warmup_fans": warmup_fans,
         "sales": [{k: r[k] for k in SALE_KEYS} for r in runs],
         "capped_room": {**{k: capped[k] for k in SALE_KEYS}, "max_active": min(fans, ROOM_MAX_ACTIVE),
                         "admit_rate_per_second": ROOM_ADMIT_RATE} if capped else None,
+        "best_available": {k: best[k] for k in SALE_KEYS} if best else None,
         "machine_direct_answers_per_second": {"before": speed_before, "after": speed_after},
         # Every sale's, not the median's alone: each must be 0.
         "oversold": sum(r["oversold"] for r in every),
@@ -130,8 +136,8 @@ SALE_KEYS = ("tickets_per_minute", "tickets_per_minute_from_opening",
 
 
 def _sale(lay: Layout, admin: tuple[str, str], fans: int, seats: int, seed: int,
-          max_active: int | None = None) -> dict[str, Any]:
-    cfg = _config(fans, seats, seed=seed, max_active=max_active)
+          max_active: int | None = None, best_available: bool = False) -> dict[str, Any]:
+    cfg = _config(fans, seats, seed=seed, max_active=max_active, best_available=best_available)
     marks: dict[str, Any] = {}
 
     def phase(what: str) -> None:
@@ -183,6 +189,7 @@ def render(m: dict[str, Any]) -> str:
     w = m["webhook_to_confirmed_ms"]
     sales = m.get("sales") or [m]
     capped = m.get("capped_room")
+    best = m.get("best_available")
     return "\n".join([
         f"purchases ({len(sales)} sales of {m['fans']} fans for {m['seats']} seats each, through the edge;"
         f" after a warm-up sale of {m['warmup_fans']} fans, not measured; the median sale's figures)",
@@ -200,6 +207,9 @@ def render(m: dict[str, Any]) -> str:
            f" from admission to CONFIRMED, against {_seconds(m['purchase_ms'])} in the median sale"
            f" (one more sale, the room letting {capped['admit_rate_per_second']:.0f} fans in a second,"
            f" at most {capped['max_active']} shopping at once)"] if capped else []),
+        *([f"  best available          {best['tickets_per_minute']:.0f} tickets/min at"
+           f" {best['platform_cpu_ms_per_purchase']:.0f} ms (one more sale, every fan asking booking for"
+           f" the best seats together instead of picking on the seat map)"] if best else []),
         f"  purchases per minute    {m['purchases_per_minute']:8.0f}",
         f"  webhook -> CONFIRMED    p50 {w['p50']:.0f} ms  p99 {w['p99']:.0f} ms  (n {w['n']})",
         f"  oversold {m['oversold']}, paid without confirmation {m['paid_without_confirmation']}"

@@ -30,7 +30,7 @@ def test_the_median_sale_is_reported_and_every_sale_kept(monkeypatch: pytest.Mon
     monkeypatch.setattr(purchases, "_sale", lambda *a, **k: next(runs))
     speeds = iter([60_000.0, 50_000.0])
     m = purchases.measure(None, ("a", "b"), sales=3, machine=lambda: next(speeds),  # type: ignore[arg-type]
-                          capped_room_sale=False)
+                          capped_room_sale=False, best_available_sale=False)
     assert m["tickets_per_minute"] == 10000
     assert m["webhook_to_confirmed_ms"]["p50"] == 500  # the median sale's own figures
     assert [s["tickets_per_minute"] for s in m["sales"]] == [9000, 11000, 10000]
@@ -49,7 +49,7 @@ def test_an_even_number_of_sales_reports_the_lower_middle_one(monkeypatch: pytes
     runs = iter([_sale(9000), _sale(12000)])
     monkeypatch.setattr(purchases, "_sale", lambda *a, **k: next(runs))
     m = purchases.measure(None, ("a", "b"), warmup_fans=0, sales=2,  # type: ignore[arg-type]
-                          capped_room_sale=False)
+                          capped_room_sale=False, best_available_sale=False)
     assert m["tickets_per_minute"] == 9000
     with pytest.raises(ValueError, match="at least one"):
         purchases.measure(None, ("a", "b"), warmup_fans=0, sales=0)  # type: ignore[arg-type]
@@ -59,23 +59,28 @@ def test_the_capped_room_sale_is_reported_apart_and_checked_like_the_others(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """One more sale with the room letting ROOM_MAX_ACTIVE fans shop at once: beside the figure,
     never the figure, and what must be 0 there counts too."""
-    calls: list[int | None] = []
+    calls: list[tuple[int | None, bool]] = []
 
-    def sale(*a: Any, max_active: int | None = None, **k: Any) -> dict[str, Any]:
-        calls.append(max_active)
+    def sale(*a: Any, max_active: int | None = None, best_available: bool = False,
+             **k: Any) -> dict[str, Any]:
+        calls.append((max_active, best_available))
+        if best_available:
+            return _sale(12000, unconfirmed=1)
         return _sale(7000, oversold=1, purchase=(2500.0, 5000.0)) if max_active else _sale(10000)
 
     monkeypatch.setattr(purchases, "_sale", sale)
     m = purchases.measure(None, ("a", "b"), warmup_fans=0, sales=3)  # type: ignore[arg-type]
-    assert calls == [None, None, None, purchases.ROOM_MAX_ACTIVE]
+    assert calls == [(None, False)] * 3 + [(purchases.ROOM_MAX_ACTIVE, False), (None, True)]
     assert m["tickets_per_minute"] == 10000 and m["capped_room"]["tickets_per_minute"] == 7000
-    assert m["oversold"] == 1
+    assert m["best_available"]["tickets_per_minute"] == 12000
+    assert (m["oversold"], m["paid_without_confirmation"]) == (1, 1)
     assert (m["capped_room"]["max_active"], m["capped_room"]["admit_rate_per_second"]) == \
         (purchases.ROOM_MAX_ACTIVE, purchases.ROOM_ADMIT_RATE)
     text = purchases.render(m)
     assert ("room capped             7000 tickets/min at 86 ms, a purchase p50 2.5 s (p99 5.0 s) from"
             " admission to CONFIRMED, against p50 8.0 s (p99 12.0 s) in the median sale") in text
     assert f"at most {purchases.ROOM_MAX_ACTIVE} shopping at once" in text
+    assert "best available          12000 tickets/min at 50 ms (one more sale" in text
 
 
 def test_every_fan_is_let_in_at_once_but_in_the_capped_room_sale() -> None:
@@ -84,3 +89,4 @@ def test_every_fan_is_let_in_at_once_but_in_the_capped_room_sale() -> None:
     assert wide.max_active == 800 and wide.admit_rate >= 800
     assert (capped.max_active, capped.admit_rate) == (purchases.ROOM_MAX_ACTIVE, purchases.ROOM_ADMIT_RATE)
     assert purchases._config(50, 200, seed=1, max_active=purchases.ROOM_MAX_ACTIVE).max_active == 50
+    assert (wide.best_share, purchases._config(800, 2000, seed=1, best_available=True).best_share) == (0, 1)
