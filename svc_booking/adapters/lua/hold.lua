@@ -102,7 +102,10 @@ else
   if #unknown > 0 then return {'UNKNOWN', unpack(unknown)} end
   if #taken > 0 then return {'TAKEN', unpack(taken)} end
   if used + n > limit then return {'LIMIT', tostring(used), tostring(limit)} end
-  for i = 1, #seats do redis.call('HDEL', KEYS[7], row_of(seats[i])) end
+  for i = 1, #seats do
+    local row = row_of(seats[i])
+    if row then redis.call('HDEL', KEYS[7], row) end  -- (booking's seat ids always have a row)
+  end
 end
 local held = 'H' .. ARGV[2]
 local fields = {}
