@@ -627,6 +627,15 @@ async def _waiting(w: Wired, n: int) -> None:
     raise AssertionError(f"{len(w.booking.settled)} calls waiting, not {n}")
 
 
+async def _listening(w: Wired) -> None:
+    """Until this replica listens for order_settled (again: a test cut its connection)."""
+    for _ in range(500):
+        if w.booking.settled.listening():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the order_settled listener never came back")
+
+
 async def test_wait_order_answers_when_another_replica_settles_it(
         wired: Wired, stub: pb_grpc.BookingServiceStub, pg_dsn: str, redis_url: str,
         kafka_bootstrap: str, admission: StaticAdmission) -> None:
@@ -697,6 +706,7 @@ async def test_wait_order_answers_when_another_replica_settles_it(
     # Within a re-read while not listening (plus the time the cancel took), not after the
     # longer pause of a replica that is listening.
     assert time.monotonic() - t < UNHEARD_RECHECK_SECONDS + 2 < SETTLED_RECHECK_SECONDS
+    await _listening(wired)  # and it listens again (the next tests count on it)
 
 
 async def test_a_woken_wait_order_answers_from_the_note_without_reading_the_order_again(
@@ -707,6 +717,7 @@ async def test_a_woken_wait_order_answers_from_the_note_without_reading_the_orde
     second read (one PostgreSQL round trip fewer in every purchase). An order this replica made
     while listening needs no first read either; once the listener may have missed a note, it
     is read again."""
+    await _listening(wired)  # an order made while not listening is read, as it should be
     event_id = await new_event(wired)
     me = fan("u-note", None)
     h = await hold(stub, "u-note", event_id, ["A-9-1"])
