@@ -257,6 +257,21 @@ async def test_holds_on_redis_cluster(pg_dsn: str, redis_cluster_url: str, kafka
         for e in events:
             _, values = await b.seat_statuses(e)
             assert set(values.values()) == {"A"}
+
+        # Best available on the cluster, after the sweep gave every seat back: 100 fans ask for
+        # two together per event, ten pairs go, nobody gets a seat twice.
+        async def try_best(e: str, i: int) -> tuple[str, ...]:
+            try:
+                return (await b.create_hold(f"p{i}", e, [], uuid.uuid4(), quantity=2)).hold.seat_ids
+            except Exception as exc:
+                assert getattr(exc, "reason", "") in ("SOLD_OUT", "NO_SEATS_TOGETHER"), exc
+                return ()
+
+        for e in events:
+            pairs = [p for p in await asyncio.gather(*(try_best(e, i) for i in range(100))) if p]
+            assert len(pairs) == 10 and len({s for p in pairs for s in p}) == 20
+            _, values = await b.seat_statuses(e)
+            assert sum(v.startswith("H") for v in values.values()) == 20
     finally:
         await w.app.stop(1.0)
 
