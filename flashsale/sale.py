@@ -602,6 +602,15 @@ class Sale:
             return None
         return since
 
+    @staticmethod
+    def _refused(fan: Fan, resp: Reply, reason: str) -> None:
+        """A hold refused for a reason the fan cannot act on: its session ended (fan.outcome
+        says so), or the sale is broken (SaleError)."""
+        if resp.status_code == 403 and reason == "NOT_ADMITTED":
+            fan.outcome = "lost_session"
+            return
+        raise SaleError(f"hold: {resp.status_code} {resp.text[:200]}")
+
     def _held(self, fan: Fan, resp: Reply, t: float) -> str:
         fan.hold, fan.seats = resp.json()["name"], list(resp.json()["seatIds"])
         fan.steps["hold"] = time.perf_counter() - t
@@ -647,10 +656,8 @@ class Sale:
                 taken.update(s for s in named.split(",") if s)
                 fresh = fan.conflicts % 3 == 0  # past the edge's one-second copy now and then
                 continue
-            if resp.status_code == 403 and reason == "NOT_ADMITTED":
-                fan.outcome = "lost_session"
-                return None
-            raise SaleError(f"hold: {resp.status_code} {resp.text[:200]}")
+            self._refused(fan, resp, reason)
+            return None
 
     async def _hold_best(self, fan: Fan, admitted: dict[str, str]) -> str | None:
         """Ask for the best `wanted` seats side by side; with fewer together than that, take as
@@ -675,10 +682,8 @@ class Sale:
                     return None
                 await asyncio.sleep(1.0)
                 continue
-            if resp.status_code == 403 and reason == "NOT_ADMITTED":
-                fan.outcome = "lost_session"
-                return None
-            raise SaleError(f"hold: {resp.status_code} {resp.text[:200]}")
+            self._refused(fan, resp, reason)
+            return None
 
     async def _settled(self, fan: Fan) -> str:
         """Wait for the payment's outcome to reach the order: WaitOrder answers the moment it
