@@ -172,14 +172,17 @@ def test_best_available_through_the_edge(http: httpx.Client, admin: Fan):
         return http.post(f"/v1/{event}/holds", json={**body, "requestId": str(uuid.uuid4())},
                          headers=admitted)
 
-    held = best({"quantity": 2})
-    assert held.status_code == 200, held.text
-    assert (held.json()["seatIds"], held.json()["amount"]["units"]) == (["A-1-2", "A-1-3"], "2000")
-    for body, status, reason in (({"quantity": 2}, 409, "NO_SEATS_TOGETHER"),
+    named = _hold(http, fan, event, admitted["x-admission-token"], ["A-1-2"])  # picked on the map
+    assert named.status_code == 200, named.text
+    for body, status, reason in (({"quantity": 3}, 409, "NO_SEATS_TOGETHER"),
                                  ({"quantity": 1, "section": "Z"}, 400, "UNKNOWN_SECTION"),
                                  ({"quantity": 1, "seatIds": ["A-1-4"]}, 400, "SEATS_OR_QUANTITY")):
         refused = best(body)
         assert (refused.status_code, refused.json()["details"][0]["reason"]) == (status, reason), refused.text
+    assert best({"quantity": 3}).json()["details"][0]["metadata"] == {"quantity": "3", "longest_run": "2"}
+    held = best({"quantity": 2})
+    assert held.status_code == 200, held.text
+    assert (held.json()["seatIds"], held.json()["amount"]["units"]) == (["A-1-3", "A-1-4"], "2000")
     assert best({"quantity": 1, "section": "A"}).json()["seatIds"] == ["A-1-1"]
 
 

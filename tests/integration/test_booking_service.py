@@ -289,14 +289,15 @@ async def test_best_available_holds_front_rows_middle_first_side_by_side(
     assert list(h1.seat_ids) == ["A-1-3", "A-1-4"]  # the middle of the front row
     assert (h1.amount.units, h1.amount.currency_code) == (2 * 165000, "KRW")  # priced by booking
     assert list((await best(stub, "b-2", event_id, 2)).seat_ids) == ["A-1-1", "A-1-2"]
-    # row 1 has two seats left (5, 6): three together are in row 2, nearest its middle
-    assert list((await best(stub, "b-3", event_id, 3)).seat_ids) == ["A-2-2", "A-2-3", "A-2-4"]
+    # row 1 has two seats left (5, 6): three together are in row 2; its middle three would leave
+    # a seat alone at one end, so they go to one end, leaving three together
+    assert list((await best(stub, "b-3", event_id, 3)).seat_ids) == ["A-2-1", "A-2-2", "A-2-3"]
     h4 = await best(stub, "b-4", event_id, 4, "B")
     assert list(h4.seat_ids) == ["B-1-1", "B-1-2", "B-1-3", "B-1-4"]
     assert (h4.amount.units, h4.amount.nanos) == (4 * 132000 + 2, 0)  # 4 x 132,000.5
     seats = await statuses(stub, event_id)
     held = {s for s, st in seats.items() if st == pb.SEAT_STATUS_HELD}
-    assert held == {*h1.seat_ids, "A-1-1", "A-1-2", "A-2-2", "A-2-3", "A-2-4", *h4.seat_ids}
+    assert held == {*h1.seat_ids, "A-1-1", "A-1-2", "A-2-1", "A-2-2", "A-2-3", *h4.seat_ids}
     async with wired.booking.pool.connection() as conn:  # written down like any hold
         cur = await conn.execute("SELECT seat_ids FROM holds WHERE hold_id = %s",
                                  (uuid.UUID(h4.name.rsplit("/", 1)[1]),))
@@ -315,8 +316,9 @@ async def test_best_available_says_sold_out_or_not_together_and_sees_released_se
     code, reason, md = await fails(best(stub, "n-2", event_id, 3, "A"))
     assert (code, reason) == (grpc.StatusCode.ABORTED, "NO_SEATS_TOGETHER")
     assert md == {"quantity": "3", "section": "A", "longest_run": "2"}
-    assert list((await best(stub, "n-2", event_id, 1, "A")).seat_ids) == ["A-1-3"]
-    assert list((await best(stub, "n-3", event_id, 1, "A")).seat_ids) == ["A-1-1"]
+    # one seat: the one already alone (A-1-1), which keeps A-1-3 and A-1-4 together
+    assert list((await best(stub, "n-2", event_id, 1, "A")).seat_ids) == ["A-1-1"]
+    assert list((await best(stub, "n-3", event_id, 1, "A")).seat_ids) == ["A-1-3"]
     assert list((await best(stub, "n-4", event_id, 1, "A")).seat_ids) == ["A-1-4"]
     code, reason, md = await fails(best(stub, "n-5", event_id, 1, "A"))
     assert (code, reason, md) == (grpc.StatusCode.ABORTED, "SOLD_OUT", {"quantity": "1", "section": "A"})

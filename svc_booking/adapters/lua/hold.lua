@@ -39,7 +39,8 @@ local function read_row(prefix, per)
 end
 
 -- The best run of q free seats side by side in one row: sections in the given order, rows from
--- the front, in a row the run nearest its middle; nil and the longest run seen if none.
+-- the front, in a row one that leaves no seat alone beside it if it can, then the one nearest
+-- the row's middle; nil and the longest run seen if none.
 local function pick(q)
   local longest = 0
   for s = 8, #ARGV, 3 do
@@ -54,18 +55,24 @@ local function pick(q)
         local k = tonumber(known[j])
         if k == nil or k >= q then
           local ids, vals = read_row(fields[j] .. '-', per)
-          local run, at, off, max = 0, nil, nil, 0
-          for i = 1, per do
+          local at, off, max = nil, nil, 0
+          local i = 1
+          while i <= per do  -- each block of free seats l..r
             if vals[i] == 'A' then
-              run = run + 1
-              if run > max then max = run end
-              if run >= q then
-                local d = math.abs(2 * i - q + 1 - (per + 1))  -- twice the run's distance from the middle
-                if at == nil or d < off then at, off = i - q + 1, d end
+              local l = i
+              while i < per and vals[i + 1] == 'A' do i = i + 1 end
+              local r = i
+              if r - l + 1 > max then max = r - l + 1 end
+              for a = l, r - q + 1 do
+                -- A run that leaves one seat alone beside it is worse than any that does not
+                -- (a single is hard to sell); then the nearer the middle the better: twice
+                -- the run's distance from the row's middle.
+                local lone = (a - l == 1 and 1 or 0) + (r - (a + q - 1) == 1 and 1 or 0)
+                local score = lone * 4 * per + math.abs(2 * a + q - 1 - (per + 1))
+                if at == nil or score < off then at, off = a, score end
               end
-            else
-              run = 0
             end
+            i = i + 1
           end
           if at then
             redis.call('HDEL', KEYS[7], fields[j])  -- the pick changes the row
