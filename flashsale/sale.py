@@ -214,6 +214,11 @@ def state_of(value: str) -> str:
     return value.rsplit("_STATE_", 1)[-1]
 
 
+def _metadata(resp: Reply) -> dict[str, str]:
+    """The error answer's ErrorInfo metadata ({} if none)."""
+    return dict(resp.json()["details"][0].get("metadata", {}))
+
+
 def reason_of(resp: Reply) -> str:
     try:
         return str(resp.json()["details"][0]["reason"])
@@ -611,11 +616,18 @@ class Sale:
             return
         raise SaleError(f"hold: {resp.status_code} {resp.text[:200]}")
 
-    def _held(self, fan: Fan, resp: Reply, t: float) -> str:
+    async def _try_hold(self, fan: Fan, admitted: dict[str, str], body: dict[str, Any],
+                        t: float) -> tuple[str | None, Reply, str]:
+        """POST the hold (a new request id); the hold's name if it was made (timed from ``t``),
+        the answer and its reason."""
+        resp = await self._call(fan, "POST", f"/v1/{self.event}/holds", headers=admitted,
+                                json={**body, "requestId": str(uuid.uuid4())})
+        if resp.status_code != 200:
+            return None, resp, reason_of(resp)
         fan.hold, fan.seats = resp.json()["name"], list(resp.json()["seatIds"])
         fan.steps["hold"] = time.perf_counter() - t
         fan.steps["hold_best" if fan.best else "hold_on_map"] = fan.steps["hold"]
-        return fan.hold
+        return fan.hold, resp, ""
 
     async def _hold(self, fan: Fan, admitted: dict[str, str]) -> str | None:
         """Hold the best seats left; a 409 names the taken ones and the fan picks again."""
@@ -644,16 +656,13 @@ class Sale:
                 among = [b for b in among if taken.isdisjoint(b)]
             choice = pick(free, want, self.rng, spread=self.cfg.pick_spread * (1 + fan.conflicts),
                           among=among)
-            resp = await self._call(fan, "POST", f"/v1/{self.event}/holds", headers=admitted,
-                                    json={"seatIds": choice, "requestId": str(uuid.uuid4())})
-            if resp.status_code == 200:
-                return self._held(fan, resp, t)
-            reason = reason_of(resp)
+            held, resp, reason = await self._try_hold(fan, admitted, {"seatIds": choice}, t)
+            if held:
+                return held
             if resp.status_code == 409 and reason == "SEAT_UNAVAILABLE":
                 fan.conflicts += 1
                 self.progress.conflicts += 1
-                named = resp.json()["details"][0].get("metadata", {}).get("seat_ids", "")
-                taken.update(s for s in named.split(",") if s)
+                taken.update(s for s in _metadata(resp).get("seat_ids", "").split(",") if s)
                 fresh = fan.conflicts % 3 == 0  # past the edge's one-second copy now and then
                 continue
             self._refused(fan, resp, reason)
@@ -667,14 +676,11 @@ class Sale:
         no_free_since: float | None = None
         t = time.perf_counter()
         while True:
-            resp = await self._call(fan, "POST", f"/v1/{self.event}/holds", headers=admitted,
-                                    json={"quantity": want, "requestId": str(uuid.uuid4())})
-            if resp.status_code == 200:
-                return self._held(fan, resp, t)
-            reason = reason_of(resp)
+            held, resp, reason = await self._try_hold(fan, admitted, {"quantity": want}, t)
+            if held:
+                return held
             if resp.status_code == 409 and reason == "NO_SEATS_TOGETHER":
-                longest = resp.json()["details"][0].get("metadata", {}).get("longest_run", "1")
-                want = max(1, min(want - 1, int(longest)))
+                want = max(1, min(want - 1, int(_metadata(resp).get("longest_run", "1"))))
                 continue
             if resp.status_code == 409 and reason == "SOLD_OUT":
                 no_free_since = self._none_free(fan, await seat_map(self.http, self.event), no_free_since)

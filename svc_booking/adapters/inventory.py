@@ -71,7 +71,8 @@ def request_key(event_id: str, user_id: str, request_id: str) -> str:
 @dataclass(frozen=True)
 class HoldResult:
     outcome: str  # OK, NOINV, DUP, UNKNOWN, TAKEN, LIMIT, NONE
-    # OK: (stamp of the state the hold was made on, the seats held...); NONE: (free seats seen,)
+    # OK: (stamp of the state the hold was made on, the seats held...); NONE: (the longest run
+    # of free seats side by side where the best-available pick looked,)
     values: tuple[str, ...] = ()
 
 

@@ -1,7 +1,8 @@
 -- Release a hold's seats (delete, cancel, expiry): only seats still held by this hold change.
 -- KEYS: 1 seats, 2 deadlines, 3 fans, 4 hold key, 5 row runs (see hold.lua: a freed seat's row
---       drops its field and lowers its section's full rows), [6 request key: forgotten if it names this hold, when the hold is taken
---       back before it was written down, so a retry is a new attempt]
+--       drops its field and lowers its section's count of full rows), [6 request key: forgotten
+--       if it names this hold, when the hold is taken back before it was written down, so a
+--       retry is a new attempt]
 -- ARGV: 1 hold id, 2 user, 3.. seats
 -- Returns the number of seats made AVAILABLE.
 local held = 'H' .. ARGV[1]
